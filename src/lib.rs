@@ -1,0 +1,2 @@
+//! vhost-user-cow: a vhost-user-blk daemon serving copy-on-write disks in
+//! User-Mode-Linux's ubd COW format.
