@@ -1,2 +1,8 @@
 //! vhost-user-cow: a vhost-user-blk daemon serving copy-on-write disks in
 //! User-Mode-Linux's ubd COW format.
+
+pub mod bitmap;
+pub mod cow_disk;
+pub mod cow_header;
+pub mod error;
+pub mod lock;

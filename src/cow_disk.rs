@@ -1,0 +1,593 @@
+//! An open disk: a raw image, or a COW file over its backing file with the
+//! whole bitmap in memory. Creating COW files, the backing checks, and the
+//! locks that keep two users off the same files.
+//!
+//! The synchronous sector API here serves the image tools and tests; the
+//! daemon's asynchronous write path goes through `bitmap_sched`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::bitmap::{Bitmap, Extent};
+use crate::cow_header::{
+    has_cow_magic, CowHeader, Geometry, HeaderLayout, DEFAULT_ALIGNMENT, MAX_HEADER_LEN,
+    SECTOR_SIZE,
+};
+use crate::error::{DiskError, Result};
+use crate::lock::{lock_file, LockKind};
+
+/// How to open a disk.
+#[derive(Debug, Clone, Default)]
+pub struct DiskOptions {
+    pub read_only: bool,
+    /// Use this backing file instead of the one named in the header.
+    pub backing: Option<PathBuf>,
+    /// Serve the file as a raw image even if it starts with the COW magic.
+    pub force_raw: bool,
+    /// Extra open(2) flags for the data files (O_DIRECT, O_DSYNC).
+    pub custom_flags: i32,
+    /// Skip the fcntl locks (for read-only inspection by `info`/`check`).
+    pub no_lock: bool,
+}
+
+/// The COW side of a disk.
+#[derive(Debug)]
+pub struct CowParts {
+    pub header: CowHeader,
+    pub geometry: Geometry,
+    pub backing_path: PathBuf,
+    pub backing: File,
+    pub bitmap: Bitmap,
+    /// Bits beyond this cannot be stored in the file (old v1/v2 files whose
+    /// bitmap formula under-counts): those chunks are never written.
+    pub storable_chunks: u64,
+}
+
+#[derive(Debug)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// The COW file, or the raw image.
+    pub file: File,
+    pub cow: Option<CowParts>,
+    /// Device size in bytes: the backing (or raw) size rounded up to 512.
+    pub size: u64,
+    pub read_only: bool,
+}
+
+/// What kind of file a path names, for messages.
+fn file_kind(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_symlink() {
+        "a dangling symlink"
+    } else {
+        "not a regular file"
+    }
+}
+
+fn usable(ft: std::fs::FileType) -> bool {
+    ft.is_file() || ft.is_block_device()
+}
+
+/// Size of a regular file or block device.
+pub fn file_size(file: &File, path: &Path) -> Result<u64> {
+    let meta = file.metadata().map_err(DiskError::io(path, "stat"))?;
+    if meta.file_type().is_block_device() {
+        let mut f = file;
+        io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(DiskError::io(path, "seek"))
+    } else {
+        Ok(meta.len())
+    }
+}
+
+/// An absolute path as `uml_mkcow` records it: the directory resolved, the
+/// last component kept (a symlink to the image stays a symlink).
+pub fn absolute_backing_path(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| DiskError::BackingOpen {
+            cow: PathBuf::new(),
+            backing: path.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+        })?
+        .to_owned();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let dir = parent
+        .canonicalize()
+        .map_err(DiskError::io(&parent, "resolve directory"))?;
+    Ok(dir.join(name))
+}
+
+fn mtime32(meta: &std::fs::Metadata) -> u32 {
+    // The header keeps the low 32 bits of the seconds, like UML.
+    meta.mtime() as u32
+}
+
+/// Opens the backing file and checks it against the header.
+fn open_backing(
+    cow_path: &Path,
+    backing: &Path,
+    header: &CowHeader,
+    lock: bool,
+) -> Result<(File, u64)> {
+    let backing_err = |source| DiskError::BackingOpen {
+        cow: cow_path.to_owned(),
+        backing: backing.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(backing).map_err(backing_err)?;
+    if !usable(meta.file_type()) {
+        return Err(DiskError::BackingNotRegular {
+            cow: cow_path.to_owned(),
+            backing: backing.to_owned(),
+            kind: file_kind(meta.file_type()),
+        });
+    }
+    let file = File::open(backing).map_err(backing_err)?;
+    let size = file_size(&file, backing)?;
+    if size != header.size {
+        return Err(DiskError::SizeMismatch {
+            cow: cow_path.to_owned(),
+            backing: backing.to_owned(),
+            recorded: header.size,
+            actual: size,
+        });
+    }
+    let actual = mtime32(&meta);
+    // Block devices have no meaningful mtime to compare.
+    if meta.file_type().is_file() && actual != header.mtime {
+        return Err(DiskError::MtimeMismatch {
+            cow: cow_path.to_owned(),
+            backing: backing.to_owned(),
+            recorded: header.mtime,
+            actual,
+        });
+    }
+    if lock {
+        lock_file(&file, backing, LockKind::Read)?;
+    }
+    Ok((file, size))
+}
+
+/// Reads the first bytes of a file (up to the largest header).
+fn read_head(file: &File, path: &Path) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_HEADER_LEN];
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DiskError::io(path, "read header")(e)),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`; bytes past end of file read
+/// as zeros (a COW file is sparse, a backing file may end mid-sector).
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => {
+                buf[got..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DiskError::io(path, "read")(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Parses the header of a COW file without opening its backing file.
+pub fn read_header(file: &File, path: &Path) -> Result<CowHeader> {
+    let len = file_size(file, path)?;
+    let head = read_head(file, path)?;
+    CowHeader::parse(&head, len, path)
+}
+
+/// Where the header's backing path points: relative names are taken
+/// against the COW file's directory.
+pub fn resolve_header_backing(cow_path: &Path, header: &CowHeader) -> PathBuf {
+    let p = header.backing_path();
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        cow_path
+            .parent()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|| p.to_owned())
+    }
+}
+
+fn check_usable(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(DiskError::io(path, "open"))?;
+    if !usable(meta.file_type()) {
+        return Err(DiskError::NotRegular {
+            path: path.to_owned(),
+            kind: file_kind(meta.file_type()),
+        });
+    }
+    Ok(())
+}
+
+impl Disk {
+    pub fn open(path: &Path, opts: &DiskOptions) -> Result<Disk> {
+        check_usable(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .custom_flags(opts.custom_flags)
+            .open(path)
+            .map_err(DiskError::io(path, "open"))?;
+        if !opts.no_lock {
+            let kind = if opts.read_only {
+                LockKind::Read
+            } else {
+                LockKind::Write
+            };
+            lock_file(&file, path, kind)?;
+        }
+        let head = read_head(&file, path)?;
+        if opts.force_raw || !has_cow_magic(&head) {
+            let len = file_size(&file, path)?;
+            if len == 0 {
+                return Err(DiskError::EmptyImage {
+                    path: path.to_owned(),
+                });
+            }
+            return Ok(Disk {
+                path: path.to_owned(),
+                file,
+                cow: None,
+                size: len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE,
+                read_only: opts.read_only,
+            });
+        }
+        let file_len = file_size(&file, path)?;
+        let mut header = CowHeader::parse(&head, file_len, path)?;
+        let geometry = header.geometry(path)?;
+        let backing_path = match &opts.backing {
+            Some(b) => absolute_backing_path(b)?,
+            None => resolve_header_backing(path, &header),
+        };
+        let (backing, size) = open_backing(path, &backing_path, &header, !opts.no_lock)?;
+
+        // A user-given backing file replaces the header's name, as UML does,
+        // but only once it passed the checks and only in a header we write
+        // ourselves (rewriting an old layout as v3 would move the bitmap).
+        if opts.backing.is_some()
+            && !opts.read_only
+            && backing_path.as_os_str().as_bytes() != header.backing_file.as_slice()
+        {
+            if header.layout == HeaderLayout::V3 {
+                header.backing_file = backing_path.as_os_str().as_bytes().to_vec();
+                let bytes = header.to_v3_bytes(path)?;
+                file.write_all_at(&bytes, 0)
+                    .and_then(|_| file.sync_data())
+                    .map_err(DiskError::io(path, "rewrite header"))?;
+                log::info!(
+                    "{}: backing file name changed to {}",
+                    path.display(),
+                    backing_path.display()
+                );
+            } else {
+                log::warn!(
+                    "{}: using backing file {} for this session; the {} header is not rewritten",
+                    path.display(),
+                    backing_path.display(),
+                    header.layout.name()
+                );
+            }
+        }
+
+        let mut bitmap = Bitmap::new(geometry.chunks, geometry.sectorsize);
+        let on_disk = geometry.bitmap_len.min(bitmap.byte_len() as u64) as usize;
+        read_full_at(
+            &file,
+            &mut bitmap.as_bytes_mut()[..on_disk],
+            geometry.bitmap_offset,
+            path,
+        )?;
+        // Bits past the last chunk (in the last byte) are not ours to trust.
+        let tail = geometry.chunks % 8;
+        if tail != 0 && on_disk == bitmap.byte_len() {
+            bitmap.as_bytes_mut()[on_disk - 1] &= (1u8 << tail) - 1;
+        }
+        let storable_chunks =
+            ((geometry.data_offset - geometry.bitmap_offset) * 8).min(geometry.chunks);
+        Ok(Disk {
+            path: path.to_owned(),
+            file,
+            size: size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE,
+            read_only: opts.read_only,
+            cow: Some(CowParts {
+                header,
+                geometry,
+                backing_path,
+                backing,
+                bitmap,
+                storable_chunks,
+            }),
+        })
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    fn check_range(&self, sector: u64, count: u64) -> Result<()> {
+        match sector.checked_add(count) {
+            Some(end) if end <= self.sectors() => Ok(()),
+            _ => Err(DiskError::OutOfRange {
+                path: self.path.clone(),
+                sector,
+                count,
+                sectors: self.sectors(),
+            }),
+        }
+    }
+
+    /// Splits a sector range into backing and COW runs (a raw image is one
+    /// "COW" run: all sectors live in the served file).
+    pub fn extents(&self, sector: u64, count: u64) -> Vec<Extent> {
+        match &self.cow {
+            Some(c) => c.bitmap.map(sector, count).collect(),
+            None => vec![Extent {
+                sector,
+                count,
+                in_cow: true,
+            }],
+        }
+    }
+
+    /// Reads whole sectors synchronously (tools and tests).
+    pub fn read_sectors(&self, sector: u64, buf: &mut [u8]) -> Result<()> {
+        let count = buf.len() as u64 / SECTOR_SIZE;
+        assert_eq!(buf.len() as u64 % SECTOR_SIZE, 0);
+        self.check_range(sector, count)?;
+        let mut done = 0usize;
+        for e in self.extents(sector, count) {
+            let len = (e.count * SECTOR_SIZE) as usize;
+            let dst = &mut buf[done..done + len];
+            let (file, path, off) = self.locate(e);
+            read_full_at(file, dst, off, path)?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Where an extent's bytes are: file, its path, byte offset.
+    pub fn locate(&self, e: Extent) -> (&File, &Path, u64) {
+        match &self.cow {
+            Some(c) if e.in_cow => (
+                &self.file,
+                &self.path,
+                c.geometry.data_offset + e.sector * SECTOR_SIZE,
+            ),
+            Some(c) => (&c.backing, &c.backing_path, e.sector * SECTOR_SIZE),
+            None => (&self.file, &self.path, e.sector * SECTOR_SIZE),
+        }
+    }
+
+    /// Writes whole sectors synchronously, in the order the write path
+    /// uses: data (with copy-up of partial chunks), then bits, then the
+    /// bitmap bytes.
+    pub fn write_sectors(&mut self, sector: u64, buf: &[u8]) -> Result<()> {
+        let count = buf.len() as u64 / SECTOR_SIZE;
+        assert_eq!(buf.len() as u64 % SECTOR_SIZE, 0);
+        if self.read_only {
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        self.check_range(sector, count)?;
+        let Some(cow) = &mut self.cow else {
+            return self
+                .file
+                .write_all_at(buf, sector * SECTOR_SIZE)
+                .map_err(DiskError::io(&self.path, "write"));
+        };
+        let spc = cow.bitmap.sectors_per_chunk();
+        let (first, nchunks) = cow.bitmap.chunk_range(sector, count);
+        if first + nchunks > cow.storable_chunks {
+            return Err(DiskError::OutOfRange {
+                path: self.path.clone(),
+                sector,
+                count,
+                sectors: cow.storable_chunks * spc,
+            });
+        }
+        // Copy-up: an unset chunk only partly covered gets the rest of its
+        // sectors from the backing file first.
+        let mut chunk_buf = vec![0u8; (spc * SECTOR_SIZE) as usize];
+        for chunk in first..first + nchunks {
+            let c_start = chunk * spc;
+            let c_end = c_start + spc;
+            let covered = sector <= c_start && sector + count >= c_end;
+            if covered || cow.bitmap.get(chunk) {
+                continue;
+            }
+            read_full_at(
+                &cow.backing,
+                &mut chunk_buf,
+                c_start * SECTOR_SIZE,
+                &cow.backing_path,
+            )?;
+            self.file
+                .write_all_at(&chunk_buf, cow.geometry.data_offset + c_start * SECTOR_SIZE)
+                .map_err(DiskError::io(&self.path, "copy-up write"))?;
+        }
+        self.file
+            .write_all_at(buf, cow.geometry.data_offset + sector * SECTOR_SIZE)
+            .map_err(DiskError::io(&self.path, "write"))?;
+        if cow.bitmap.next_change(first, first + nchunks, true) == first + nchunks {
+            return Ok(());
+        }
+        cow.bitmap.set_range(first, nchunks);
+        let b0 = (first / 8) as usize;
+        let b1 = (first + nchunks).div_ceil(8) as usize;
+        self.file
+            .write_all_at(
+                &cow.bitmap.as_bytes()[b0..b1],
+                cow.geometry.bitmap_offset + b0 as u64,
+            )
+            .map_err(DiskError::io(&self.path, "bitmap write"))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(DiskError::io(&self.path, "fdatasync"))
+    }
+}
+
+/// Options of `create`.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub sectorsize: u32,
+    pub alignment: u32,
+    pub force: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            sectorsize: SECTOR_SIZE as u32,
+            alignment: DEFAULT_ALIGNMENT,
+            force: false,
+        }
+    }
+}
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".tmp{}", std::process::id()));
+    path.with_file_name(tmp)
+}
+
+/// Creates a COW file over `backing`, byte for byte as `uml_mkcow` does:
+/// the v3 header, then a sparse file of full length. It is written under a
+/// temporary name and renamed into place, so a crash never leaves a
+/// half-made COW file, and an existing file is replaced only with `force`.
+pub fn create_cow(cow: &Path, backing: &Path, opts: &CreateOptions) -> Result<CowHeader> {
+    let abs = absolute_backing_path(backing)?;
+    let meta = std::fs::metadata(&abs).map_err(|source| DiskError::BackingOpen {
+        cow: cow.to_owned(),
+        backing: abs.clone(),
+        source,
+    })?;
+    if !usable(meta.file_type()) {
+        return Err(DiskError::BackingNotRegular {
+            cow: cow.to_owned(),
+            backing: abs,
+            kind: file_kind(meta.file_type()),
+        });
+    }
+    let bf = File::open(&abs).map_err(|source| DiskError::BackingOpen {
+        cow: cow.to_owned(),
+        backing: abs.clone(),
+        source,
+    })?;
+    let size = file_size(&bf, &abs)?;
+    if size == 0 {
+        return Err(DiskError::EmptyImage { path: abs });
+    }
+    if !opts.force && std::fs::symlink_metadata(cow).is_ok() {
+        return Err(DiskError::AlreadyExists {
+            path: cow.to_owned(),
+        });
+    }
+    let header = CowHeader::new_v3(
+        abs.as_os_str().as_bytes().to_vec(),
+        mtime32(&meta),
+        size,
+        opts.sectorsize,
+        opts.alignment,
+    );
+    let geometry = header.geometry(cow)?;
+    let bytes = header.to_v3_bytes(cow)?;
+
+    let tmp = tmp_name(cow);
+    let result = (|| -> io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.set_len(geometry.data_offset + size)?;
+        f.sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(DiskError::io(cow, "create")(e));
+    }
+    let renamed = if opts.force {
+        std::fs::rename(&tmp, cow)
+    } else {
+        rename_noreplace(&tmp, cow)
+    };
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_file(&tmp);
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            return Err(DiskError::AlreadyExists {
+                path: cow.to_owned(),
+            });
+        }
+        return Err(DiskError::io(cow, "rename into place")(e));
+    }
+    // Make the rename itself durable.
+    if let Some(dir) = cow.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(header)
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+
+impl AsRawFd for Disk {
+    fn as_raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}
