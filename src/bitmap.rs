@@ -42,6 +42,14 @@ impl Drop for Bitmap {
     }
 }
 
+impl Clone for Bitmap {
+    fn clone(&self) -> Bitmap {
+        let mut b = Bitmap::new(self.chunks, self.sectors_per_chunk() * 512);
+        b.as_bytes_mut().copy_from_slice(self.as_bytes());
+        b
+    }
+}
+
 impl std::fmt::Debug for Bitmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bitmap")

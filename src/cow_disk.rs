@@ -585,7 +585,6 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-
 impl AsRawFd for Disk {
     fn as_raw_fd(&self) -> i32 {
         self.file.as_raw_fd()

@@ -2,6 +2,7 @@
 //! User-Mode-Linux's ubd COW format.
 
 pub mod bitmap;
+pub mod bitmap_sched;
 pub mod cow_disk;
 pub mod cow_header;
 pub mod error;

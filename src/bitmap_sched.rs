@@ -1,0 +1,775 @@
+//! The ordering rules of the COW write path (DESIGN.md §3) as a state
+//! machine with no I/O, threads or clocks of its own.
+//!
+//! Callers hand it guest requests (`submit`), take the operations it wants
+//! issued (`pop_op`), report what the I/O engine did with them
+//! (`op_done`, `op_refused`), and take finished requests (`pop_done`).
+//! Every operation and every finished request belongs to a queue, so a
+//! queue thread only ever issues I/O on its own engine and completes
+//! requests on its own ring; `take_kicks` says which other queues gained
+//! work from a call.
+//!
+//! Bitmap writes go out straight from the in-memory bitmap. The byte range
+//! a bitmap write covers (widened to `bitmap_block` for O_DIRECT) is the
+//! unit of overlap: while a write over a range is pending, nothing in that
+//! range changes.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Range;
+
+use crate::bitmap::{Bitmap, Extent};
+use crate::cow_header::SECTOR_SIZE;
+
+pub type ReqId = u64;
+pub type OpId = u64;
+pub type QueueId = usize;
+
+/// The status the guest gets; mapped to VIRTIO_BLK_S_* by the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    IoErr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReqKind {
+    Read,
+    Write,
+    /// DISCARD and WRITE_ZEROES: the sectors read back as zeros afterwards.
+    Zero,
+    Flush,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub id: ReqId,
+    pub queue: QueueId,
+    pub kind: ReqKind,
+    pub sector: u64,
+    pub count: u64,
+}
+
+/// Which file a data operation addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Backing,
+    /// The COW file (or, for a raw disk, the image).
+    Cow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// Read `len` bytes at `offset` into the request's buffers at `buf_offset`.
+    Read {
+        target: Target,
+        offset: u64,
+        len: u64,
+        buf_offset: u64,
+    },
+    /// Write `len` bytes from the request's buffers at `buf_offset`.
+    Write {
+        offset: u64,
+        len: u64,
+        buf_offset: u64,
+    },
+    /// Make `len` bytes at `offset` read as zeros (fallocate).
+    Zero { offset: u64, len: u64 },
+    /// Write bitmap bytes `[start, start + len)` from memory to the file at
+    /// `offset`. The bytes stay unchanged until this completes.
+    BitmapWrite { offset: u64, start: u64, len: u64 },
+    /// fdatasync of the COW (or raw) file.
+    Sync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Op {
+    pub id: OpId,
+    pub queue: QueueId,
+    /// The guest request this data operation serves (None for bitmap writes).
+    pub req: Option<ReqId>,
+    pub kind: OpKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    pub id: ReqId,
+    pub status: Status,
+}
+
+/// Where the COW file keeps things, for turning sectors into offsets.
+#[derive(Debug, Clone, Copy)]
+pub struct CowLayout {
+    pub bitmap_offset: u64,
+    pub data_offset: u64,
+    /// Bitmap writes are widened to multiples of this (1 when buffered;
+    /// the logical block size with O_DIRECT).
+    pub bitmap_block: u64,
+    /// Chunks whose bits fit in the file's bitmap area.
+    pub storable_chunks: u64,
+}
+
+/// Counters of the write path, printed by the daemon at exit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub reads: u64,
+    pub writes: u64,
+    pub zeroes: u64,
+    pub flushes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub backing_extents: u64,
+    pub cow_extents: u64,
+    pub bitmap_writes_issued: u64,
+    pub bitmap_writes_waited: u64,
+    pub bitmap_writes_merged: u64,
+    pub bitmap_writes_parked: u64,
+    pub reads_deferred: u64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    /// Data operations in flight (`ops_left` of them).
+    Data,
+    /// Data done; waiting for an overlapping bitmap write to finish.
+    Waiting,
+    /// Part of an issued bitmap write.
+    Pending,
+    /// A read waiting for the bitmap writes with these sequence numbers.
+    Deferred(Vec<u64>),
+    /// A flush waiting for the bitmap writes numbered below this.
+    Barrier(u64),
+    /// A flush whose fdatasync is in flight.
+    Syncing,
+}
+
+#[derive(Debug, Clone)]
+struct ReqState {
+    req: Request,
+    phase: Phase,
+    ops_left: u32,
+    failed: bool,
+    /// Sequence number while the request is in its bitmap phase.
+    seq: u64,
+}
+
+#[derive(Debug, Clone)]
+struct BitmapWrite {
+    op: OpId,
+    queue: QueueId,
+    range: Range<u64>,
+    reqs: Vec<ReqId>,
+}
+
+#[derive(Debug, Clone)]
+enum OpOwner {
+    Data(ReqId),
+    Bitmap,
+    Sync(ReqId),
+}
+
+fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+fn union(a: &Range<u64>, b: &Range<u64>) -> Range<u64> {
+    a.start.min(b.start)..a.end.max(b.end)
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    sectors: u64,
+    /// None for a raw disk.
+    cow: Option<(Bitmap, CowLayout)>,
+    read_only: bool,
+    reqs: HashMap<ReqId, ReqState>,
+    ops: HashMap<OpId, OpOwner>,
+    next_op: OpId,
+    next_seq: u64,
+    /// Sequence numbers of write requests in their bitmap phase.
+    in_bitmap_phase: BTreeSet<u64>,
+    /// Bitmap writes issued (in flight or parked), by op id order.
+    pending: Vec<BitmapWrite>,
+    /// Write requests waiting for an overlapping bitmap write, in order.
+    waiting: VecDeque<(ReqId, Range<u64>)>,
+    deferred: Vec<ReqId>,
+    barriers: Vec<ReqId>,
+    ready: Vec<VecDeque<Op>>,
+    parked: Vec<VecDeque<Op>>,
+    done: Vec<VecDeque<Done>>,
+    kicks: Vec<bool>,
+    failure: Option<String>,
+    stats: Stats,
+}
+
+impl Scheduler {
+    /// A scheduler for a raw image of `sectors` sectors.
+    pub fn new_raw(sectors: u64, queues: usize, read_only: bool) -> Scheduler {
+        Scheduler::new(sectors, None, queues, read_only)
+    }
+
+    /// A scheduler for a COW disk; it owns the in-memory bitmap.
+    pub fn new_cow(
+        sectors: u64,
+        bitmap: Bitmap,
+        layout: CowLayout,
+        queues: usize,
+        read_only: bool,
+    ) -> Scheduler {
+        assert!(layout.bitmap_block.is_power_of_two());
+        Scheduler::new(sectors, Some((bitmap, layout)), queues, read_only)
+    }
+
+    fn new(
+        sectors: u64,
+        cow: Option<(Bitmap, CowLayout)>,
+        queues: usize,
+        read_only: bool,
+    ) -> Scheduler {
+        let queues = queues.max(1);
+        Scheduler {
+            sectors,
+            cow,
+            read_only,
+            reqs: HashMap::new(),
+            ops: HashMap::new(),
+            next_op: 1,
+            next_seq: 1,
+            in_bitmap_phase: BTreeSet::new(),
+            pending: Vec::new(),
+            waiting: VecDeque::new(),
+            deferred: Vec::new(),
+            barriers: Vec::new(),
+            ready: (0..queues).map(|_| VecDeque::new()).collect(),
+            parked: (0..queues).map(|_| VecDeque::new()).collect(),
+            done: (0..queues).map(|_| VecDeque::new()).collect(),
+            kicks: vec![false; queues],
+            failure: None,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn bitmap(&self) -> Option<&Bitmap> {
+        self.cow.as_ref().map(|(b, _)| b)
+    }
+
+    /// Pointer to bitmap byte `start`, for issuing a `BitmapWrite`.
+    pub fn bitmap_ptr(&self, start: u64) -> *const u8 {
+        let (b, _) = self.cow.as_ref().expect("bitmap write on a raw disk");
+        b.byte_ptr(start as usize)
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Why writes are refused, after a bitmap write failed.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// Requests accepted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.reqs.len()
+    }
+
+    /// True when nothing is in flight, queued, parked or waiting.
+    pub fn is_idle(&self) -> bool {
+        self.reqs.is_empty()
+            && self.pending.is_empty()
+            && self.ready.iter().all(VecDeque::is_empty)
+            && self.parked.iter().all(VecDeque::is_empty)
+    }
+
+    /// The next operation for `queue`'s engine: parked work first (rule 5).
+    pub fn pop_op(&mut self, queue: QueueId) -> Option<Op> {
+        self.parked[queue]
+            .pop_front()
+            .or_else(|| self.ready[queue].pop_front())
+    }
+
+    /// Whether `queue` has operations to issue.
+    pub fn has_ops(&self, queue: QueueId) -> bool {
+        !self.parked[queue].is_empty() || !self.ready[queue].is_empty()
+    }
+
+    pub fn pop_done(&mut self, queue: QueueId) -> Option<Done> {
+        self.done[queue].pop_front()
+    }
+
+    /// Queues other than the caller's that gained operations or finished
+    /// requests since the last call; their threads need a wake-up.
+    pub fn take_kicks(&mut self, me: QueueId) -> Vec<QueueId> {
+        let mut out = Vec::new();
+        for (q, k) in self.kicks.iter_mut().enumerate() {
+            if *k && q != me {
+                out.push(q);
+            }
+            *k = false;
+        }
+        out
+    }
+
+    /// The engine had no room for `op` (rule 5): keep it, never fail it.
+    /// Bitmap writes go on the restart list, data operations back to the
+    /// front of their queue; both are issued first once room frees up.
+    pub fn op_refused(&mut self, op: Op) {
+        if matches!(op.kind, OpKind::BitmapWrite { .. }) {
+            self.stats.bitmap_writes_parked += 1;
+            self.parked[op.queue].push_back(op);
+        } else {
+            self.ready[op.queue].push_front(op);
+        }
+    }
+
+    fn finish(&mut self, id: ReqId, status: Status) {
+        let st = self.reqs.remove(&id).expect("finishing an unknown request");
+        if status != Status::Ok {
+            self.stats.errors += 1;
+        }
+        self.done[st.req.queue].push_back(Done { id, status });
+        self.kicks[st.req.queue] = true;
+    }
+
+    fn emit(&mut self, queue: QueueId, req: Option<ReqId>, kind: OpKind, owner: OpOwner) -> OpId {
+        let id = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(id, owner);
+        self.ready[queue].push_back(Op {
+            id,
+            queue,
+            req,
+            kind,
+        });
+        self.kicks[queue] = true;
+        id
+    }
+
+    fn emit_data(&mut self, id: ReqId, kind: OpKind) {
+        let queue = self.reqs[&id].req.queue;
+        self.emit(queue, Some(id), kind, OpOwner::Data(id));
+        self.reqs.get_mut(&id).unwrap().ops_left += 1;
+    }
+
+    /// Accepts a guest request. The caller has validated it against the
+    /// disk size; anything out of range here is still answered IOERR.
+    pub fn submit(&mut self, req: Request) {
+        assert!(
+            !self.reqs.contains_key(&req.id),
+            "request id {} reused while in flight",
+            req.id
+        );
+        self.reqs.insert(
+            req.id,
+            ReqState {
+                req,
+                phase: Phase::Data,
+                ops_left: 0,
+                failed: false,
+                seq: 0,
+            },
+        );
+        let bytes = req.count * SECTOR_SIZE;
+        match req.kind {
+            ReqKind::Read => {
+                self.stats.reads += 1;
+                self.stats.bytes_read += bytes;
+            }
+            ReqKind::Write => {
+                self.stats.writes += 1;
+                self.stats.bytes_written += bytes;
+            }
+            ReqKind::Zero => self.stats.zeroes += 1,
+            ReqKind::Flush => self.stats.flushes += 1,
+        }
+        if req.kind == ReqKind::Flush {
+            self.start_flush(req.id);
+            return;
+        }
+        let in_range = req
+            .sector
+            .checked_add(req.count)
+            .is_some_and(|end| end <= self.sectors);
+        if !in_range || req.count == 0 {
+            return self.finish(req.id, Status::IoErr);
+        }
+        match req.kind {
+            ReqKind::Read => self.start_read(req.id),
+            ReqKind::Write | ReqKind::Zero => self.start_write(req.id),
+            ReqKind::Flush => unreachable!(),
+        }
+    }
+
+    /// Byte range of the bitmap covering sectors of `req`, widened.
+    fn bitmap_range(bitmap: &Bitmap, layout: &CowLayout, sector: u64, count: u64) -> Range<u64> {
+        let (first, n) = bitmap.chunk_range(sector, count);
+        let blk = layout.bitmap_block;
+        let start = first / 8 / blk * blk;
+        let end = (first + n).div_ceil(8).div_ceil(blk) * blk;
+        start..end
+    }
+
+    /// Sequence numbers of bitmap-phase writes whose bytes overlap `range`.
+    fn overlapping_seqs(&self, range: &Range<u64>) -> Vec<u64> {
+        let seq_of = |id: &ReqId| self.reqs[id].seq;
+        let mut seqs: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|w| overlaps(&w.range, range))
+            .flat_map(|w| w.reqs.iter().map(seq_of))
+            .collect();
+        seqs.extend(
+            self.waiting
+                .iter()
+                .filter(|(_, r)| overlaps(r, range))
+                .map(|(id, _)| seq_of(id)),
+        );
+        seqs
+    }
+
+    fn start_read(&mut self, id: ReqId) {
+        let req = self.reqs[&id].req;
+        if let Some((bitmap, layout)) = &self.cow {
+            // Rule 4: backing extents that share bitmap bytes with a bitmap
+            // write not yet finished wait for it, then are mapped again.
+            let mut seqs = Vec::new();
+            for e in bitmap.map(req.sector, req.count).filter(|e| !e.in_cow) {
+                let range = Self::bitmap_range(bitmap, layout, e.sector, e.count);
+                seqs.extend(self.overlapping_seqs(&range));
+            }
+            if !seqs.is_empty() {
+                self.stats.reads_deferred += 1;
+                self.reqs.get_mut(&id).unwrap().phase = Phase::Deferred(seqs);
+                self.deferred.push(id);
+                return;
+            }
+        }
+        self.issue_read(id);
+    }
+
+    fn issue_read(&mut self, id: ReqId) {
+        let req = self.reqs[&id].req;
+        let extents: Vec<Extent> = match &self.cow {
+            Some((bitmap, _)) => bitmap.map(req.sector, req.count).collect(),
+            None => vec![Extent {
+                sector: req.sector,
+                count: req.count,
+                in_cow: true,
+            }],
+        };
+        let data_offset = self.cow.as_ref().map_or(0, |(_, l)| l.data_offset);
+        let raw = self.cow.is_none();
+        for e in extents {
+            let (target, offset) = if e.in_cow {
+                if !raw {
+                    self.stats.cow_extents += 1;
+                }
+                (Target::Cow, data_offset + e.sector * SECTOR_SIZE)
+            } else {
+                self.stats.backing_extents += 1;
+                (Target::Backing, e.sector * SECTOR_SIZE)
+            };
+            let kind = OpKind::Read {
+                target,
+                offset,
+                len: e.count * SECTOR_SIZE,
+                buf_offset: (e.sector - req.sector) * SECTOR_SIZE,
+            };
+            self.emit_data(id, kind);
+        }
+    }
+
+    fn start_write(&mut self, id: ReqId) {
+        let req = self.reqs[&id].req;
+        if self.read_only {
+            return self.finish(id, Status::IoErr);
+        }
+        let data_offset = match &self.cow {
+            Some((bitmap, layout)) => {
+                // Rule 8: after a metadata failure no write is accepted.
+                if self.failure.is_some() {
+                    return self.finish(id, Status::IoErr);
+                }
+                let (first, n) = bitmap.chunk_range(req.sector, req.count);
+                if first + n > layout.storable_chunks || bitmap.sectors_per_chunk() != 1 {
+                    // Chunks wider than a sector need copy-up (not handled
+                    // here); old files whose bitmap cannot hold the bit are
+                    // read-only there.
+                    return self.finish(id, Status::IoErr);
+                }
+                layout.data_offset
+            }
+            None => 0,
+        };
+        let offset = data_offset + req.sector * SECTOR_SIZE;
+        let len = req.count * SECTOR_SIZE;
+        let kind = match req.kind {
+            ReqKind::Write => OpKind::Write {
+                offset,
+                len,
+                buf_offset: 0,
+            },
+            _ => OpKind::Zero { offset, len },
+        };
+        self.emit_data(id, kind);
+    }
+
+    fn start_flush(&mut self, id: ReqId) {
+        // Rule 7: wait for every bitmap write issued before this flush.
+        let barrier = self.next_seq;
+        self.reqs.get_mut(&id).unwrap().phase = Phase::Barrier(barrier);
+        self.barriers.push(id);
+        self.check_barriers();
+    }
+
+    fn check_barriers(&mut self) {
+        let oldest = self.in_bitmap_phase.first().copied().unwrap_or(u64::MAX);
+        let mut i = 0;
+        while i < self.barriers.len() {
+            let id = self.barriers[i];
+            let Phase::Barrier(b) = self.reqs[&id].phase else {
+                unreachable!()
+            };
+            if oldest >= b {
+                self.barriers.swap_remove(i);
+                let queue = self.reqs[&id].req.queue;
+                self.reqs.get_mut(&id).unwrap().phase = Phase::Syncing;
+                self.emit(queue, Some(id), OpKind::Sync, OpOwner::Sync(id));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The engine finished `op`: `Ok` with the bytes it moved, or an errno.
+    /// Short reads are zero-filled by the caller and reported as success.
+    pub fn op_done(&mut self, op: OpId, result: Result<(), i32>) {
+        let owner = self.ops.remove(&op).expect("completion of an unknown op");
+        match owner {
+            OpOwner::Data(id) => self.data_done(id, result),
+            OpOwner::Bitmap => self.bitmap_write_done(op, result),
+            OpOwner::Sync(id) => {
+                let status = if result.is_ok() && self.failure.is_none() {
+                    Status::Ok
+                } else {
+                    Status::IoErr
+                };
+                self.finish(id, status);
+            }
+        }
+    }
+
+    fn data_done(&mut self, id: ReqId, result: Result<(), i32>) {
+        let st = self.reqs.get_mut(&id).expect("data op of unknown request");
+        st.ops_left -= 1;
+        st.failed |= result.is_err();
+        if st.ops_left > 0 {
+            return;
+        }
+        let (req, failed) = (st.req, st.failed);
+        if failed {
+            return self.finish(id, Status::IoErr);
+        }
+        if req.kind == ReqKind::Read || self.cow.is_none() {
+            return self.finish(id, Status::Ok);
+        }
+        // Rule 1: the data is in the COW file; now (and only now) its bits
+        // may be set, when its bitmap write can go out.
+        if self.failure.is_some() {
+            return self.finish(id, Status::IoErr);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_bitmap_phase.insert(seq);
+        self.reqs.get_mut(&id).unwrap().seq = seq;
+        let (bitmap, layout) = self.cow.as_ref().unwrap();
+        let range = Self::bitmap_range(bitmap, layout, req.sector, req.count);
+        let busy = self.pending.iter().any(|w| overlaps(&w.range, &range))
+            || self.waiting.iter().any(|(_, r)| overlaps(r, &range));
+        if busy {
+            // Rule 2: the bytes are being written; don't touch them.
+            self.stats.bitmap_writes_waited += 1;
+            self.reqs.get_mut(&id).unwrap().phase = Phase::Waiting;
+            self.waiting.push_back((id, range));
+            return;
+        }
+        if self.all_set(&req) {
+            return self.leave_bitmap_phase(id, Status::Ok);
+        }
+        let op = self.open_bitmap_write(id, range);
+        self.close_bitmap_write(op);
+    }
+
+    fn all_set(&self, req: &Request) -> bool {
+        let (bitmap, _) = self.cow.as_ref().unwrap();
+        bitmap.all_cow(req.sector, req.count)
+    }
+
+    fn leave_bitmap_phase(&mut self, id: ReqId, status: Status) {
+        let seq = self.reqs[&id].seq;
+        self.in_bitmap_phase.remove(&seq);
+        self.finish(id, status);
+    }
+
+    /// Starts a bitmap write for `id` over `range`; more requests may join
+    /// it before `close_bitmap_write` sets the bits and issues it.
+    fn open_bitmap_write(&mut self, id: ReqId, range: Range<u64>) -> OpId {
+        let queue = self.reqs[&id].req.queue;
+        let op = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(op, OpOwner::Bitmap);
+        self.reqs.get_mut(&id).unwrap().phase = Phase::Pending;
+        self.pending.push(BitmapWrite {
+            op,
+            queue,
+            range,
+            reqs: vec![id],
+        });
+        op
+    }
+
+    fn close_bitmap_write(&mut self, op: OpId) {
+        let w = self.pending.iter().find(|w| w.op == op).unwrap();
+        let (queue, range) = (w.queue, w.range.clone());
+        let reqs: Vec<Request> = w.reqs.iter().map(|id| self.reqs[id].req).collect();
+        let (bitmap, layout) = self.cow.as_mut().unwrap();
+        for r in &reqs {
+            let (first, n) = bitmap.chunk_range(r.sector, r.count);
+            bitmap.set_range(first, n);
+        }
+        let kind = OpKind::BitmapWrite {
+            offset: layout.bitmap_offset + range.start,
+            start: range.start,
+            len: range.end - range.start,
+        };
+        self.stats.bitmap_writes_issued += 1;
+        self.ready[queue].push_back(Op {
+            id: op,
+            queue,
+            req: None,
+            kind,
+        });
+        self.kicks[queue] = true;
+    }
+
+    fn bitmap_write_done(&mut self, op: OpId, result: Result<(), i32>) {
+        let idx = self
+            .pending
+            .iter()
+            .position(|w| w.op == op)
+            .expect("bitmap write not pending");
+        let w = self.pending.remove(idx);
+        match result {
+            Ok(()) => {
+                for id in w.reqs {
+                    self.leave_bitmap_phase(id, Status::Ok);
+                }
+            }
+            Err(errno) => {
+                // Rule 8: the file's bitmap may now differ from memory.
+                // Fail this write and everything waiting, refuse writes.
+                let why = format!(
+                    "bitmap write of bytes {}..{} failed: {}",
+                    w.range.start,
+                    w.range.end,
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                log::error!("{why}; the disk refuses writes from now on");
+                self.failure.get_or_insert(why);
+                for id in w.reqs {
+                    self.leave_bitmap_phase(id, Status::IoErr);
+                }
+                for (id, _) in std::mem::take(&mut self.waiting) {
+                    self.leave_bitmap_phase(id, Status::IoErr);
+                }
+            }
+        }
+        self.wake_waiters();
+        self.wake_deferred_reads();
+        self.check_barriers();
+    }
+
+    /// Rule 3: retry waiting writes in order. One that overlaps neither a
+    /// pending write nor an earlier waiter goes out, and later waiters over
+    /// the same bytes join it.
+    fn wake_waiters(&mut self) {
+        let mut still: VecDeque<(ReqId, Range<u64>)> = VecDeque::new();
+        let mut opened: Vec<OpId> = Vec::new();
+        let waiting = std::mem::take(&mut self.waiting);
+        for (id, range) in waiting {
+            let blocked_by_earlier = still.iter().any(|(_, r)| overlaps(r, &range));
+            let mut blockers = self
+                .pending
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| overlaps(&w.range, &range));
+            let first = blockers.next();
+            let second = blockers.next();
+            match (first, second) {
+                (None, _) if !blocked_by_earlier => {
+                    let req = self.reqs[&id].req;
+                    if self.all_set(&req) {
+                        self.leave_bitmap_phase(id, Status::Ok);
+                    } else {
+                        opened.push(self.open_bitmap_write(id, range));
+                    }
+                }
+                (Some((i, w)), None) if !blocked_by_earlier && opened.contains(&w.op) => {
+                    // Overlaps only a write opened in this pass: join it if
+                    // the union collides with nothing else.
+                    let grown = union(&w.range, &range);
+                    let clash = self
+                        .pending
+                        .iter()
+                        .enumerate()
+                        .any(|(j, o)| j != i && overlaps(&o.range, &grown))
+                        || still.iter().any(|(_, r)| overlaps(r, &grown));
+                    if clash {
+                        still.push_back((id, range));
+                    } else {
+                        self.stats.bitmap_writes_merged += 1;
+                        let w = &mut self.pending[i];
+                        w.range = grown;
+                        w.reqs.push(id);
+                        self.reqs.get_mut(&id).unwrap().phase = Phase::Pending;
+                    }
+                }
+                _ => still.push_back((id, range)),
+            }
+        }
+        self.waiting = still;
+        for op in opened {
+            self.close_bitmap_write(op);
+        }
+    }
+
+    fn wake_deferred_reads(&mut self) {
+        let mut i = 0;
+        while i < self.deferred.len() {
+            let id = self.deferred[i];
+            let Phase::Deferred(seqs) = &self.reqs[&id].phase else {
+                unreachable!()
+            };
+            if seqs.iter().any(|s| self.in_bitmap_phase.contains(s)) {
+                i += 1;
+                continue;
+            }
+            self.deferred.swap_remove(i);
+            self.reqs.get_mut(&id).unwrap().phase = Phase::Data;
+            // Mapped again now: the bits may have changed meanwhile.
+            self.issue_read(id);
+        }
+    }
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("requests", &self.reqs.len())
+            .field("pending", &self.pending.len())
+            .field("waiting", &self.waiting.len())
+            .field("deferred", &self.deferred.len())
+            .field("failure", &self.failure)
+            .finish()
+    }
+}
