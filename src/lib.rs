@@ -1,2 +1,5 @@
 //! vhost-user-cow: a vhost-user-blk daemon serving copy-on-write disks in
 //! User-Mode-Linux's ubd COW format.
+
+pub mod blk_config;
+pub mod blk_request;
