@@ -3,7 +3,10 @@
 
 pub mod bitmap;
 pub mod bitmap_sched;
+pub mod blk_config;
+pub mod blk_request;
 pub mod cow_disk;
 pub mod cow_header;
 pub mod error;
+pub mod io_engine;
 pub mod lock;
