@@ -419,3 +419,145 @@ pub(crate) fn new_eventfd() -> Result<vmm_sys_util::eventfd::EventFd, EngineErro
     vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(EngineError::EventFd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segs(v: &IoVecs) -> Vec<(usize, usize)> {
+        v.as_slice()
+            .iter()
+            .map(|s| (s.iov_base as usize, s.iov_len))
+            .collect()
+    }
+
+    #[test]
+    fn iovecs_inline_then_spill() {
+        let mut v = IoVecs::new();
+        for i in 1..=6 {
+            v.push((i * 0x1000) as *mut u8, i * 10);
+        }
+        v.push(0x9000 as *mut u8, 0); // skipped
+        assert_eq!(v.len(), 6);
+        assert_eq!(v.total_len(), 210);
+        assert_eq!(segs(&v)[4], (0x5000, 50));
+    }
+
+    #[test]
+    fn iovecs_advance_within_and_across_segments() {
+        for n in [3usize, 6] {
+            let mut v = IoVecs::new();
+            for i in 0..n {
+                v.push((0x1000 * (i + 1)) as *mut u8, 100);
+            }
+            v.advance(30);
+            assert_eq!(segs(&v)[0], (0x1000 + 30, 70));
+            v.advance(70);
+            assert_eq!(segs(&v)[0], (0x2000, 100));
+            v.advance(150);
+            assert_eq!(v.len(), n - 2);
+            assert_eq!(v.total_len(), (n as u64 - 2) * 100 + 50 - 100);
+            v.advance(u64::MAX);
+            assert!(v.is_empty());
+        }
+    }
+
+    fn read_op(len: usize) -> IoOp {
+        let mut iov = IoVecs::new();
+        iov.push(0x1000 as *mut u8, len / 2);
+        iov.push(0x8000 as *mut u8, len - len / 2);
+        IoOp::Readv {
+            fd: 3,
+            offset: 4096,
+            iov,
+        }
+    }
+
+    #[test]
+    fn short_transfer_is_continued_from_the_right_place() {
+        let mut s = OpState::new(read_op(1000), 7);
+        assert_eq!(s.on_result(300), Step::Reissue);
+        match &s.op {
+            IoOp::Readv { offset, iov, .. } => {
+                assert_eq!(*offset, 4396);
+                assert_eq!(segs(iov), vec![(0x1000 + 300, 200), (0x8000, 500)]);
+            }
+            other => panic!("unexpected op {other:?}"),
+        }
+        assert_eq!(s.on_result(-i64::from(libc::EINTR)), Step::Reissue);
+        assert_eq!(s.on_result(600), Step::Reissue);
+        assert_eq!(s.on_result(100), Step::Complete(Ok(1000)));
+    }
+
+    #[test]
+    fn eof_reports_bytes_done_and_stuck_write_fails() {
+        let mut s = OpState::new(read_op(1000), 0);
+        assert_eq!(s.on_result(10), Step::Reissue);
+        assert_eq!(s.on_result(0), Step::Complete(Ok(10)));
+
+        let mut w = OpState::new(
+            IoOp::Writev {
+                fd: 3,
+                offset: 0,
+                iov: IoVecs::single(0x1000 as *mut u8, 10),
+            },
+            0,
+        );
+        assert_eq!(w.on_result(0), Step::Complete(Err(libc::EIO)));
+        let mut w = OpState::new(
+            IoOp::Writev {
+                fd: 3,
+                offset: 0,
+                iov: IoVecs::new(),
+            },
+            0,
+        );
+        assert_eq!(w.on_result(0), Step::Complete(Ok(0)));
+    }
+
+    #[test]
+    fn errors_and_bounded_retries() {
+        let mut s = OpState::new(read_op(100), 0);
+        assert_eq!(
+            s.on_result(-i64::from(libc::EIO)),
+            Step::Complete(Err(libc::EIO))
+        );
+        let mut s = OpState::new(IoOp::Fdatasync { fd: 3 }, 0);
+        for _ in 0..MAX_RETRIES {
+            assert_eq!(s.on_result(-i64::from(libc::EAGAIN)), Step::Reissue);
+        }
+        assert_eq!(
+            s.on_result(-i64::from(libc::EAGAIN)),
+            Step::Complete(Err(libc::EAGAIN))
+        );
+        let mut s = OpState::new(read_op(100), 0);
+        assert_eq!(s.on_result(101), Step::Complete(Err(libc::EIO)));
+    }
+
+    #[test]
+    fn validate_rejects_impossible_ops() {
+        let mut iov = IoVecs::new();
+        for i in 0..=MAX_IOVECS {
+            iov.push((0x1000 + i) as *mut u8, 1);
+        }
+        let op = IoOp::Readv {
+            fd: 3,
+            offset: 0,
+            iov,
+        };
+        assert!(matches!(
+            OpState::validate(&op),
+            Err(SubmitError::Invalid(_))
+        ));
+        let op = IoOp::Fallocate {
+            fd: 3,
+            mode: 0,
+            offset: u64::MAX,
+            len: 1,
+        };
+        assert!(matches!(
+            OpState::validate(&op),
+            Err(SubmitError::Invalid(_))
+        ));
+    }
+}

@@ -228,6 +228,11 @@ fn is_backpressure(e: &io::Error) -> bool {
 impl IoEngine for UringEngine {
     unsafe fn submit(&mut self, op: IoOp, user_data: u64) -> Result<(), SubmitError> {
         OpState::validate(&op)?;
+        // Completions taken off the CQ by `wait` still count until reaped,
+        // although their slots are already free.
+        if self.in_flight() >= self.capacity {
+            return Err(SubmitError::Full(op));
+        }
         let Some(&slot) = self.free.last() else {
             return Err(SubmitError::Full(op));
         };
@@ -292,7 +297,7 @@ impl IoEngine for UringEngine {
     }
 
     fn in_flight(&self) -> usize {
-        self.capacity - self.free.len()
+        self.capacity - self.free.len() + self.ready.len()
     }
 
     fn capacity(&self) -> usize {
