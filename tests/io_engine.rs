@@ -382,7 +382,7 @@ fn random_stress_matches_model(mk: Maker) {
     let mut file = tmpfile(SIZE as u64);
     let fd = file.as_raw_fd();
     let mut model = vec![0u8; SIZE];
-    let mut rng = Rng(seed);
+    let mut rng = Rng(seed | 1); // xorshift must not start at 0
     let mut out = Vec::new();
 
     for round in 0..150 {

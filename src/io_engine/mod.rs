@@ -15,6 +15,18 @@
 //! back-pressure, never an error for the guest. An operation counts as in
 //! flight from `submit` until its completion has been handed out by `reap`.
 //!
+//! Caller obligations (see [`IoEngine::submit`]): buffers of a read/write
+//! stay valid, and are not otherwise accessed, until its completion has been
+//! reaped or the engine dropped; dropping an engine blocks until the
+//! operations already handed to the kernel or to a pool thread finish, so
+//! drop it *before* unmapping guest memory and, since a drop waits for them,
+//! only with operations on regular files or block devices in flight (a read
+//! from a pipe nobody writes would never finish). File descriptors must stay
+//! open until their operations complete (otherwise the number may be reused
+//! by another file). Completions come in any order; ordering (e.g. data
+//! before bitmap, fdatasync after writes) is the scheduler's business: the
+//! engine issues operations concurrently.
+//!
 //! Short transfers are finished inside the engine: a read or write completes
 //! only when every byte is done, on an error, or (reads) at end of file, in
 //! which case the bytes done so far are reported so the caller can zero-fill

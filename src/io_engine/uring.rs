@@ -144,9 +144,14 @@ impl UringEngine {
                 return Ok(true);
             }
             match self.ring.submit() {
-                Ok(_) => {
+                Ok(n) => {
                     if self.ring.submission().is_empty() {
                         return Ok(true);
+                    }
+                    if n == 0 {
+                        // Nothing taken and no errno: treat as back-pressure
+                        // rather than spin.
+                        return Ok(false);
                     }
                     // Partially consumed (e.g. out of memory for requests):
                     // try the rest; the kernel reports EAGAIN if it still
