@@ -1,0 +1,243 @@
+//! Portable fallback engine: a small thread pool doing blocking
+//! `preadv`/`pwritev`/`fdatasync`/`fallocate`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{new_eventfd, Completion, EngineError, IoEngine, IoOp, OpState, Step, SubmitError};
+
+struct Jobs {
+    queue: VecDeque<OpState>,
+    shutdown: bool,
+}
+
+struct Shared {
+    jobs: Mutex<Jobs>,
+    job_ready: Condvar,
+    done: Mutex<Vec<Completion>>,
+    done_ready: Condvar,
+    efd: EventFd,
+}
+
+/// Locks a mutex even if a pool thread panicked while holding it: the
+/// protected queues stay structurally valid, and refusing to go on would
+/// hang the worker instead.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Thread-pool engine. See the module docs of `io_engine`.
+pub struct ThreadsEngine {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Submitted but not yet flushed to the pool.
+    batch: Vec<OpState>,
+    in_flight: usize,
+    capacity: usize,
+}
+
+impl ThreadsEngine {
+    /// A pool of `threads` threads (at least 1) bounded by `queue_depth`
+    /// (at least 1) operations in flight.
+    pub fn new(queue_depth: usize, threads: usize) -> Result<Self, EngineError> {
+        let capacity = queue_depth.max(1);
+        let shared = Arc::new(Shared {
+            jobs: Mutex::new(Jobs {
+                queue: VecDeque::with_capacity(capacity),
+                shutdown: false,
+            }),
+            job_ready: Condvar::new(),
+            done: Mutex::new(Vec::with_capacity(capacity)),
+            done_ready: Condvar::new(),
+            efd: new_eventfd()?,
+        });
+        let mut engine = Self {
+            shared,
+            workers: Vec::new(),
+            batch: Vec::with_capacity(capacity),
+            in_flight: 0,
+            capacity,
+        };
+        for i in 0..threads.clamp(1, capacity) {
+            let shared = Arc::clone(&engine.shared);
+            let handle = std::thread::Builder::new()
+                .name(format!("io-pool-{i}"))
+                .spawn(move || worker(&shared))
+                // On error, dropping `engine` joins the threads already started.
+                .map_err(EngineError::Thread)?;
+            engine.workers.push(handle);
+        }
+        Ok(engine)
+    }
+}
+
+fn worker(shared: &Shared) {
+    loop {
+        let mut state = {
+            let mut jobs = lock(&shared.jobs);
+            loop {
+                if jobs.shutdown {
+                    return;
+                }
+                if let Some(s) = jobs.queue.pop_front() {
+                    break s;
+                }
+                jobs = shared
+                    .job_ready
+                    .wait(jobs)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let result = loop {
+            match state.on_result(execute(&state.op)) {
+                Step::Complete(r) => break r,
+                Step::Reissue => continue,
+            }
+        };
+        lock(&shared.done).push(state.into_completion(result));
+        shared.done_ready.notify_all();
+        // Only fails if the counter would overflow, which needs 2^64 - 1
+        // unread completions; nothing useful to do then but log.
+        if let Err(e) = shared.efd.write(1) {
+            log::error!("I/O pool: cannot signal eventfd: {e}");
+        }
+    }
+}
+
+/// Runs one attempt of `op`, returning bytes done or `-errno`.
+fn execute(op: &IoOp) -> i64 {
+    let ret: i64 = match op {
+        IoOp::Readv { fd, offset, iov } | IoOp::Writev { fd, offset, iov } => {
+            let Ok(off) = libc::off_t::try_from(*offset) else {
+                return -i64::from(libc::EINVAL);
+            };
+            // `validate` caps the count at IOV_MAX, so it fits in c_int.
+            let cnt = iov.len() as libc::c_int;
+            if matches!(op, IoOp::Readv { .. }) {
+                // SAFETY: the iovec array is owned by `op` and valid for the
+                // call; the memory it points to is valid and writable until
+                // completion per the `IoEngine::submit` contract.
+                unsafe { libc::preadv(*fd, iov.as_slice().as_ptr(), cnt, off) as i64 }
+            } else {
+                // SAFETY: as above; the memory is only read.
+                unsafe { libc::pwritev(*fd, iov.as_slice().as_ptr(), cnt, off) as i64 }
+            }
+        }
+        // SAFETY: plain syscall on an integer fd, no memory involved.
+        IoOp::Fdatasync { fd } => unsafe { libc::fdatasync(*fd) as i64 },
+        IoOp::Fallocate {
+            fd,
+            mode,
+            offset,
+            len,
+        } => {
+            let (Ok(off), Ok(len)) = (libc::off_t::try_from(*offset), libc::off_t::try_from(*len))
+            else {
+                return -i64::from(libc::EINVAL);
+            };
+            // SAFETY: plain syscall on an integer fd, no memory involved.
+            unsafe { libc::fallocate(*fd, *mode, off, len) as i64 }
+        }
+    };
+    if ret < 0 {
+        -i64::from(
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
+    } else {
+        ret
+    }
+}
+
+impl IoEngine for ThreadsEngine {
+    unsafe fn submit(&mut self, op: IoOp, user_data: u64) -> Result<(), SubmitError> {
+        OpState::validate(&op)?;
+        if self.in_flight >= self.capacity {
+            return Err(SubmitError::Full(op));
+        }
+        self.batch.push(OpState::new(op, user_data));
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let n = self.batch.len();
+        lock(&self.shared.jobs).queue.extend(self.batch.drain(..));
+        if n == 1 {
+            self.shared.job_ready.notify_one();
+        } else {
+            self.shared.job_ready.notify_all();
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        // Clear before draining: a completion pushed after the drain
+        // signals the eventfd again, so none is missed. EAGAIN just means
+        // it was not signalled.
+        let _ = self.shared.efd.read();
+        let mut done = lock(&self.shared.done);
+        self.in_flight -= done.len();
+        out.append(&mut done);
+    }
+
+    fn wait(&mut self, min: usize) -> io::Result<()> {
+        self.flush()?;
+        // Every in-flight operation is queued, running or done, so this
+        // many completions will arrive.
+        let min = min.min(self.in_flight);
+        let mut done = lock(&self.shared.done);
+        while done.len() < min {
+            done = self
+                .shared
+                .done_ready
+                .wait(done)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(())
+    }
+
+    fn event_fd(&self) -> RawFd {
+        self.shared.efd.as_raw_fd()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn name(&self) -> &'static str {
+        "threads"
+    }
+}
+
+impl Drop for ThreadsEngine {
+    /// Operations not yet picked up by a pool thread are discarded (they
+    /// never touched their buffers); operations being executed are waited
+    /// for by joining the threads, so no buffer is accessed after drop.
+    fn drop(&mut self) {
+        {
+            let mut jobs = lock(&self.shared.jobs);
+            jobs.shutdown = true;
+            jobs.queue.clear();
+        }
+        self.shared.job_ready.notify_all();
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                log::error!("I/O pool thread panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! io_uring engine: one ring per engine (per queue worker thread).
+
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::unix::io::{AsRawFd, RawFd};
+
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{new_eventfd, Completion, EngineError, IoEngine, IoOp, OpState, Step, SubmitError};
+
+/// Largest ring the kernel accepts (IORING_MAX_ENTRIES).
+const MAX_RING_ENTRIES: usize = 32768;
+
+/// io_uring engine. See the module docs of `io_engine`.
+///
+/// Dropping it with operations in flight blocks until the kernel has
+/// finished all of them: the kernel may write into the submitted buffers
+/// (guest memory) until then, and the iovec arrays it reads live in this
+/// struct.
+pub struct UringEngine {
+    /// Dropped by hand in `Drop`, and leaked if waiting for the kernel fails.
+    ring: ManuallyDrop<IoUring>,
+    /// One slot per possible in-flight operation. A boxed slice is never
+    /// reallocated, so the iovec arrays inside the slots keep the address
+    /// the kernel was given until the slot is freed.
+    slots: Box<[Option<OpState>]>,
+    free: Vec<usize>,
+    /// Completions already taken off the CQ (by `wait`) but not reaped.
+    ready: Vec<Completion>,
+    /// SQEs pushed whose CQE has not been seen yet (submitted or not).
+    sqes_outstanding: usize,
+    efd: EventFd,
+    capacity: usize,
+}
+
+impl UringEngine {
+    /// A ring for up to `queue_depth` (at least 1) operations in flight.
+    pub fn new(queue_depth: usize) -> Result<Self, EngineError> {
+        let capacity = queue_depth.clamp(1, MAX_RING_ENTRIES);
+        // The SQ holds at least one entry per in-flight operation (each has
+        // at most one SQE outstanding), so pushing never finds it full in
+        // normal operation; the CQ is twice that, so it never overflows.
+        let entries = capacity.next_power_of_two() as u32;
+        let ring = IoUring::new(entries).map_err(EngineError::Uring)?;
+        let mut probe = Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(EngineError::Uring)?;
+        for (code, name) in [
+            (opcode::Read::CODE, "READ"),
+            (opcode::Write::CODE, "WRITE"),
+            (opcode::Readv::CODE, "READV"),
+            (opcode::Writev::CODE, "WRITEV"),
+            (opcode::Fsync::CODE, "FSYNC"),
+            (opcode::Fallocate::CODE, "FALLOCATE"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(EngineError::UringOpcode(name));
+            }
+        }
+        let efd = new_eventfd()?;
+        ring.submitter()
+            .register_eventfd(efd.as_raw_fd())
+            .map_err(EngineError::Uring)?;
+        Ok(Self {
+            ring: ManuallyDrop::new(ring),
+            slots: (0..capacity).map(|_| None).collect(),
+            free: (0..capacity).rev().collect(),
+            ready: Vec::with_capacity(capacity),
+            sqes_outstanding: 0,
+            efd,
+            capacity,
+        })
+    }
+
+    /// Builds the SQE for the remainder of the operation in `slot`.
+    fn sqe(&self, slot: usize) -> Option<squeue::Entry> {
+        let state = self.slots[slot].as_ref()?;
+        let entry = match &state.op {
+            IoOp::Readv { fd, offset, iov } => {
+                let fd = types::Fd(*fd);
+                match iov.as_slice() {
+                    [one] if u32::try_from(one.iov_len).is_ok() => {
+                        opcode::Read::new(fd, one.iov_base.cast(), one.iov_len as u32)
+                            .offset(*offset)
+                            .build()
+                    }
+                    all => opcode::Readv::new(fd, all.as_ptr(), all.len() as u32)
+                        .offset(*offset)
+                        .build(),
+                }
+            }
+            IoOp::Writev { fd, offset, iov } => {
+                let fd = types::Fd(*fd);
+                match iov.as_slice() {
+                    [one] if u32::try_from(one.iov_len).is_ok() => {
+                        opcode::Write::new(fd, one.iov_base.cast(), one.iov_len as u32)
+                            .offset(*offset)
+                            .build()
+                    }
+                    all => opcode::Writev::new(fd, all.as_ptr(), all.len() as u32)
+                        .offset(*offset)
+                        .build(),
+                }
+            }
+            IoOp::Fdatasync { fd } => opcode::Fsync::new(types::Fd(*fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            IoOp::Fallocate {
+                fd,
+                mode,
+                offset,
+                len,
+            } => opcode::Fallocate::new(types::Fd(*fd), *len)
+                .offset(*offset)
+                .mode(*mode)
+                .build(),
+        };
+        Some(entry.user_data(slot as u64))
+    }
+
+    /// Pushes the SQE of `slot`; false if the SQ is full.
+    fn push(&mut self, slot: usize) -> bool {
+        let Some(entry) = self.sqe(slot) else {
+            return true;
+        };
+        // SAFETY: the SQE points at the iovec array inside `self.slots[slot]`
+        // (a boxed slice that is never reallocated; the slot is only freed
+        // after its CQE) and at caller memory that the `submit` contract
+        // keeps valid until completion. Drop waits for outstanding SQEs.
+        let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
+        if pushed {
+            self.sqes_outstanding += 1;
+        }
+        pushed
+    }
+
+    /// Submits whatever is in the SQ. Kernel back-pressure leaves the
+    /// entries queued and returns `Ok(false)`.
+    fn submit_sq(&mut self) -> io::Result<bool> {
+        loop {
+            if self.ring.submission().is_empty() {
+                return Ok(true);
+            }
+            match self.ring.submit() {
+                Ok(n) => {
+                    if self.ring.submission().is_empty() {
+                        return Ok(true);
+                    }
+                    if n == 0 {
+                        // Nothing taken and no errno: treat as back-pressure
+                        // rather than spin.
+                        return Ok(false);
+                    }
+                    // Partially consumed (e.g. out of memory for requests):
+                    // try the rest; the kernel reports EAGAIN if it still
+                    // cannot take any.
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if is_backpressure(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Like `submit_sq`, but makes sure the worker returns if entries had
+    /// to stay queued: nothing else might signal the eventfd.
+    fn submit_or_signal(&mut self) -> io::Result<()> {
+        if !self.submit_sq()? {
+            let _ = self.efd.write(1);
+        }
+        Ok(())
+    }
+
+    /// Takes every CQE off the CQ, reissuing short transfers and retries,
+    /// and collects finished operations into `out`. Returns whether any
+    /// SQE was pushed (then the SQ needs submitting).
+    fn drain_cq(&mut self, out: &mut Vec<Completion>) -> bool {
+        let mut pushed = false;
+        loop {
+            let Some(cqe) = self.ring.completion().next() else {
+                break;
+            };
+            self.sqes_outstanding = self.sqes_outstanding.saturating_sub(1);
+            let slot = cqe.user_data() as usize;
+            let Some(state) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+                log::error!("io_uring: completion for unknown slot {slot}");
+                continue;
+            };
+            match state.on_result(i64::from(cqe.result())) {
+                Step::Reissue => {
+                    if !self.push(slot) {
+                        // Cannot happen: the SQ has room for every in-flight
+                        // operation. Make room anyway rather than lose it.
+                        let _ = self.submit_sq();
+                        if !self.push(slot) {
+                            self.finish(slot, Err(libc::EAGAIN), out);
+                            continue;
+                        }
+                    }
+                    pushed = true;
+                }
+                Step::Complete(result) => self.finish(slot, result, out),
+            }
+        }
+        pushed
+    }
+
+    fn finish(&mut self, slot: usize, result: Result<u64, i32>, out: &mut Vec<Completion>) {
+        if let Some(state) = self.slots[slot].take() {
+            out.push(state.into_completion(result));
+            self.free.push(slot);
+        }
+    }
+
+    /// Processes the CQ into `self.ready`, submitting any reissues.
+    fn drain_into_ready(&mut self) -> io::Result<()> {
+        let mut ready = std::mem::take(&mut self.ready);
+        let pushed = self.drain_cq(&mut ready);
+        self.ready = ready;
+        if pushed || !self.ring.submission().is_empty() {
+            self.submit_or_signal()?;
+        }
+        Ok(())
+    }
+}
+
+fn is_backpressure(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY))
+}
+
+impl IoEngine for UringEngine {
+    unsafe fn submit(&mut self, op: IoOp, user_data: u64) -> Result<(), SubmitError> {
+        OpState::validate(&op)?;
+        // Completions taken off the CQ by `wait` still count until reaped,
+        // although their slots are already free.
+        if self.in_flight() >= self.capacity {
+            return Err(SubmitError::Full(op));
+        }
+        let Some(&slot) = self.free.last() else {
+            return Err(SubmitError::Full(op));
+        };
+        if self.ring.submission().is_full() && !self.submit_sq()? {
+            return Err(SubmitError::Full(op));
+        }
+        if self.ring.submission().is_full() {
+            return Err(SubmitError::Full(op));
+        }
+        self.free.pop();
+        self.slots[slot] = Some(OpState::new(op, user_data));
+        if !self.push(slot) {
+            // Checked above that there is room; undo rather than panic.
+            let state = self.slots[slot].take();
+            self.free.push(slot);
+            return match state {
+                Some(s) => Err(SubmitError::Full(s.op)),
+                None => Err(SubmitError::Invalid("slot vanished")),
+            };
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.submit_or_signal()
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        // Clear before draining: a CQE posted after the drain signals the
+        // eventfd again, so none is missed. EAGAIN means it was not set.
+        let _ = self.efd.read();
+        out.append(&mut self.ready);
+        let pushed = self.drain_cq(out);
+        if pushed || !self.ring.submission().is_empty() {
+            if let Err(e) = self.submit_or_signal() {
+                // Leave the entries queued; the next flush reports it.
+                log::error!("io_uring: resubmission failed: {e}");
+            }
+        }
+    }
+
+    fn wait(&mut self, min: usize) -> io::Result<()> {
+        let min = min.min(self.in_flight());
+        loop {
+            self.drain_into_ready()?;
+            if self.ready.len() >= min {
+                return Ok(());
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // EBUSY: CQEs must be reaped first, which the next round
+                // does. EAGAIN: the kernel is short of memory; try again.
+                Err(e) if is_backpressure(&e) => std::thread::yield_now(),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn event_fd(&self) -> RawFd {
+        self.efd.as_raw_fd()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.capacity - self.free.len() + self.ready.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+}
+
+impl Drop for UringEngine {
+    /// Waits for every SQE the kernel has (or will get) to complete: until
+    /// then the kernel may access the buffers and the iovec arrays in
+    /// `slots`. Unsubmitted SQEs are submitted first rather than tracked
+    /// separately; short transfers are not continued.
+    fn drop(&mut self) {
+        while self.sqes_outstanding > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                match e.raw_os_error() {
+                    Some(libc::EINTR) | Some(libc::EBUSY) => {}
+                    Some(libc::EAGAIN) => std::thread::yield_now(),
+                    _ => {
+                        // Cannot wait any more. Leaking the ring and the
+                        // slots keeps everything the kernel may still read
+                        // alive and the ring open.
+                        log::error!(
+                            "io_uring: cannot wait for {} operations on drop: {e}; leaking the ring",
+                            self.sqes_outstanding
+                        );
+                        std::mem::forget(std::mem::take(&mut self.slots));
+                        return;
+                    }
+                }
+            }
+            let mut cq = self.ring.completion();
+            let n = cq.by_ref().count();
+            drop(cq);
+            self.sqes_outstanding = self.sqes_outstanding.saturating_sub(n);
+        }
+        // SAFETY: the ring is not used after this point, and this is the
+        // only place it is dropped.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
+    }
+}
