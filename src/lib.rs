@@ -2,7 +2,10 @@
 //! User-Mode-Linux's ubd COW format.
 
 pub mod bitmap;
+pub mod check;
 pub mod cow_disk;
 pub mod cow_header;
 pub mod error;
+pub mod info;
 pub mod lock;
+pub mod merge;
