@@ -242,6 +242,12 @@ pub fn inspect(path: &Path, backing: Option<&Path>) -> Result<Info> {
     let mut magic = [0u8; 4];
     read_full_at(&file, &mut magic, 0, path)?;
     if len < 4 || !has_cow_magic(&magic) {
+        // Consistent with `open` and `check`: an empty file is no disk.
+        if len == 0 {
+            return Err(DiskError::EmptyImage {
+                path: path.to_owned(),
+            });
+        }
         return Ok(Info::Raw(RawInfo {
             path: path.to_string_lossy().into_owned(),
             size: len,

@@ -56,6 +56,29 @@ pub fn uml_tool(name: &str) -> Option<PathBuf> {
     None
 }
 
+/// Held while a test spawns a process, and while a test has a disk open
+/// that it will open again after closing it. A child between fork and
+/// exec shares every open file description of the test process, and with
+/// it the OFD locks; a disk closed and reopened in that window would find
+/// its own lock still held. (The tools themselves spawn nothing.)
+pub static FORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn fork_guard() -> std::sync::MutexGuard<'static, ()> {
+    FORK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs a command, holding `FORK` only while it is being spawned.
+pub fn output(c: &mut std::process::Command) -> std::process::Output {
+    let child = {
+        let _g = fork_guard();
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    child.wait_with_output().unwrap()
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vhost-user-cow")
 }
