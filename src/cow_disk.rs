@@ -59,7 +59,7 @@ pub struct Disk {
 }
 
 /// What kind of file a path names, for messages.
-fn file_kind(ft: std::fs::FileType) -> &'static str {
+pub fn file_kind(ft: std::fs::FileType) -> &'static str {
     if ft.is_dir() {
         "a directory"
     } else if ft.is_fifo() {
@@ -75,7 +75,9 @@ fn file_kind(ft: std::fs::FileType) -> &'static str {
     }
 }
 
-fn usable(ft: std::fs::FileType) -> bool {
+/// Regular files and block devices can hold disk data; anything else (a
+/// FIFO would even block the open) is refused before it is opened.
+pub fn usable(ft: std::fs::FileType) -> bool {
     ft.is_file() || ft.is_block_device()
 }
 
@@ -111,7 +113,7 @@ pub fn absolute_backing_path(path: &Path) -> Result<PathBuf> {
     Ok(dir.join(name))
 }
 
-fn mtime32(meta: &std::fs::Metadata) -> u32 {
+pub fn mtime32(meta: &std::fs::Metadata) -> u32 {
     // The header keeps the low 32 bits of the seconds, like UML.
     meta.mtime() as u32
 }
@@ -203,6 +205,31 @@ pub fn read_header(file: &File, path: &Path) -> Result<CowHeader> {
     CowHeader::parse(&head, len, path)
 }
 
+/// Reads the bitmap of a COW file into memory.
+///
+/// Every byte between the bitmap offset and the data offset that holds
+/// bits of real chunks is read. For v1/v2 this is one byte more than the
+/// header's (under-counting) bitmap length when the chunk count is not a
+/// multiple of 8: those last bits are stored there by writers (and by
+/// `write_sectors`), so they must be read back too.
+pub fn read_bitmap(file: &File, path: &Path, geometry: &Geometry) -> Result<Bitmap> {
+    let mut bitmap = Bitmap::new(geometry.chunks, geometry.sectorsize);
+    let room = geometry.data_offset - geometry.bitmap_offset;
+    let on_disk = room.min(bitmap.byte_len() as u64) as usize;
+    read_full_at(
+        file,
+        &mut bitmap.as_bytes_mut()[..on_disk],
+        geometry.bitmap_offset,
+        path,
+    )?;
+    // Bits past the last chunk (in the last byte) are not ours to trust.
+    let tail = geometry.chunks % 8;
+    if tail != 0 && on_disk == bitmap.byte_len() {
+        bitmap.as_bytes_mut()[on_disk - 1] &= (1u8 << tail) - 1;
+    }
+    Ok(bitmap)
+}
+
 /// Where the header's backing path points: relative names are taken
 /// against the COW file's directory.
 pub fn resolve_header_backing(cow_path: &Path, header: &CowHeader) -> PathBuf {
@@ -217,7 +244,8 @@ pub fn resolve_header_backing(cow_path: &Path, header: &CowHeader) -> PathBuf {
     }
 }
 
-fn check_usable(path: &Path) -> Result<()> {
+/// Refuses paths that are not a regular file or block device, naming them.
+pub fn check_usable(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(DiskError::io(path, "open"))?;
     if !usable(meta.file_type()) {
         return Err(DiskError::NotRegular {
@@ -298,19 +326,7 @@ impl Disk {
             }
         }
 
-        let mut bitmap = Bitmap::new(geometry.chunks, geometry.sectorsize);
-        let on_disk = geometry.bitmap_len.min(bitmap.byte_len() as u64) as usize;
-        read_full_at(
-            &file,
-            &mut bitmap.as_bytes_mut()[..on_disk],
-            geometry.bitmap_offset,
-            path,
-        )?;
-        // Bits past the last chunk (in the last byte) are not ours to trust.
-        let tail = geometry.chunks % 8;
-        if tail != 0 && on_disk == bitmap.byte_len() {
-            bitmap.as_bytes_mut()[on_disk - 1] &= (1u8 << tail) - 1;
-        }
+        let bitmap = read_bitmap(&file, path, &geometry)?;
         let storable_chunks =
             ((geometry.data_offset - geometry.bitmap_offset) * 8).min(geometry.chunks);
         Ok(Disk {
@@ -477,7 +493,8 @@ impl Default for CreateOptions {
     }
 }
 
-fn tmp_name(path: &Path) -> PathBuf {
+/// A hidden temporary name next to `path`, for create-then-rename.
+pub fn tmp_name(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_os_string())
@@ -565,7 +582,8 @@ pub fn create_cow(cow: &Path, backing: &Path, opts: &CreateOptions) -> Result<Co
     Ok(header)
 }
 
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+/// rename(2) that fails with `AlreadyExists` instead of replacing `to`.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
     let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
     // SAFETY: both are valid NUL-terminated strings.

@@ -75,6 +75,10 @@ pub fn lock_holder(file: &File, kind: LockKind) -> Option<i32> {
         // "1: OFDLCK ADVISORY WRITE 1234 fd:01:5678 0 EOF"
         if f.len() >= 6 && !line.contains("->") && f[5] == want {
             if let Ok(pid) = f[4].parse::<i32>() {
+                // Newer kernels show OFD locks with pid -1 here.
+                if pid <= 0 {
+                    continue;
+                }
                 if pid != me {
                     return Some(pid);
                 }
@@ -82,5 +86,44 @@ pub fn lock_holder(file: &File, kind: LockKind) -> Option<i32> {
             }
         }
     }
-    fallback
+    fallback.or_else(|| fdinfo_holder(&want, kind, me))
+}
+
+/// Finds the holder of an OFD lock through /proc/PID/fdinfo, which lists
+/// the locks of each open file description ("lock:\t1: OFDLCK ADVISORY
+/// READ -1 fe:00:1234 0 EOF"). Another process is preferred to this one.
+fn fdinfo_holder(want: &str, kind: LockKind, me: i32) -> Option<i32> {
+    let mut mine = false;
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(text) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            let conflicts = text.lines().any(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                // ["lock:", "1:", "OFDLCK", "ADVISORY", "READ", "-1", "fe:00:1234", ...]
+                f.len() >= 7
+                    && f[0] == "lock:"
+                    && f[6] == want
+                    && (kind == LockKind::Write || f[4] == "WRITE")
+            });
+            if conflicts {
+                if pid != me {
+                    return Some(pid);
+                }
+                mine = true;
+            }
+        }
+    }
+    mine.then_some(me)
 }

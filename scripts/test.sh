@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The project's single test command: installs what the tests need, then
+# format check, clippy, and the test suite. Exits non-zero on any failure.
+# Extend by adding packages to DEB_PACKAGES and steps at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests need: uml-utilities provides uml_mkcow and
+# uml_moo, the reference implementations the tools are compared with.
+DEB_PACKAGES=(uml-utilities)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "test.sh: installing ${missing[*]}" >&2
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}"
+fi
+
+# Tests that need the UML tools fail instead of skipping when CI is set.
+export CI="${CI:-1}"
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --all-targets -- -D warnings
+echo "== tests" >&2
+if command -v cargo-nextest >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast
+    # nextest does not run doctests.
+    cargo test --doc
+else
+    cargo test --no-fail-fast
+fi
