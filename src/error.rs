@@ -121,6 +121,9 @@ pub enum DiskError {
         sectors: u64,
     },
 
+    #[error("{path}: not supported: {what}")]
+    Unsupported { path: PathBuf, what: &'static str },
+
     #[error("{path}: read-only disk")]
     ReadOnly { path: PathBuf },
 }

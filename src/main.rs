@@ -42,6 +42,83 @@ enum Command {
     Check(CheckArgs),
     /// Merge a COW file with its backing file (like `uml_moo`).
     Merge(MergeArgs),
+    /// Serve a COW disk or raw image over vhost-user-blk.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum EngineArg {
+    #[value(name = "io_uring")]
+    IoUring,
+    Threads,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("listen").args(["socket_path", "fd"])))]
+#[command(group(ArgGroup::new("cache").args(["direct", "sync"])))]
+struct ServeArgs {
+    /// The unix socket to listen on (created mode 0600).
+    #[arg(long, alias = "socket", value_name = "PATH")]
+    socket_path: Option<PathBuf>,
+    /// An inherited listening socket (systemd socket activation).
+    #[arg(long, value_name = "N")]
+    fd: Option<i32>,
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+    /// The COW file or raw image to serve.
+    #[arg(long, alias = "blk-file", value_name = "FILE")]
+    disk: Option<PathBuf>,
+    /// Backing file to use instead of the one the COW header names.
+    #[arg(long, short = 'b')]
+    backing: Option<PathBuf>,
+    /// Serve the file as a raw image even if it looks like a COW file.
+    #[arg(long)]
+    raw: bool,
+    /// Create the COW file over --backing if it does not exist.
+    #[arg(long, requires = "backing")]
+    create: bool,
+    /// Refuse writes (the guest sees a read-only disk).
+    #[arg(long)]
+    read_only: bool,
+    /// Queues offered to the frontend. QEMU's vhost-user-blk-pci asks for
+    /// one per vCPU and refuses a backend offering fewer.
+    #[arg(long, default_value_t = 16)]
+    num_queues: usize,
+    /// Maximum virtqueue size.
+    #[arg(long, default_value_t = 1024)]
+    queue_size: usize,
+    /// Worker threads (default: one per CPU, at most one per queue).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// I/O engine; io_uring falls back to threads if the kernel refuses it.
+    #[arg(long, value_enum, default_value = "io_uring")]
+    io_engine: EngineArg,
+    /// I/O operations in flight per worker thread.
+    #[arg(long, default_value_t = 128)]
+    queue_depth: usize,
+    /// Open the files with O_DIRECT.
+    #[arg(long)]
+    direct: bool,
+    /// Open the files with O_DSYNC.
+    #[arg(long)]
+    sync: bool,
+    /// The GET_ID serial (at most 20 bytes; default: the disk's file name).
+    #[arg(long)]
+    serial: Option<String>,
+    /// Busy-poll this many microseconds after the last request before sleeping.
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
+    /// Permissions of the socket file, in octal.
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode"))
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +221,68 @@ fn cmd_check(a: CheckArgs) -> CmdResult {
     Ok(ExitCode::from(report.verdict().exit_code()))
 }
 
+fn cmd_serve(a: ServeArgs) -> CmdResult {
+    use vhost_user_cow::backend::BackendOptions;
+    use vhost_user_cow::device::{CacheMode, DeviceOptions};
+    use vhost_user_cow::io_engine::EngineKind;
+    use vhost_user_cow::serve::{serve, ServeOptions, SocketSource};
+
+    if a.print_capabilities {
+        println!(r#"{{"type": "block", "features": ["read-only", "blk-file"]}}"#);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let disk = a.disk.ok_or("serve needs --disk FILE")?;
+    let socket = match (a.socket_path, a.fd) {
+        (Some(path), None) => SocketSource::Path {
+            path,
+            mode: a.socket_mode,
+        },
+        (None, Some(fd)) => SocketSource::Fd(fd),
+        _ => return Err("serve needs --socket-path PATH or --fd N".into()),
+    };
+    if a.create && !disk.exists() {
+        let backing = a.backing.as_deref().ok_or("--create needs --backing")?;
+        create_cow(&disk, backing, &CreateOptions::default())?;
+        log::info!("{}: created over {}", disk.display(), backing.display());
+    }
+    if a.num_queues == 0 || a.num_queues > 64 {
+        return Err("--num-queues must be between 1 and 64".into());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cache = if a.direct {
+        CacheMode::Direct
+    } else if a.sync {
+        CacheMode::Sync
+    } else {
+        CacheMode::Buffered
+    };
+    let opts = ServeOptions {
+        device: DeviceOptions {
+            disk,
+            backing: a.backing,
+            force_raw: a.raw,
+            read_only: a.read_only,
+            cache,
+            queues: a.threads.unwrap_or(cpus).clamp(1, a.num_queues),
+            serial: a.serial,
+        },
+        backend: BackendOptions {
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            threads: a.threads.unwrap_or(cpus),
+            engine: match a.io_engine {
+                EngineArg::IoUring => EngineKind::IoUring,
+                EngineArg::Threads => EngineKind::Threads,
+            },
+            queue_depth: a.queue_depth.max(1),
+            poll: std::time::Duration::from_micros(a.poll_us),
+        },
+        socket,
+    };
+    serve(opts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn cmd_merge(a: MergeArgs) -> CmdResult {
     let target = match a.into {
         Some(p) => MergeTarget::Into(p),
@@ -182,8 +321,9 @@ fn chain(e: &dyn Error) -> String {
     msg
 }
 
-fn init_logging(verbose: u8) {
-    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+fn init_logging(verbose: u8, default: &str) {
+    let mut b =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
     let level = match verbose {
         0 => None,
         1 => Some(log::LevelFilter::Info),
@@ -198,12 +338,18 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // The daemon says what it serves and what it counted; tools stay quiet.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    init_logging(cli.verbose, default_level);
     let result = match cli.command {
         Command::Create(a) => cmd_create(a),
         Command::Info(a) => cmd_info(a),
         Command::Check(a) => cmd_check(a),
         Command::Merge(a) => cmd_merge(a),
+        Command::Serve(a) => cmd_serve(*a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,198 @@
+//! The served block device: the open files, the write-path scheduler that
+//! owns the bitmap, and the virtio-blk limits. One per daemon; shared by
+//! every connection and queue thread.
+
+use std::fs::File;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::bitmap_sched::{CowLayout, Scheduler};
+use crate::blk_request::Limits;
+use crate::cow_disk::{Disk, DiskOptions};
+use crate::cow_header::SECTOR_SIZE;
+use crate::error::{DiskError, Result};
+
+/// Cache mode of the data files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Page cache; FLUSH does fdatasync.
+    #[default]
+    Buffered,
+    /// O_DIRECT.
+    Direct,
+    /// O_DSYNC: every write is durable when it completes.
+    Sync,
+}
+
+impl CacheMode {
+    fn open_flags(self) -> i32 {
+        match self {
+            CacheMode::Buffered => 0,
+            CacheMode::Direct => libc::O_DIRECT,
+            CacheMode::Sync => libc::O_DSYNC,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::Buffered => "buffered",
+            CacheMode::Direct => "direct",
+            CacheMode::Sync => "sync",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    pub disk: PathBuf,
+    pub backing: Option<PathBuf>,
+    pub force_raw: bool,
+    pub read_only: bool,
+    pub cache: CacheMode,
+    pub queues: usize,
+    pub serial: Option<String>,
+}
+
+pub struct Device {
+    pub path: PathBuf,
+    /// The COW file (or raw image).
+    pub file: File,
+    pub backing: Option<File>,
+    pub backing_path: Option<PathBuf>,
+    pub sectors: u64,
+    pub read_only: bool,
+    pub cache: CacheMode,
+    pub limits: Limits,
+    /// Up to 20 bytes, the GET_ID answer.
+    pub serial: Vec<u8>,
+    /// COW extents mapped, allocated share etc., for the startup line.
+    pub description: String,
+    sched: Mutex<Scheduler>,
+}
+
+/// The serial a disk gets when none is given: its file name, shortened to
+/// the 20 bytes virtio-blk has for it.
+fn default_serial(path: &std::path::Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = path
+        .file_name()
+        .map(|n| n.as_bytes())
+        .unwrap_or(b"vhost-user-cow");
+    name[..name.len().min(20)].to_vec()
+}
+
+impl Device {
+    pub fn open(opts: &DeviceOptions) -> Result<Device> {
+        let disk = Disk::open(
+            &opts.disk,
+            &DiskOptions {
+                read_only: opts.read_only,
+                backing: opts.backing.clone(),
+                force_raw: opts.force_raw,
+                custom_flags: opts.cache.open_flags(),
+                no_lock: false,
+            },
+        )?;
+        let sectors = disk.sectors();
+        let mut limits = Limits::new(sectors);
+        limits.read_only = opts.read_only;
+        let Disk {
+            path, file, cow, ..
+        } = disk;
+        let (sched, backing, backing_path, description) = match cow {
+            None => (
+                Scheduler::new_raw(sectors, opts.queues, opts.read_only),
+                None,
+                None,
+                format!("raw image, {} sectors", sectors),
+            ),
+            Some(c) => {
+                let bitmap_block = match opts.cache {
+                    CacheMode::Direct => {
+                        // O_DIRECT bitmap writes need block-aligned file
+                        // offsets; v1/v2 bitmaps start mid-block.
+                        if c.geometry.bitmap_offset % SECTOR_SIZE != 0 {
+                            return Err(DiskError::Unsupported {
+                                path,
+                                what: "O_DIRECT with a bitmap that is not 512-byte aligned (v1/v2 files)",
+                            });
+                        }
+                        SECTOR_SIZE
+                    }
+                    _ => 1,
+                };
+                if c.geometry.sectorsize != SECTOR_SIZE && !opts.read_only {
+                    return Err(DiskError::Unsupported {
+                        path,
+                        what: "writing to a COW file whose chunks are larger than 512 bytes (copy-up is not implemented yet); open it --read-only",
+                    });
+                }
+                let allocated = c.bitmap.count_ones();
+                let description = format!(
+                    "COW {} over {} ({} sectors, {} of {} chunks allocated)",
+                    c.header.layout.name(),
+                    c.backing_path.display(),
+                    sectors,
+                    allocated,
+                    c.geometry.chunks
+                );
+                let layout = CowLayout {
+                    bitmap_offset: c.geometry.bitmap_offset,
+                    data_offset: c.geometry.data_offset,
+                    bitmap_block,
+                    storable_chunks: c.storable_chunks,
+                };
+                (
+                    Scheduler::new_cow(sectors, c.bitmap, layout, opts.queues, opts.read_only),
+                    Some(c.backing),
+                    Some(c.backing_path),
+                    description,
+                )
+            }
+        };
+        let serial = match &opts.serial {
+            Some(s) => s.as_bytes()[..s.len().min(20)].to_vec(),
+            None => default_serial(&path),
+        };
+        Ok(Device {
+            path,
+            file,
+            backing,
+            backing_path,
+            sectors,
+            read_only: opts.read_only,
+            cache: opts.cache,
+            limits,
+            serial,
+            description,
+            sched: Mutex::new(sched),
+        })
+    }
+
+    pub fn is_cow(&self) -> bool {
+        self.backing.is_some()
+    }
+
+    pub fn cow_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub fn backing_fd(&self) -> RawFd {
+        self.backing
+            .as_ref()
+            .map_or(self.file.as_raw_fd(), |b| b.as_raw_fd())
+    }
+
+    /// The scheduler; a poisoned lock means a queue thread panicked, and
+    /// the state it left is still the best there is to drain.
+    pub fn sched(&self) -> MutexGuard<'_, Scheduler> {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(DiskError::io(&self.path, "fdatasync"))
+    }
+}
