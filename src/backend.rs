@@ -42,15 +42,19 @@ struct ThreadState {
 }
 
 struct Inner {
+    // Declared before `dev`: the engines (which wait for their I/O when
+    // dropped) go before the files and bitmap that I/O addresses.
+    threads: Vec<ThreadState>,
     dev: Arc<Device>,
     opts: BackendOptions,
-    threads: Vec<ThreadState>,
     mem: Mutex<Option<GuestMemoryAtomic<Memory>>>,
     event_idx: AtomicBool,
     acked: AtomicU64,
     config: Mutex<BlkConfig>,
     /// Set when the connection is over: late events are ignored.
     closed: AtomicBool,
+    /// The guest turned the write cache off (config `writeback` = 0).
+    writethrough: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -85,6 +89,7 @@ impl CowBackend {
             acked: AtomicU64::new(0),
             config: Mutex::new(config),
             closed: AtomicBool::new(false),
+            writethrough: AtomicBool::new(false),
         })))
     }
 
@@ -127,6 +132,10 @@ impl CowBackend {
 
     /// Which thread serves queue `q`, and its index among that thread's
     /// vrings (queues are dealt out round-robin).
+    fn writethrough(&self) -> bool {
+        self.0.writethrough.load(Ordering::Relaxed)
+    }
+
     fn thread_of(&self, q: usize) -> (usize, usize) {
         let n = self.0.threads.len();
         (q % n, q / n)
@@ -140,14 +149,21 @@ impl CowBackend {
 
     /// Issue, reap and complete until this thread has nothing left to do
     /// right now.
-    fn run_thread(&self, thread: usize, vrings: &[Vring]) {
+    fn run_thread(&self, thread: usize, vrings: &[Vring], mem: &GuestMemoryAtomic<Memory>) {
         let dev = &self.0.dev;
+        let event_idx = self.0.event_idx.load(Ordering::Relaxed);
         let mut w = self.worker(thread);
         loop {
             let kicks = w.pump(dev);
             self.wake(kicks);
-            w.complete(vrings);
-            if !w.reap(dev) {
+            w.complete(dev, vrings, self.writethrough());
+            if w.should_retake() {
+                for local in 0..vrings.len() {
+                    w.take_requests(dev, vrings, local, mem, event_idx);
+                }
+                continue;
+            }
+            if !w.reap(dev) && !w.has_work(dev) {
                 break;
             }
         }
@@ -191,7 +207,7 @@ impl CowBackend {
                 drop(w);
                 self.wake(kicks);
                 let mut w = self.worker(thread);
-                w.complete(&[]);
+                w.complete(&self.0.dev, &[], false);
                 w.reap(&self.0.dev);
                 if w.has_inflight() || w.engine_in_flight() > 0 {
                     busy = true;
@@ -252,12 +268,21 @@ impl VhostUserBackend for CowBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        self.0
-            .config
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut config = self.0.config.lock().unwrap_or_else(|p| p.into_inner());
+        config
             .write_config(offset, buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let writethrough = config.writeback == 0;
+        self.0.writethrough.store(writethrough, Ordering::Relaxed);
+        log::info!(
+            "guest set the write cache to {}",
+            if writethrough {
+                "writethrough"
+            } else {
+                "writeback"
+            }
+        );
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
@@ -329,7 +354,7 @@ impl VhostUserBackend for CowBackend {
                 event_idx,
             );
         }
-        self.run_thread(thread_id, vrings);
+        self.run_thread(thread_id, vrings, &mem);
         // The polling window: a request that follows soon after the last
         // one is picked up without a trip through epoll.
         if !self.0.opts.poll.is_zero() {
@@ -337,9 +362,9 @@ impl VhostUserBackend for CowBackend {
             while Instant::now() < deadline {
                 if Self::has_avail(vrings, &mem) {
                     self.take_all(thread_id, vrings, &mem);
-                    self.run_thread(thread_id, vrings);
+                    self.run_thread(thread_id, vrings, &mem);
                 } else if self.worker(thread_id).engine_in_flight() > 0 {
-                    self.run_thread(thread_id, vrings);
+                    self.run_thread(thread_id, vrings, &mem);
                 }
                 std::hint::spin_loop();
             }

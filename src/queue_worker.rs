@@ -47,6 +47,8 @@ struct InFlight {
     mem: MemoryGuard,
     parts_left: u32,
     status: u8,
+    /// Writethrough: the flush that follows the write has been submitted.
+    flushed: bool,
 }
 
 /// A read in flight: where its bytes go, to zero-fill a short read.
@@ -66,6 +68,9 @@ pub struct Worker {
     /// Requests taken off the rings at most (backpressure beyond this
     /// leaves descriptors in the avail ring).
     max_inflight: usize,
+    /// A ring was left with descriptors because of backpressure: it must
+    /// be looked at again when requests finish, as no kick will come.
+    throttled: bool,
 }
 
 /// Builds the iovecs for bytes `[offset, offset + len)` of a request's
@@ -109,7 +114,14 @@ impl Worker {
             completions: Vec::new(),
             done: Vec::new(),
             max_inflight,
+            throttled: false,
         }
+    }
+
+    /// Whether rings were left unread for backpressure and there is room
+    /// again to read them.
+    pub fn should_retake(&self) -> bool {
+        self.throttled && self.inflight.len() < self.max_inflight
     }
 
     pub fn engine_fd(&self) -> i32 {
@@ -118,6 +130,11 @@ impl Worker {
 
     pub fn engine_name(&self) -> &'static str {
         self.engine.name()
+    }
+
+    /// Whether there is something to do without waiting for I/O.
+    pub fn has_work(&self, dev: &Device) -> bool {
+        !self.done.is_empty() || dev.sched().has_ops(self.thread)
     }
 
     pub fn has_inflight(&self) -> bool {
@@ -149,6 +166,7 @@ impl Worker {
         event_idx: bool,
     ) {
         let vring = &vrings[local];
+        self.throttled = false;
         loop {
             let mut state = vring.get_mut();
             if event_idx {
@@ -172,7 +190,10 @@ impl Worker {
                 }
             }
             drop(state);
-            self.publish_immediate(vrings);
+            if self.inflight.len() >= self.max_inflight {
+                self.throttled = true;
+            }
+            self.publish_immediate(dev, vrings);
             let more = if event_idx && self.inflight.len() < self.max_inflight {
                 vring.get_mut().enable_notification().unwrap_or(false)
             } else {
@@ -185,12 +206,10 @@ impl Worker {
     }
 
     /// Requests that finished before any I/O (GET_ID, empty requests).
-    fn publish_immediate(&mut self, vrings: &[Vring]) {
-        if self.done.is_empty() {
-            return;
+    fn publish_immediate(&mut self, dev: &Device, vrings: &[Vring]) {
+        if !self.done.is_empty() {
+            self.complete(dev, vrings, false);
         }
-        let done = std::mem::take(&mut self.done);
-        self.finish(vrings, done);
     }
 
     fn start(&mut self, dev: &Device, vring: usize, head: u16, req: BlkRequest, mem: MemoryGuard) {
@@ -248,6 +267,7 @@ impl Worker {
             mem,
             parts_left: parts.len() as u32,
             status: STATUS_OK,
+            flushed: false,
         });
         if immediate {
             self.done.push(Done {
@@ -318,10 +338,9 @@ impl Worker {
     /// requests, and returns the other threads that need a wake-up.
     pub fn pump(&mut self, dev: &Device) -> Vec<usize> {
         let mut sched = dev.sched();
-        while self.engine.in_flight() < self.engine.capacity() {
-            let Some(op) = sched.pop_op(self.thread) else {
-                break;
-            };
+        // No capacity check here: a full engine says so, and the refused
+        // operation goes back to the scheduler (rule 5).
+        while let Some(op) = sched.pop_op(self.thread) {
             let io = self.io_op(dev, &sched, &op);
             // SAFETY: request buffers stay mapped (memory guard) and are not
             // touched until completion; bitmap bytes under a pending write
@@ -389,15 +408,15 @@ impl Worker {
     }
 
     /// Puts this thread's finished requests on their used rings.
-    pub fn complete(&mut self, vrings: &[Vring]) {
-        let done = std::mem::take(&mut self.done);
-        if !done.is_empty() {
-            self.finish(vrings, done);
+    /// With `writethrough` (the guest turned the write cache off), a write
+    /// is followed by a flush before the guest sees it complete.
+    pub fn complete(&mut self, dev: &Device, vrings: &[Vring], writethrough: bool) {
+        if self.done.is_empty() {
+            return;
         }
-    }
-
-    fn finish(&mut self, vrings: &[Vring], done: Vec<Done>) {
+        let done = std::mem::take(&mut self.done);
         let mut touched = vec![false; vrings.len()];
+        let mut flushes = Vec::new();
         for d in done {
             let slot = Self::slot_of(d.id);
             let Some(f) = self.inflight.get_mut(slot) else {
@@ -411,12 +430,34 @@ impl Worker {
             if f.parts_left > 0 {
                 continue;
             }
+            if writethrough
+                && f.req.req_type == RequestType::Out
+                && f.status == STATUS_OK
+                && !f.flushed
+            {
+                f.flushed = true;
+                f.parts_left = 1;
+                flushes.push(slot);
+                continue;
+            }
             let f = self.inflight.remove(slot);
             write_status(&*f.mem, f.req.status_addr, f.status);
             if let Some(v) = vrings.get(f.vring) {
                 if v.add_used(f.head, f.req.used_len(f.status)).is_ok() {
                     touched[f.vring] = true;
                 }
+            }
+        }
+        if !flushes.is_empty() {
+            let mut sched = dev.sched();
+            for slot in flushes {
+                sched.submit(Request {
+                    id: self.req_id(slot, 0),
+                    queue: self.thread,
+                    kind: ReqKind::Flush,
+                    sector: 0,
+                    count: 0,
+                });
             }
         }
         for (i, t) in touched.into_iter().enumerate() {

@@ -252,7 +252,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         backend.drain();
         match outcome {
-            Ok(()) => log::info!("frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("frontend disconnected"),
             Err(e) => log::warn!("frontend connection ended: {e}"),
         }
         if stopping.load(Ordering::SeqCst) {

@@ -1,0 +1,331 @@
+//! Stress of the whole write path through the real daemon, with the
+//! io_uring engine and with the thread-pool fallback: several client
+//! threads (libblkio, one virtqueue each, served by different daemon
+//! threads) issue random reads and small, unaligned writes whose bitmap
+//! bytes overlap across threads, with a tiny engine queue so that "queue
+//! full" happens all the time. Afterwards the COW file must equal a model,
+//! read through our mapping and merged by `uml_moo`.
+
+mod common;
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use common::Rng;
+use vhost_user_cow::cow_disk::{Disk, DiskOptions};
+
+const SECTORS: u64 = 16 * 1024; // 8 MiB
+const THREADS: usize = 4;
+/// A thread owns the sectors of every THREADS-th block of this many
+/// sectors: its writes never overlap another thread's data, but share
+/// bitmap bytes (8 sectors a byte) with them all the time.
+const BLOCK: u64 = 3;
+const DEPTH: usize = 8;
+const RUN_FOR: Duration = Duration::from_secs(3);
+
+fn backing_sector(s: u64) -> [u8; 512] {
+    let mut b = [0u8; 512];
+    for (i, c) in b.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&(s * 1000 + i as u64).to_le_bytes());
+    }
+    b
+}
+
+fn tagged_sector(tag: u64, s: u64) -> [u8; 512] {
+    let mut b = [0u8; 512];
+    for c in b.chunks_mut(16) {
+        c[..8].copy_from_slice(&tag.to_le_bytes());
+        c[8..].copy_from_slice(&s.to_le_bytes());
+    }
+    b
+}
+
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(sock: &Path, cow: &Path, engine: &str) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-cow"))
+            .args(["serve", "--socket-path"])
+            .arg(sock)
+            .arg("--disk")
+            .arg(cow)
+            .args(["--num-queues", "4", "--threads", "2", "--queue-depth", "4"])
+            .args(["--io-engine", engine])
+            .spawn()
+            .expect("start daemon");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not listen on {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { child }
+    }
+
+    fn stop(mut self) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait daemon");
+        assert!(status.success(), "daemon exited with {status}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one client thread wrote: sector -> tag of its last completed write.
+type Model = Vec<(u64, u64)>;
+
+enum Pending {
+    /// `writes_issued` at submission: a read is only checked against
+    /// sectors no write touched while it was in flight.
+    Read {
+        sector: u64,
+        count: u64,
+        slot: usize,
+        issued_then: u64,
+        busy_then: Vec<u64>,
+    },
+    Write {
+        block: u64,
+        sector: u64,
+        count: u64,
+        tag: u64,
+    },
+}
+
+fn client(mut q: Blkioq, mem: *mut u8, t: usize, seed: u64) -> Model {
+    let mut rng = Rng::new(seed);
+    let mut latest: std::collections::HashMap<u64, u64> = Default::default();
+    let mut busy_blocks = std::collections::HashSet::new();
+    // Per block: the count of writes issued to it, and the count when the
+    // last one was issued.
+    let mut last_write_issue: std::collections::HashMap<u64, u64> = Default::default();
+    let mut writes_issued = 0u64;
+    let mut pending: std::collections::HashMap<usize, Pending> = Default::default();
+    let mut free: Vec<usize> = (0..DEPTH).collect();
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..DEPTH).map(|_| MaybeUninit::uninit()).collect();
+    let mut tag = (t as u64) << 48;
+    let deadline = Instant::now() + RUN_FOR;
+    let blocks = SECTORS / BLOCK;
+    let slot_buf = |slot: usize| {
+        // SAFETY: each slot owns 16 KiB of the thread's mapped region.
+        unsafe { mem.add(slot * 16384) }
+    };
+    loop {
+        let running = Instant::now() < deadline;
+        while running && !free.is_empty() {
+            let slot = free.pop().unwrap();
+            let buf = slot_buf(slot);
+            if rng.below(2) == 0 {
+                // A write of 1..=3 sectors inside one of our blocks.
+                let block = (rng.below(blocks / THREADS as u64)) * THREADS as u64 + t as u64;
+                if !busy_blocks.insert(block) {
+                    free.push(slot);
+                    break;
+                }
+                let first = block * BLOCK + rng.below(BLOCK);
+                let count = 1 + rng.below(block * BLOCK + BLOCK - first);
+                tag += 1;
+                writes_issued += 1;
+                last_write_issue.insert(block, writes_issued);
+                for i in 0..count {
+                    let data = tagged_sector(tag, first + i);
+                    // SAFETY: within the slot's 16 KiB.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(data.as_ptr(), buf.add(i as usize * 512), 512)
+                    };
+                }
+                q.write(
+                    first * 512,
+                    buf,
+                    (count * 512) as usize,
+                    slot,
+                    ReqFlags::empty(),
+                );
+                pending.insert(
+                    slot,
+                    Pending::Write {
+                        block,
+                        sector: first,
+                        count,
+                        tag,
+                    },
+                );
+            } else {
+                // A read anywhere, up to 32 sectors, across everyone's data.
+                let count = 1 + rng.below(32);
+                let sector = rng.below(SECTORS - count);
+                q.read(
+                    sector * 512,
+                    buf,
+                    (count * 512) as usize,
+                    slot,
+                    ReqFlags::empty(),
+                );
+                let busy_then = (sector / BLOCK..=(sector + count) / BLOCK)
+                    .filter(|b| busy_blocks.contains(b))
+                    .collect();
+                pending.insert(
+                    slot,
+                    Pending::Read {
+                        sector,
+                        count,
+                        slot,
+                        issued_then: writes_issued,
+                        busy_then,
+                    },
+                );
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+        let n = q.do_io(&mut comps, 1, None, None).expect("do_io");
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first n entries.
+            let c = unsafe { c.assume_init_ref() };
+            assert_eq!(c.ret, 0, "thread {t}: request failed");
+            match pending.remove(&c.user_data).expect("unknown completion") {
+                Pending::Write {
+                    block,
+                    sector,
+                    count,
+                    tag,
+                } => {
+                    for s in sector..sector + count {
+                        latest.insert(s, tag);
+                    }
+                    busy_blocks.remove(&block);
+                }
+                Pending::Read {
+                    sector,
+                    count,
+                    slot,
+                    issued_then,
+                    busy_then,
+                } => {
+                    let buf = slot_buf(slot);
+                    for i in 0..count {
+                        let s = sector + i;
+                        // Only our own sectors that no write touched while
+                        // the read was in flight are known exactly.
+                        let own = (s / BLOCK) % THREADS as u64 == t as u64;
+                        let raced = busy_blocks.contains(&(s / BLOCK))
+                            || busy_then.contains(&(s / BLOCK))
+                            || last_write_issue
+                                .get(&(s / BLOCK))
+                                .is_some_and(|&w| w > issued_then);
+                        if !own || raced {
+                            continue;
+                        }
+                        let want = match latest.get(&s) {
+                            Some(&tag) => tagged_sector(tag, s),
+                            None => backing_sector(s),
+                        };
+                        // SAFETY: within the slot's 16 KiB.
+                        let got =
+                            unsafe { std::slice::from_raw_parts(buf.add(i as usize * 512), 512) };
+                        assert_eq!(got, &want[..], "thread {t}: sector {s} read back wrong");
+                    }
+                }
+            }
+            free.push(c.user_data);
+        }
+    }
+    latest.into_iter().collect()
+}
+
+fn stress(engine: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    let cow = dir.path().join("disk.cow");
+    let sock = dir.path().join("s.sock");
+    let mut image = Vec::with_capacity((SECTORS * 512) as usize);
+    for s in 0..SECTORS {
+        image.extend_from_slice(&backing_sector(s));
+    }
+    std::fs::write(&base, &image).unwrap();
+    vhost_user_cow::cow_disk::create_cow(&cow, &base, &Default::default()).unwrap();
+
+    let daemon = Daemon::start(&sock, &cow, engine);
+    let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
+    b.set_str("path", sock.to_str().unwrap()).unwrap();
+    b.connect().unwrap();
+    b.set_i32("num-queues", THREADS as i32).unwrap();
+    let out = b.start().unwrap();
+    let region = b.alloc_mem_region(THREADS * DEPTH * 16384).unwrap();
+    b.map_mem_region(&region).unwrap();
+    let handles: Vec<_> = out
+        .queues
+        .into_iter()
+        .enumerate()
+        .map(|(t, q)| {
+            let mem = region.addr + t * DEPTH * 16384;
+            std::thread::spawn(move || client(q, mem as *mut u8, t, 0x5eed + t as u64))
+        })
+        .collect();
+    let mut written = 0;
+    for h in handles {
+        for (s, tag) in h.join().expect("client thread panicked") {
+            image[(s * 512) as usize..(s * 512 + 512) as usize]
+                .copy_from_slice(&tagged_sector(tag, s));
+            written += 1;
+        }
+    }
+    assert!(written > 100, "only {written} sectors written");
+    drop(b);
+    daemon.stop();
+
+    // Our mapping, the tools' view, and the model agree.
+    let disk = Disk::open(
+        &cow,
+        &DiskOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut ours = vec![0u8; image.len()];
+    disk.read_sectors(0, &mut ours).unwrap();
+    drop(disk);
+    assert!(ours == image, "COW disk differs from the model");
+    let check = Command::new(env!("CARGO_BIN_EXE_vhost-user-cow"))
+        .arg("check")
+        .arg(&cow)
+        .status()
+        .unwrap();
+    assert!(check.success(), "check found problems");
+    if let Some(moo) = common::uml_tool("uml_moo") {
+        let merged: PathBuf = dir.path().join("merged.img");
+        let st = Command::new(moo).arg(&cow).arg(&merged).output().unwrap();
+        assert!(st.status.success(), "uml_moo failed: {st:?}");
+        assert!(
+            std::fs::read(&merged).unwrap() == image,
+            "uml_moo's merge differs from the model"
+        );
+    }
+}
+
+#[test]
+fn stress_io_uring() {
+    stress("io_uring");
+}
+
+#[test]
+fn stress_threads() {
+    stress("threads");
+}
