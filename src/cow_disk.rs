@@ -50,8 +50,11 @@ pub struct CowParts {
 #[derive(Debug)]
 pub struct Disk {
     pub path: PathBuf,
-    /// The COW file, or the raw image.
+    /// The COW file, or the raw image, opened with the requested flags.
     pub file: File,
+    /// With O_DIRECT or O_DSYNC, `file` is a second open of the file; this
+    /// first one holds the lock (and served the unaligned header reads).
+    pub lock_holder: Option<File>,
     pub cow: Option<CowParts>,
     /// Device size in bytes: the backing (or raw) size rounded up to 512.
     pub size: u64,
@@ -256,15 +259,32 @@ pub fn check_usable(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The file to do I/O through: `file` itself, or a second open with the
+/// extra flags while `file` keeps holding the lock.
+fn with_flags(
+    file: File,
+    flags: i32,
+    open: impl Fn(i32) -> Result<File>,
+) -> Result<(File, Option<File>)> {
+    if flags == 0 {
+        Ok((file, None))
+    } else {
+        Ok((open(flags)?, Some(file)))
+    }
+}
+
 impl Disk {
     pub fn open(path: &Path, opts: &DiskOptions) -> Result<Disk> {
         check_usable(path)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .custom_flags(opts.custom_flags)
-            .open(path)
-            .map_err(DiskError::io(path, "open"))?;
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .custom_flags(flags)
+                .open(path)
+                .map_err(DiskError::io(path, "open"))
+        };
+        let file = open(0)?;
         if !opts.no_lock {
             let kind = if opts.read_only {
                 LockKind::Read
@@ -281,9 +301,11 @@ impl Disk {
                     path: path.to_owned(),
                 });
             }
+            let (file, lock_holder) = with_flags(file, opts.custom_flags, open)?;
             return Ok(Disk {
                 path: path.to_owned(),
                 file,
+                lock_holder,
                 cow: None,
                 size: len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE,
                 read_only: opts.read_only,
@@ -329,9 +351,11 @@ impl Disk {
         let bitmap = read_bitmap(&file, path, &geometry)?;
         let storable_chunks =
             ((geometry.data_offset - geometry.bitmap_offset) * 8).min(geometry.chunks);
+        let (file, lock_holder) = with_flags(file, opts.custom_flags, open)?;
         Ok(Disk {
             path: path.to_owned(),
             file,
+            lock_holder,
             size: size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE,
             read_only: opts.read_only,
             cow: Some(CowParts {

@@ -69,6 +69,8 @@ pub struct Device {
     /// COW extents mapped, allocated share etc., for the startup line.
     pub description: String,
     sched: Mutex<Scheduler>,
+    /// Holds the COW file's lock when `file` was opened a second time.
+    _lock_holder: Option<File>,
 }
 
 /// The serial a disk gets when none is given: its file name, shortened to
@@ -98,7 +100,11 @@ impl Device {
         let mut limits = Limits::new(sectors);
         limits.read_only = opts.read_only;
         let Disk {
-            path, file, cow, ..
+            path,
+            file,
+            lock_holder,
+            cow,
+            ..
         } = disk;
         let (sched, backing, backing_path, description) = match cow {
             None => (
@@ -167,6 +173,7 @@ impl Device {
             serial,
             description,
             sched: Mutex::new(sched),
+            _lock_holder: lock_holder,
         })
     }
 

@@ -134,7 +134,9 @@ impl Worker {
 
     /// Whether there is something to do without waiting for I/O.
     pub fn has_work(&self, dev: &Device) -> bool {
-        !self.done.is_empty() || dev.sched().has_ops(self.thread)
+        !self.done.is_empty()
+            || (self.engine.in_flight() < self.engine.capacity()
+                && dev.sched().has_ops(self.thread))
     }
 
     pub fn has_inflight(&self) -> bool {

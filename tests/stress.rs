@@ -48,14 +48,14 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(sock: &Path, cow: &Path, engine: &str) -> Daemon {
+    fn start(sock: &Path, cow: &Path, extra: &[&str]) -> Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-cow"))
             .args(["serve", "--socket-path"])
             .arg(sock)
             .arg("--disk")
             .arg(cow)
             .args(["--num-queues", "4", "--threads", "2", "--queue-depth", "4"])
-            .args(["--io-engine", engine])
+            .args(extra)
             .spawn()
             .expect("start daemon");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -249,7 +249,7 @@ fn client(mut q: Blkioq, mem: *mut u8, t: usize, seed: u64) -> Model {
     latest.into_iter().collect()
 }
 
-fn stress(engine: &str) {
+fn stress(daemon_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     let cow = dir.path().join("disk.cow");
@@ -261,7 +261,7 @@ fn stress(engine: &str) {
     std::fs::write(&base, &image).unwrap();
     vhost_user_cow::cow_disk::create_cow(&cow, &base, &Default::default()).unwrap();
 
-    let daemon = Daemon::start(&sock, &cow, engine);
+    let daemon = Daemon::start(&sock, &cow, daemon_args);
     let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
     b.set_str("path", sock.to_str().unwrap()).unwrap();
     b.connect().unwrap();
@@ -322,10 +322,22 @@ fn stress(engine: &str) {
 
 #[test]
 fn stress_io_uring() {
-    stress("io_uring");
+    stress(&["--io-engine", "io_uring"]);
 }
 
 #[test]
 fn stress_threads() {
-    stress("threads");
+    stress(&["--io-engine", "threads"]);
+}
+
+/// O_DIRECT: bitmap writes widened to 512-byte blocks of the aligned
+/// in-memory bitmap.
+#[test]
+fn stress_io_uring_direct() {
+    stress(&["--io-engine", "io_uring", "--direct"]);
+}
+
+#[test]
+fn stress_threads_sync() {
+    stress(&["--io-engine", "threads", "--sync"]);
 }
