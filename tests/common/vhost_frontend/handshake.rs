@@ -106,6 +106,11 @@ impl VhostUserBlk {
     pub fn connect(socket: &Path, opts: FrontendOptions) -> Result<VhostUserBlk, String> {
         let stream = UnixStream::connect(socket)
             .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+        // A backend that never answers a message fails the test, not hangs it.
+        stream
+            .set_read_timeout(Some(opts.timeout.max(Duration::from_secs(10))))
+            .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(30))))
+            .map_err(|e| format!("socket timeouts: {e}"))?;
         let mut fe = Frontend::from_stream(stream, u64::from(opts.num_queues));
         fe.set_owner().map_err(err("SET_OWNER"))?;
         let offered_features = fe.get_features().map_err(err("GET_FEATURES"))?;
