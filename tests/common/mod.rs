@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
+pub mod disk_model;
+pub mod vhost_frontend;
+
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};

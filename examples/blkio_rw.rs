@@ -1,0 +1,181 @@
+//! A second, independent vhost-user-blk client for the end-to-end tests:
+//! libblkio's `virtio-blk-vhost-user` driver.
+//!
+//! Usage: `blkio_rw SOCKET NUM_QUEUES START_SECTOR SECTORS SEED`
+//!
+//! Splits `SECTORS` sectors from `START_SECTOR` over the queues, writes a
+//! pattern (one byte per disk offset, from `SEED`) in 64 KiB requests, all
+//! of a queue's in flight at once, flushes, reads everything back on every
+//! queue and verifies it, then write-zeroes the last 64 sectors and checks
+//! they read as zeroes. Exits 1 on any error or mismatch.
+
+use std::mem::MaybeUninit;
+use std::process::ExitCode;
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+
+const SECTOR: u64 = 512;
+const REQ_BYTES: u64 = 64 << 10;
+
+/// Must match `blkio_pattern` in tests/e2e.rs.
+fn pattern(seed: u64, offset: u64) -> u8 {
+    ((offset ^ (offset >> 9) ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blkio_rw: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, name: &str) -> Result<T, String> {
+    args.get(i)
+        .ok_or(format!(
+            "missing {name}; usage: blkio_rw SOCKET NUM_QUEUES START_SECTOR SECTORS SEED"
+        ))?
+        .parse()
+        .map_err(|_| format!("bad {name}: {:?}", args[i]))
+}
+
+fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |err| format!("{what}: {err}")
+}
+
+/// Waits for `n` completions on `q`; each must have succeeded.
+fn complete(q: &mut Blkioq, n: usize, what: &str) -> Result<(), String> {
+    let mut done = 0;
+    while done < n {
+        let mut c = [const { MaybeUninit::<Completion>::uninit() }; 16];
+        let want = (n - done).min(c.len());
+        let got = q
+            .do_io(&mut c, want, None, None)
+            .map_err(|err| format!("{what}: do_io: {err}"))?;
+        for slot in &c[..got] {
+            // SAFETY: do_io initialized the first `got` completions.
+            let c = unsafe { slot.assume_init_read() };
+            if c.ret != 0 {
+                return Err(format!(
+                    "{what}: request {} failed: {}",
+                    c.user_data,
+                    std::io::Error::from_raw_os_error(-c.ret)
+                ));
+            }
+        }
+        done += got;
+    }
+    Ok(())
+}
+
+fn run() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().collect();
+    let socket: String = arg(&args, 1, "SOCKET")?;
+    let num_queues: usize = arg(&args, 2, "NUM_QUEUES")?;
+    let start: u64 = arg(&args, 3, "START_SECTOR")?;
+    let sectors: u64 = arg(&args, 4, "SECTORS")?;
+    let seed: u64 = arg(&args, 5, "SEED")?;
+    if num_queues == 0 || sectors < 64 || sectors % num_queues as u64 != 0 {
+        return Err("need NUM_QUEUES > 0 and SECTORS >= 64, a multiple of NUM_QUEUES".into());
+    }
+
+    let mut b = Blkio::new("virtio-blk-vhost-user").map_err(e("new"))?;
+    b.set_str("path", &socket).map_err(e("path"))?;
+    b.connect().map_err(e("connect"))?;
+    b.set_i32("num-queues", num_queues as i32)
+        .map_err(e("num-queues"))?;
+    let mut queues = b.start().map_err(e("start"))?.queues;
+    let capacity = b.get_u64("capacity").map_err(e("capacity"))?;
+    if (start + sectors) * SECTOR > capacity {
+        return Err(format!("range past capacity {capacity}"));
+    }
+
+    let len = sectors * SECTOR;
+    let align = b
+        .get_u64("mem-region-alignment")
+        .map_err(e("mem-region-alignment"))?
+        .max(4096);
+    let region_len = (2 * len).div_ceil(align) * align;
+    let region = b
+        .alloc_mem_region(region_len as usize)
+        .map_err(e("alloc_mem_region"))?;
+    b.map_mem_region(&region).map_err(e("map_mem_region"))?;
+    // SAFETY: the region is ours, mapped read-write, region_len bytes long.
+    let buf =
+        unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region_len as usize) };
+    let (wbuf, rbuf) = buf.split_at_mut(len as usize);
+    let base = start * SECTOR;
+    for (i, byte) in wbuf.iter_mut().enumerate() {
+        *byte = pattern(seed, base + i as u64);
+    }
+
+    // Each queue writes its share, all its requests in flight together.
+    let share = len / num_queues as u64;
+    for (qi, q) in queues.iter_mut().enumerate() {
+        let mut n = 0;
+        let mut off = qi as u64 * share;
+        while off < (qi as u64 + 1) * share {
+            let l = REQ_BYTES.min((qi as u64 + 1) * share - off);
+            q.write(
+                base + off,
+                wbuf[off as usize..].as_ptr(),
+                l as usize,
+                n,
+                ReqFlags::empty(),
+            );
+            off += l;
+            n += 1;
+        }
+        complete(q, n, "write")?;
+    }
+    queues[0].flush(0, ReqFlags::empty());
+    complete(&mut queues[0], 1, "flush")?;
+
+    // Every queue reads the whole range back.
+    for (qi, q) in queues.iter_mut().enumerate() {
+        rbuf.fill(0);
+        let mut n = 0;
+        let mut off = 0;
+        while off < len {
+            let l = REQ_BYTES.min(len - off);
+            q.read(
+                base + off,
+                rbuf[off as usize..].as_mut_ptr(),
+                l as usize,
+                n,
+                ReqFlags::empty(),
+            );
+            off += l;
+            n += 1;
+        }
+        complete(q, n, "read")?;
+        if let Some(i) = (0..len as usize).find(|&i| rbuf[i] != wbuf[i]) {
+            return Err(format!(
+                "queue {qi}: byte {} of the range reads {:#04x}, wrote {:#04x}",
+                i, rbuf[i], wbuf[i]
+            ));
+        }
+    }
+
+    // Write zeroes over the last 64 sectors.
+    let zoff = base + len - 64 * SECTOR;
+    let q = &mut queues[num_queues - 1];
+    q.write_zeroes(zoff, 64 * SECTOR, 0, ReqFlags::empty());
+    complete(q, 1, "write zeroes")?;
+    rbuf.fill(0xff);
+    q.read(
+        zoff,
+        rbuf.as_mut_ptr(),
+        (64 * SECTOR) as usize,
+        0,
+        ReqFlags::empty(),
+    );
+    complete(q, 1, "read zeroes")?;
+    if rbuf[..(64 * SECTOR) as usize].iter().any(|&x| x != 0) {
+        return Err("write zeroes: range does not read as zeroes".into());
+    }
+    println!("blkio_rw: {sectors} sectors verified on {num_queues} queues");
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! The backend under test, as a child process: our `vhost-user-cow serve`
+//! or, as a reference, `qemu-storage-daemon` exporting a raw file.
+//!
+//! Which ones run is chosen with `VUC_E2E_PEER`:
+//! - unset or `ours`: tests against our daemon run, the qsd variants skip;
+//! - `qsd`: only the qsd variants run (our daemon's tests skip);
+//! - `all`: both.
+//!
+//! Every peer-generic test is written once as `fn name(peer: Peer)` and
+//! instantiated as `ours::name` and `qsd::name` by [`per_peer!`].
+//!
+//! qemu-storage-daemon has no COW format: for a COW image it serves a raw
+//! copy of the backing file, which is what the guest must see anyway, so
+//! the same test body and the same model apply. COW-only checks (the COW
+//! file, `check`, `uml_moo`) apply to ours only; see [`Stopped::image`].
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::vhost_frontend::{FrontendOptions, VhostUserBlk};
+
+/// Generates `ours::NAME` and `qsd::NAME` tests for each `fn NAME(peer: Peer)`.
+#[macro_export]
+macro_rules! per_peer {
+    ($($name:ident),* $(,)?) => {
+        mod ours {
+            $(
+                #[test]
+                fn $name() {
+                    if $crate::common::daemon::Peer::Ours.selected() {
+                        super::$name($crate::common::daemon::Peer::Ours);
+                    }
+                }
+            )*
+        }
+        mod qsd {
+            $(
+                #[test]
+                fn $name() {
+                    if $crate::common::daemon::Peer::Qsd.selected() {
+                        super::$name($crate::common::daemon::Peer::Qsd);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+pub const QSD: &str = "qemu-storage-daemon";
+/// The serial qemu-storage-daemon's vhost-user-blk export reports (fixed).
+pub const QSD_SERIAL: &[u8] = b"vhost_user_blk";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Ours,
+    Qsd,
+}
+
+impl Peer {
+    /// Whether this peer's variant of a test runs (see the module docs).
+    pub fn selected(self) -> bool {
+        let want = std::env::var("VUC_E2E_PEER").unwrap_or_default();
+        let on = match want.as_str() {
+            "" | "ours" => self == Peer::Ours,
+            "qsd" => self == Peer::Qsd,
+            "all" => true,
+            other => panic!("VUC_E2E_PEER={other}: want ours, qsd or all"),
+        };
+        if !on {
+            eprintln!("SKIP: {self:?} not selected (VUC_E2E_PEER={want:?})");
+        }
+        on
+    }
+
+    pub fn is_ours(self) -> bool {
+        self == Peer::Ours
+    }
+}
+
+/// The disk a daemon serves.
+#[derive(Clone, Debug)]
+pub enum Image {
+    /// A COW file over a backing file (both must exist).
+    Cow { cow: PathBuf, backing: PathBuf },
+    /// A raw image.
+    Raw(PathBuf),
+}
+
+/// Options of `serve` that tests vary.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub num_queues: u16,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    /// Pass `--backing` explicitly for a COW image.
+    pub pass_backing: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            num_queues: 1,
+            read_only: false,
+            serial: None,
+            pass_backing: false,
+        }
+    }
+}
+
+pub struct Daemon {
+    pub peer: Peer,
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+    pub image: Image,
+    /// The file the daemon was given as its disk.
+    served: PathBuf,
+    pub opts: ServeOptions,
+}
+
+/// How long a daemon may take to start listening or to exit.
+pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Daemon {
+    /// Starts `peer` serving `image` on `dir/<name>.sock` and waits until the
+    /// socket accepts connections.
+    pub fn start(peer: Peer, dir: &Path, image: &Image, opts: &ServeOptions) -> Daemon {
+        let n = std::fs::read_dir(dir).unwrap().count();
+        let socket = dir.join(format!("vub-{n}.sock"));
+        let log = dir.join(format!("daemon-{n}.log"));
+        let (mut cmd, served) = match peer {
+            Peer::Ours => ours_command(&socket, image, opts),
+            Peer::Qsd => qsd_command(dir, &socket, image, opts),
+        };
+        let logf = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        let child = {
+            let _g = super::fork_guard();
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawn {peer:?} ({cmd:?}): {e}"))
+        };
+        let mut d = Daemon {
+            peer,
+            child: Some(child),
+            socket,
+            log,
+            image: image.clone(),
+            served,
+            opts: opts.clone(),
+        };
+        d.wait_listening();
+        d
+    }
+
+    fn wait_listening(&mut self) {
+        let start = Instant::now();
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "{:?} exited ({st}) before listening on {}:\n{}",
+                    self.peer,
+                    self.socket.display(),
+                    self.log_text()
+                );
+            }
+            assert!(
+                start.elapsed() < PROCESS_TIMEOUT,
+                "{:?} not listening on {} after {PROCESS_TIMEOUT:?}:\n{}",
+                self.peer,
+                self.socket.display(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The daemon's stdout and stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Connects a frontend with `num_queues` = the daemon's.
+    pub fn connect(&self) -> VhostUserBlk {
+        self.connect_with(FrontendOptions {
+            num_queues: self.opts.num_queues,
+            ..FrontendOptions::default()
+        })
+    }
+
+    pub fn connect_with(&self, opts: FrontendOptions) -> VhostUserBlk {
+        VhostUserBlk::connect(&self.socket, opts).unwrap_or_else(|e| {
+            panic!(
+                "{:?}: vhost-user handshake failed: {e}\n{}",
+                self.peer,
+                self.log_text()
+            )
+        })
+    }
+
+    /// Files whose bytes the daemon may change (the served disk; for ours
+    /// and a COW image, the COW file) and that must not otherwise change:
+    /// the backing file of a COW image.
+    pub fn writable_files(&self) -> Vec<PathBuf> {
+        vec![self.served.clone()]
+    }
+
+    pub fn read_only_files(&self) -> Vec<PathBuf> {
+        match (&self.image, self.peer) {
+            (Image::Cow { backing, .. }, _) => vec![backing.clone()],
+            _ => vec![],
+        }
+    }
+
+    /// What GET_ID should answer.
+    pub fn expected_serial(&self) -> Vec<u8> {
+        match self.peer {
+            Peer::Ours => self.opts.serial.clone().unwrap_or_default().into_bytes(),
+            Peer::Qsd => QSD_SERIAL.to_vec(),
+        }
+    }
+
+    /// Whether the child is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(mut self) -> Stopped {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = wait_timeout(&mut child, PROCESS_TIMEOUT).unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{:?} did not exit within {PROCESS_TIMEOUT:?} of SIGTERM:\n{}",
+                self.peer,
+                self.log_text()
+            )
+        });
+        Stopped {
+            peer: self.peer,
+            status,
+            socket: self.socket.clone(),
+            image: self.image.clone(),
+            served: self.served.clone(),
+            log: self.log_text(),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, t: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if start.elapsed() > t {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ours_command(socket: &Path, image: &Image, o: &ServeOptions) -> (Command, PathBuf) {
+    let mut c = Command::new(super::bin());
+    c.arg("serve").arg("--socket-path").arg(socket);
+    let served = match image {
+        Image::Cow { cow, backing } => {
+            c.arg("--disk").arg(cow);
+            if o.pass_backing {
+                c.arg("--backing").arg(backing);
+            }
+            cow.clone()
+        }
+        Image::Raw(p) => {
+            c.arg("--disk").arg(p).arg("--raw");
+            p.clone()
+        }
+    };
+    if o.read_only {
+        c.arg("--read-only");
+    }
+    c.arg("--num-queues").arg(o.num_queues.to_string());
+    if let Some(s) = &o.serial {
+        c.arg("--serial").arg(s);
+    }
+    (c, served)
+}
+
+fn qsd_command(dir: &Path, socket: &Path, image: &Image, o: &ServeOptions) -> (Command, PathBuf) {
+    let served = match image {
+        Image::Cow { backing, .. } => {
+            // The raw equivalent of a fresh COW: a copy of the backing file.
+            let copy = dir.join("qsd-image.raw");
+            if !copy.exists() {
+                std::fs::copy(backing, &copy).unwrap();
+            }
+            copy
+        }
+        Image::Raw(p) => p.clone(),
+    };
+    let mut c = Command::new(QSD);
+    c.arg("--blockdev").arg(format!(
+        "driver=file,node-name=file0,filename={},aio=io_uring",
+        served.display()
+    ));
+    c.arg("--blockdev")
+        .arg("driver=raw,node-name=disk0,file=file0");
+    c.arg("--export").arg(format!(
+        "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable={},num-queues={}",
+        socket.display(),
+        if o.read_only { "off" } else { "on" },
+        o.num_queues
+    ));
+    (c, served)
+}
+
+/// A daemon after SIGTERM.
+pub struct Stopped {
+    pub peer: Peer,
+    pub status: ExitStatus,
+    pub socket: PathBuf,
+    pub image: Image,
+    served: PathBuf,
+    pub log: String,
+}
+
+impl Stopped {
+    /// The disk as a guest would see it now: for ours and a COW image,
+    /// `uml_moo COW OUT` (the reference merge); otherwise the served file.
+    /// None when uml_moo is missing (and CI is not set).
+    pub fn image(&self, scratch: &Path) -> Option<Vec<u8>> {
+        match (&self.image, self.peer) {
+            (Image::Cow { cow, .. }, Peer::Ours) => {
+                let moo = super::uml_tool("uml_moo")?;
+                let out = scratch.join("merged-by-uml_moo.img");
+                let _ = std::fs::remove_file(&out);
+                let o = super::output(Command::new(moo).arg(cow).arg(&out));
+                assert!(
+                    o.status.success(),
+                    "uml_moo failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                Some(std::fs::read(&out).unwrap())
+            }
+            _ => Some(std::fs::read(&self.served).unwrap()),
+        }
+    }
+}

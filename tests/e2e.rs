@@ -1,0 +1,567 @@
+//! End-to-end tests over the real vhost-user socket: our daemon (or, with
+//! `VUC_E2E_PEER=qsd|all`, qemu-storage-daemon as the reference; see
+//! `common/daemon.rs`) driven by the test frontend in
+//! `common/vhost_frontend`, and by libblkio in a separate process
+//! (`examples/blkio_rw.rs`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::daemon::{Daemon, Image, Peer, ServeOptions, Stopped};
+use common::disk_model::{make_cow, make_raw, Model, SECTOR};
+use common::vhost_frontend::*;
+use common::Rng;
+use vhost::vhost_user::VhostUserProtocolFeatures;
+
+/// 4 MiB disks: big enough for multi-segment requests all over the bitmap.
+const SECTORS: u64 = 8192;
+
+crate::per_peer!(
+    cow_round_trip_1_queue,
+    cow_round_trip_4_queues,
+    raw_round_trip_2_queues,
+    event_idx_and_add_mem_region,
+    config_space_and_features,
+    flush_completes,
+    discard,
+    write_zeroes_reads_zeros_over_backing,
+    get_id_returns_serial,
+    read_only_refuses_writes,
+    second_connection_sees_first_ones_data,
+    sigterm_exits_cleanly,
+    blkio_client_in_another_process,
+);
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("vuc-e2e-")
+        .tempdir()
+        .unwrap()
+}
+
+fn snapshot(files: &[PathBuf]) -> Vec<Vec<u8>> {
+    files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+}
+
+/// Reads the whole disk in 256 KiB requests and compares with the model.
+fn check_whole_disk(dev: &mut VhostUserBlk, model: &Model, what: &str) {
+    let chunk = 512u64;
+    let mut s = 0;
+    while s < model.sectors() {
+        let n = chunk.min(model.sectors() - s);
+        let data = dev
+            .read(0, s, (n as usize) * SECTOR)
+            .ok(&format!("{what}: read"));
+        model.check(s, &data, what);
+        s += n;
+    }
+}
+
+/// Stops the rings and checks GET_VRING_BASE reports every request as
+/// processed.
+fn disconnect(dev: VhostUserBlk) {
+    let want = dev.avail_indices();
+    let got = dev.disconnect().expect("GET_VRING_BASE");
+    assert_eq!(got, want, "GET_VRING_BASE after all requests completed");
+}
+
+/// SIGTERM; then exit 0, socket gone, `check` clean (ours, COW) and the
+/// image as `uml_moo` merges it (ours, COW) or the served file equal to
+/// the model. Files that must not change are compared with `ro_before`.
+fn finish(d: Daemon, model: &Model, dir: &Path, ro_before: &[Vec<u8>]) -> Stopped {
+    let ro = d.read_only_files();
+    let st = d.terminate();
+    assert!(
+        st.status.success(),
+        "{:?} exit status {} after SIGTERM:\n{}",
+        st.peer,
+        st.status,
+        st.log
+    );
+    assert!(
+        !st.socket.exists(),
+        "{:?} left its socket {} behind",
+        st.peer,
+        st.socket.display()
+    );
+    assert!(snapshot(&ro) == ro_before, "the backing file changed");
+    if let (Peer::Ours, Image::Cow { cow, .. }) = (st.peer, &st.image) {
+        let o = common::output(Command::new(common::bin()).arg("check").arg(cow));
+        assert!(
+            o.status.success(),
+            "vhost-user-cow check: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    if let Some(img) = st.image(dir) {
+        assert_eq!(img.len(), model.data.len(), "image size");
+        model.check(0, &img, "final image (uml_moo for a COW)");
+    }
+    st
+}
+
+/// Batches of disjoint writes, all in flight at once and spread over the
+/// queues, then overlapping reads across written and unwritten (backing)
+/// sectors, compared with the model; then the edges of the disk.
+fn exercise(dev: &mut VhostUserBlk, model: &mut Model, rng: &mut Rng) {
+    let queues = dev.num_queues();
+    let sectors = model.sectors();
+    for round in 0..6 {
+        let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+        while batch.len() < 12 {
+            let n = 1 + rng.below(48);
+            let s = rng.below(sectors - n);
+            if batch
+                .iter()
+                .any(|(b, d)| *b < s + n && s < b + (d.len() / SECTOR) as u64)
+            {
+                continue;
+            }
+            batch.push((s, rng.bytes(n as usize * SECTOR)));
+        }
+        let pending: Vec<Pending> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, (s, data))| dev.submit_write(i % queues, *s, data))
+            .collect();
+        for (p, (s, data)) in pending.into_iter().zip(batch) {
+            let c = dev.complete(p, &format!("round {round}: write at {s}"));
+            assert_eq!(c.status, Some(S_OK), "round {round}: write at {s}");
+            assert_eq!(c.used_len, 1, "write used length = the status byte");
+            model.write(s, &data);
+        }
+        let reads: Vec<(u64, usize)> = (0..12)
+            .map(|_| {
+                let n = 1 + rng.below(160);
+                (rng.below(sectors - n), n as usize * SECTOR)
+            })
+            .collect();
+        let pending: Vec<Pending> = reads
+            .iter()
+            .enumerate()
+            .map(|(i, &(s, len))| dev.submit_read(i % queues, s, len))
+            .collect();
+        for (p, (s, len)) in pending.into_iter().zip(reads) {
+            let c = dev.complete(p, &format!("round {round}: read at {s}"));
+            assert_eq!(c.status, Some(S_OK), "round {round}: read at {s}");
+            assert_eq!(
+                c.used_len as usize,
+                len + 1,
+                "read used length = data + status"
+            );
+            model.check(s, &c.data, &format!("round {round}: read at {s}"));
+        }
+    }
+    // The first and last sectors, alone and in a request ending at capacity.
+    for (s, n) in [(0u64, 1u64), (sectors - 1, 1), (sectors - 9, 9)] {
+        let data = rng.bytes(n as usize * SECTOR);
+        dev.write(queues - 1, s, &data).ok("edge write");
+        model.write(s, &data);
+        let got = dev.read(0, s, n as usize * SECTOR).ok("edge read");
+        model.check(s, &got, "edge read");
+    }
+}
+
+fn round_trip(peer: Peer, queues: u16, raw: bool, fopts: FrontendOptions) {
+    let dir = tempdir();
+    let seed = 0x5eed_0000 + u64::from(queues);
+    let (image, mut model) = if raw {
+        make_raw(dir.path(), SECTORS, seed)
+    } else {
+        make_cow(dir.path(), SECTORS, seed)
+    };
+    let opts = ServeOptions {
+        num_queues: queues,
+        ..ServeOptions::default()
+    };
+    let d = Daemon::start(peer, dir.path(), &image, &opts);
+    let ro_before = snapshot(&d.read_only_files());
+    let mut dev = d.connect_with(FrontendOptions {
+        num_queues: queues,
+        ..fopts
+    });
+    assert_eq!(dev.config.capacity, SECTORS, "capacity");
+    check_whole_disk(&mut dev, &model, "before any write");
+    let mut rng = Rng::new(seed);
+    exercise(&mut dev, &mut model, &mut rng);
+    assert_eq!(dev.flush(0).ok("flush").len(), 0);
+    check_whole_disk(&mut dev, &model, "after the writes");
+    disconnect(dev);
+    finish(d, &model, dir.path(), &ro_before);
+}
+
+fn cow_round_trip_1_queue(peer: Peer) {
+    round_trip(peer, 1, false, FrontendOptions::default());
+}
+
+fn cow_round_trip_4_queues(peer: Peer) {
+    round_trip(peer, 4, false, FrontendOptions::default());
+}
+
+fn raw_round_trip_2_queues(peer: Peer) {
+    round_trip(peer, 2, true, FrontendOptions::default());
+}
+
+/// The notification-suppression and memory-slot paths Linux and libblkio
+/// use: EVENT_IDX, and memory given with ADD_MEM_REGION.
+fn event_idx_and_add_mem_region(peer: Peer) {
+    round_trip(
+        peer,
+        2,
+        false,
+        FrontendOptions {
+            event_idx: true,
+            add_mem_region: true,
+            queue_size: 128,
+            ..FrontendOptions::default()
+        },
+    );
+}
+
+fn config_space_and_features(peer: Peer) {
+    let dir = tempdir();
+    let (image, _) = make_cow(dir.path(), SECTORS, 1);
+    for (queues, read_only) in [(3u16, false), (1, true)] {
+        let opts = ServeOptions {
+            num_queues: queues,
+            read_only,
+            ..ServeOptions::default()
+        };
+        let d = Daemon::start(peer, dir.path(), &image, &opts);
+        let dev = d.connect();
+        let c = &dev.config;
+        assert_eq!(c.capacity, SECTORS);
+        for (bit, name) in [
+            (feature::VERSION_1, "VERSION_1"),
+            (feature::BLK_FLUSH, "FLUSH"),
+            (feature::BLK_SEG_MAX, "SEG_MAX"),
+            (feature::BLK_DISCARD, "DISCARD"),
+            (feature::BLK_WRITE_ZEROES, "WRITE_ZEROES"),
+            (feature::BLK_MQ, "MQ"),
+        ] {
+            assert!(dev.has_feature(bit), "{name} not offered");
+        }
+        assert_eq!(dev.has_feature(feature::BLK_RO), read_only, "RO feature");
+        assert_eq!(c.num_queues, queues, "config num_queues");
+        assert!(
+            dev.max_queues.unwrap() >= u64::from(queues),
+            "GET_QUEUE_NUM"
+        );
+        assert!(c.seg_max >= 1, "seg_max {}", c.seg_max);
+        if dev.has_feature(feature::BLK_BLK_SIZE) {
+            assert_eq!(c.blk_size, 512, "blk_size");
+        }
+        assert!(c.max_discard_sectors > 0 && c.max_discard_seg > 0);
+        assert!(c.max_write_zeroes_sectors > 0 && c.max_write_zeroes_seg > 0);
+        // What real frontends need (DESIGN.md §5): QEMU wants CONFIG,
+        // libblkio refuses to connect without MQ, REPLY_ACK and
+        // CONFIGURE_MEM_SLOTS.
+        let need = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        assert!(
+            dev.offered_protocol.contains(need),
+            "protocol features {:?}",
+            dev.offered_protocol
+        );
+        if peer.is_ours() {
+            assert!(
+                !dev.offered_protocol
+                    .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+                "INFLIGHT_SHMFD offered but not implemented"
+            );
+        }
+        disconnect(dev);
+        let st = d.terminate();
+        assert!(st.status.success(), "{}", st.log);
+    }
+}
+
+fn flush_completes(peer: Peer) {
+    let dir = tempdir();
+    let (image, mut model) = make_cow(dir.path(), SECTORS, 2);
+    let d = Daemon::start(peer, dir.path(), &image, &ServeOptions::default());
+    let ro_before = snapshot(&d.read_only_files());
+    let mut dev = d.connect();
+    let c = dev.flush(0);
+    assert_eq!(
+        (c.status, c.used_len),
+        (Some(S_OK), 1),
+        "flush on a clean disk"
+    );
+    let data = vec![0x42u8; 8 * SECTOR];
+    dev.write(0, 100, &data).ok("write");
+    model.write(100, &data);
+    let c = dev.flush(0);
+    assert_eq!(
+        (c.status, c.used_len),
+        (Some(S_OK), 1),
+        "flush after a write"
+    );
+    disconnect(dev);
+    finish(d, &model, dir.path(), &ro_before);
+}
+
+fn discard(peer: Peer) {
+    let dir = tempdir();
+    let (image, mut model) = make_cow(dir.path(), SECTORS, 3);
+    let d = Daemon::start(peer, dir.path(), &image, &ServeOptions::default());
+    let ro_before = snapshot(&d.read_only_files());
+    let mut dev = d.connect();
+    let written = vec![0x77u8; 64 * SECTOR];
+    dev.write(0, 4000, &written).ok("write");
+    model.write(4000, &written);
+    // Two segments: one over COW-written sectors and backing, one over
+    // backing only.
+    let ranges = [(4032, 64, 0), (6000, 16, 0)];
+    // Several segments per request where the device takes them (qsd: 1).
+    for group in ranges.chunks(dev.config.max_discard_seg as usize) {
+        let c = dev.discard(0, group);
+        assert_eq!((c.status, c.used_len), (Some(S_OK), 1), "discard {group:?}");
+    }
+    model.discard(4032, 64);
+    model.discard(6000, 16);
+    // Whatever a discarded sector reads as, writing it again works.
+    let again = vec![0x99u8; 8 * SECTOR];
+    dev.write(0, 4040, &again).ok("write over discarded");
+    model.write(4040, &again);
+    check_whole_disk(&mut dev, &model, "after discard");
+    disconnect(dev);
+    finish(d, &model, dir.path(), &ro_before);
+}
+
+fn write_zeroes_reads_zeros_over_backing(peer: Peer) {
+    let dir = tempdir();
+    let (image, mut model) = make_cow(dir.path(), SECTORS, 4);
+    let d = Daemon::start(peer, dir.path(), &image, &ServeOptions::default());
+    let ro_before = snapshot(&d.read_only_files());
+    let mut dev = d.connect();
+    assert!(model.data[5000 * SECTOR..5001 * SECTOR]
+        .iter()
+        .any(|&b| b != 0));
+    let written = vec![0x31u8; 32 * SECTOR];
+    dev.write(0, 5100, &written).ok("write");
+    model.write(5100, &written);
+    for (ranges, unmap) in [
+        (vec![(5000u64, 40u32)], false),
+        (vec![(5090, 20), (6000, 3)], true),
+        (vec![(SECTORS - 2, 2)], false),
+    ] {
+        for group in ranges.chunks(dev.config.max_write_zeroes_seg as usize) {
+            let c = dev.write_zeroes(0, group, unmap);
+            assert_eq!(
+                (c.status, c.used_len),
+                (Some(S_OK), 1),
+                "write zeroes {group:?} unmap={unmap}"
+            );
+        }
+        for &(s, n) in &ranges {
+            model.zero(s, n);
+            let got = dev.read(0, s, n as usize * SECTOR).ok("read");
+            assert!(
+                got.iter().all(|&b| b == 0),
+                "{ranges:?}: not zero after write zeroes"
+            );
+        }
+    }
+    check_whole_disk(&mut dev, &model, "after write zeroes");
+    disconnect(dev);
+    finish(d, &model, dir.path(), &ro_before);
+}
+
+fn get_id_returns_serial(peer: Peer) {
+    let dir = tempdir();
+    let (image, _) = make_cow(dir.path(), SECTORS, 5);
+    let opts = ServeOptions {
+        serial: Some("vuc-e2e-serial-7".into()),
+        ..ServeOptions::default()
+    };
+    let d = Daemon::start(peer, dir.path(), &image, &opts);
+    let serial = d.expected_serial();
+    let mut dev = d.connect();
+    let c = dev.get_id(0, ID_BYTES);
+    assert_eq!(c.status, Some(S_OK), "GET_ID");
+    let end = c.data.iter().position(|&b| b == 0).unwrap_or(c.data.len());
+    assert_eq!(
+        String::from_utf8_lossy(&c.data[..end]),
+        String::from_utf8_lossy(&serial),
+        "serial"
+    );
+    assert!(c.data[end..].iter().all(|&b| b == 0), "bytes after the NUL");
+    // Ours reports the whole 20-byte buffer plus the status as written.
+    if peer.is_ours() {
+        assert_eq!(c.used_len, ID_BYTES + 1, "GET_ID used length");
+    }
+    // A 1-byte buffer gets the first byte of the serial.
+    let c = dev.get_id(0, 1);
+    assert_eq!(c.status, Some(S_OK), "GET_ID into 1 byte");
+    assert_eq!(c.data, serial[..1].to_vec());
+    assert_eq!(c.used_len, 2, "GET_ID into 1 byte: used length");
+    disconnect(dev);
+}
+
+fn read_only_refuses_writes(peer: Peer) {
+    let dir = tempdir();
+    let (image, model) = make_cow(dir.path(), SECTORS, 6);
+    let opts = ServeOptions {
+        read_only: true,
+        ..ServeOptions::default()
+    };
+    let d = Daemon::start(peer, dir.path(), &image, &opts);
+    let files: Vec<PathBuf> = [d.writable_files(), d.read_only_files()].concat();
+    let before = snapshot(&files);
+    let mut dev = d.connect();
+    assert!(dev.has_feature(feature::BLK_RO), "RO not offered");
+    // virtio 1.2 §5.2.6.2: IOERR for a write to a VIRTIO_BLK_F_RO device,
+    // and no data written. Discard and write zeroes write too.
+    let c = dev.write(0, 10, &[0xab; 4 * SECTOR]);
+    assert_eq!((c.status, c.used_len), (Some(S_IOERR), 1), "write");
+    let c = dev.write_zeroes(0, &[(3000, 8)], false);
+    assert_eq!(c.status, Some(S_IOERR), "write zeroes");
+    let c = dev.discard(0, &[(3000, 8, 0)]);
+    assert_eq!(c.status, Some(S_IOERR), "discard");
+    check_whole_disk(&mut dev, &model, "read-only disk");
+    disconnect(dev);
+    let st = d.terminate();
+    assert!(st.status.success(), "{}", st.log);
+    assert!(
+        snapshot(&files) == before,
+        "a read-only disk's files changed"
+    );
+}
+
+fn second_connection_sees_first_ones_data(peer: Peer) {
+    let dir = tempdir();
+    let (image, mut model) = make_cow(dir.path(), SECTORS, 7);
+    let opts = ServeOptions {
+        num_queues: 2,
+        ..ServeOptions::default()
+    };
+    let d = Daemon::start(peer, dir.path(), &image, &opts);
+    let ro_before = snapshot(&d.read_only_files());
+    let mut rng = Rng::new(77);
+    let mut dev = d.connect();
+    let data = rng.bytes(40 * SECTOR);
+    dev.write(1, 2048, &data).ok("first connection: write");
+    model.write(2048, &data);
+    disconnect(dev);
+    // A frontend that just goes away without stopping the rings.
+    let mut dev = d.connect();
+    let data = rng.bytes(8 * SECTOR);
+    dev.write(0, 7000, &data).ok("second connection: write");
+    model.write(7000, &data);
+    drop(dev);
+    // The third sees both, on fewer queues than offered.
+    let mut dev = d.connect_with(FrontendOptions::default());
+    check_whole_disk(&mut dev, &model, "third connection");
+    disconnect(dev);
+    finish(d, &model, dir.path(), &ro_before);
+}
+
+fn sigterm_exits_cleanly(peer: Peer) {
+    let dir = tempdir();
+    let (image, mut model) = make_cow(dir.path(), SECTORS, 8);
+    let d = Daemon::start(peer, dir.path(), &image, &ServeOptions::default());
+    let ro_before = snapshot(&d.read_only_files());
+    let mut dev = d.connect();
+    let data = vec![0x5au8; 16 * SECTOR];
+    dev.write(0, 1234, &data).ok("write");
+    model.write(1234, &data);
+    // SIGTERM while a frontend is still connected.
+    let st = finish(d, &model, dir.path(), &ro_before);
+    drop(dev);
+    drop(st);
+}
+
+/// The pattern examples/blkio_rw writes: a byte per disk offset.
+fn blkio_pattern(seed: u64, offset: u64) -> u8 {
+    ((offset ^ (offset >> 9) ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
+}
+
+/// The libblkio client, `examples/blkio_rw`, next to our binary.
+/// `cargo nextest run` builds examples with the tests; `cargo test` and a
+/// run limited to one test target (`--test e2e`) do not, so when it is
+/// missing it is built here with the same cargo, profile and target dir.
+fn blkio_example() -> PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let profile_dir = Path::new(env!("CARGO_BIN_EXE_vhost-user-cow"))
+        .parent()
+        .unwrap();
+    let p = profile_dir.join("examples/blkio_rw");
+    if p.exists() {
+        return p;
+    }
+    let target_dir = profile_dir.parent().unwrap();
+    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
+        "debug" => "dev",
+        other => other,
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let o = common::output(
+        Command::new(cargo)
+            .args([
+                "build",
+                "--offline",
+                "--example",
+                "blkio_rw",
+                "--profile",
+                profile,
+            ])
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", target_dir),
+    );
+    assert!(
+        o.status.success() && p.exists(),
+        "building examples/blkio_rw failed (or it went elsewhere than {}): {}",
+        p.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    p
+}
+
+/// libblkio's virtio-blk-vhost-user driver, an independent frontend, in
+/// its own process: it writes, flushes, reads back and verifies on every
+/// queue; then our frontend sees its data.
+fn blkio_client_in_another_process(peer: Peer) {
+    let dir = tempdir();
+    let (image, mut model) = make_cow(dir.path(), SECTORS, 9);
+    let opts = ServeOptions {
+        num_queues: 2,
+        ..ServeOptions::default()
+    };
+    let d = Daemon::start(peer, dir.path(), &image, &opts);
+    let ro_before = snapshot(&d.read_only_files());
+    let (seed, start, sectors) = (0xb10c_u64, 1000u64, 2048u64);
+    let o = common::output(
+        Command::new(blkio_example())
+            .arg(d.socket())
+            .arg("2")
+            .arg(start.to_string())
+            .arg(sectors.to_string())
+            .arg(seed.to_string()),
+    );
+    assert!(
+        o.status.success(),
+        "blkio_rw failed ({}):\n{}{}\ndaemon:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        d.log_text()
+    );
+    let data: Vec<u8> = (start * 512..(start + sectors) * 512)
+        .map(|off| blkio_pattern(seed, off))
+        .collect();
+    model.write(start, &data);
+    // blkio_rw zeroes its last 64 sectors with write-zeroes.
+    model.zero(start + sectors - 64, 64);
+    let mut dev = d.connect();
+    check_whole_disk(&mut dev, &model, "after libblkio");
+    disconnect(dev);
+    finish(d, &model, dir.path(), &ro_before);
+}
