@@ -34,6 +34,9 @@ pub struct BackendOptions {
 
 struct ThreadState {
     worker: Mutex<Worker>,
+    /// The thread's vrings, as last seen in `handle_event`: `stop_vring`
+    /// needs them to put finished requests on the used ring.
+    vrings: Mutex<Vec<Vring>>,
     /// Wakes the thread when another thread finished its requests.
     wake: (EventConsumer, EventNotifier),
     /// Given to the vring epoll handler; kept to stop the thread.
@@ -73,6 +76,7 @@ impl CowBackend {
                     .map_err(EngineError::EventFd)?;
             threads.push(ThreadState {
                 worker: Mutex::new(Worker::new(t, engine)),
+                vrings: Mutex::new(Vec::new()),
                 wake,
                 exit: exit_n,
                 exit_consumer: Mutex::new(Some(exit_c)),
@@ -315,9 +319,17 @@ impl VhostUserBackend for CowBackend {
             if !w.has_inflight_on(local) {
                 return Ok(());
             }
+            let vrings = self.0.threads[thread]
+                .vrings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             let kicks = w.pump(&self.0.dev);
-            w.wait_engine();
-            w.reap(&self.0.dev);
+            w.complete(&self.0.dev, &vrings, self.writethrough());
+            if w.has_inflight_on(local) {
+                w.wait_engine();
+                w.reap(&self.0.dev);
+            }
             drop(w);
             self.wake(kicks);
             if Instant::now() > deadline {
@@ -341,6 +353,15 @@ impl VhostUserBackend for CowBackend {
         let Some(mem) = self.0.mem.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
         };
+        {
+            let mut known = self.0.threads[thread_id]
+                .vrings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if known.len() != vrings.len() {
+                *known = vrings.to_vec();
+            }
+        }
         let ev = u64::from(device_event);
         if ev == self.wake_event() {
             let _ = self.0.threads[thread_id].wake.0.consume();

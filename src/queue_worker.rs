@@ -169,6 +169,7 @@ impl Worker {
     ) {
         let vring = &vrings[local];
         self.throttled = false;
+        let mut refused = false;
         loop {
             let mut state = vring.get_mut();
             if event_idx {
@@ -187,11 +188,16 @@ impl Worker {
                         if let Some((addr, status)) = failure.status() {
                             write_status(&*guard, addr, status);
                         }
-                        let _ = state.add_used(head, failure.used_len());
+                        if state.add_used(head, failure.used_len()).is_ok() {
+                            refused = true;
+                        }
                     }
                 }
             }
             drop(state);
+            if std::mem::take(&mut refused) && vring.needs_notification().unwrap_or(true) {
+                let _ = vring.signal_used_queue();
+            }
             if self.inflight.len() >= self.max_inflight {
                 self.throttled = true;
             }
