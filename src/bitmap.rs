@@ -5,13 +5,12 @@
 //! The storage is page-aligned and padded to whole pages so that bitmap
 //! writes can be issued straight from it, even with O_DIRECT.
 
-use std::alloc::{self, Layout};
-use std::ptr::NonNull;
+use crate::aligned::{AlignedBuf, PAGE};
 
 #[cfg(target_endian = "big")]
 compile_error!("the bitmap is scanned as little-endian 64-bit words");
 
-pub const BITMAP_ALIGN: usize = 4096;
+pub const BITMAP_ALIGN: usize = PAGE;
 
 /// A run of consecutive 512-byte sectors that all live in the same place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,32 +21,13 @@ pub struct Extent {
     pub in_cow: bool,
 }
 
+#[derive(Clone)]
 pub struct Bitmap {
-    ptr: NonNull<u8>,
-    /// Bytes allocated (a multiple of BITMAP_ALIGN, at least one page).
-    alloc_len: usize,
+    /// The bits, zero-padded to whole pages.
+    buf: AlignedBuf,
     chunks: u64,
     /// log2(sectors per chunk).
     chunk_shift: u32,
-}
-
-// SAFETY: Bitmap owns its allocation exclusively, like a Vec<u8>.
-unsafe impl Send for Bitmap {}
-unsafe impl Sync for Bitmap {}
-
-impl Drop for Bitmap {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with exactly this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout()) }
-    }
-}
-
-impl Clone for Bitmap {
-    fn clone(&self) -> Bitmap {
-        let mut b = Bitmap::new(self.chunks, self.sectors_per_chunk() * 512);
-        b.as_bytes_mut().copy_from_slice(self.as_bytes());
-        b
-    }
 }
 
 impl std::fmt::Debug for Bitmap {
@@ -65,21 +45,11 @@ impl Bitmap {
     pub fn new(chunks: u64, chunk_size: u64) -> Bitmap {
         assert!(chunk_size.is_power_of_two() && chunk_size >= 512);
         let bytes = usize::try_from(chunks.div_ceil(8)).expect("bitmap fits in memory");
-        let alloc_len = bytes.div_ceil(BITMAP_ALIGN).max(1) * BITMAP_ALIGN;
-        let layout = Layout::from_size_align(alloc_len, BITMAP_ALIGN).expect("bitmap layout");
-        // SAFETY: layout has non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
         Bitmap {
-            ptr,
-            alloc_len,
+            buf: AlignedBuf::zeroed(bytes),
             chunks,
             chunk_shift: (chunk_size / 512).trailing_zeros(),
         }
-    }
-
-    fn layout(&self) -> Layout {
-        Layout::from_size_align(self.alloc_len, BITMAP_ALIGN).unwrap()
     }
 
     pub fn chunks(&self) -> u64 {
@@ -102,25 +72,23 @@ impl Bitmap {
 
     /// The whole allocation (bit bytes plus zero padding to a page).
     pub fn alloc_len(&self) -> usize {
-        self.alloc_len
+        self.buf.len()
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        // SAFETY: the allocation is alloc_len initialised bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.alloc_len) }
+        self.buf.as_slice()
     }
 
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.alloc_len) }
+        self.buf.as_mut_slice()
     }
 
     /// Pointer to bitmap byte `offset`, for a write issued straight from
     /// memory. The caller keeps those bytes unchanged until it completes.
     pub fn byte_ptr(&self, offset: usize) -> *const u8 {
-        assert!(offset <= self.alloc_len);
+        assert!(offset <= self.buf.len());
         // SAFETY: in bounds (checked above).
-        unsafe { self.ptr.as_ptr().add(offset) }
+        unsafe { self.buf.as_ptr().add(offset) }
     }
 
     fn word(&self, i: u64) -> u64 {

@@ -79,6 +79,12 @@ pub enum OpKind {
     BitmapWrite { offset: u64, start: u64, len: u64 },
     /// fdatasync of the COW (or raw) file.
     Sync,
+    /// Copy-up, first half: read `len` backing bytes at `offset` into
+    /// bounce buffer `bounce` (allocated by the caller on issue).
+    CopyRead { offset: u64, len: u64, bounce: u64 },
+    /// Copy-up, second half: write bounce buffer `bounce` to the COW file
+    /// at `offset`; the buffer is free once this completes.
+    CopyWrite { offset: u64, len: u64, bounce: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +130,8 @@ pub struct Stats {
     pub bitmap_writes_merged: u64,
     pub bitmap_writes_parked: u64,
     pub reads_deferred: u64,
+    pub copy_ups: u64,
+    pub writes_queued_on_copy_up: u64,
     pub errors: u64,
 }
 
@@ -131,6 +139,8 @@ pub struct Stats {
 enum Phase {
     /// Data operations in flight (`ops_left` of them).
     Data,
+    /// A write queued on the copy-up of this many chunks (rule 9).
+    Queued(u32),
     /// Data done; waiting for an overlapping bitmap write to finish.
     Waiting,
     /// Part of an issued bitmap write.
@@ -151,6 +161,25 @@ struct ReqState {
     failed: bool,
     /// Sequence number while the request is in its bitmap phase.
     seq: u64,
+    /// Chunks whose copy-up this write does.
+    copies: Vec<u64>,
+    /// Chunks whose copy-up record counts this read.
+    counted_on: Vec<u64>,
+}
+
+/// A chunk being copied up (rule 9), like a device-mapper snapshot's
+/// pending exception: it lives while its owner is unfinished or any read
+/// of the chunk's backing data or any queued write refers to it.
+#[derive(Debug, Clone)]
+struct ChunkRecord {
+    owner: ReqId,
+    /// The owner's copy-up and data are in the COW file: the chunk's COW
+    /// data is whole, later writes need no copy-up.
+    copied: bool,
+    /// Reads of the chunk's backing data in flight.
+    reads: u32,
+    /// Writes waiting for the copy-up, in arrival order.
+    queued: Vec<ReqId>,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +193,13 @@ struct BitmapWrite {
 #[derive(Debug, Clone)]
 enum OpOwner {
     Data(ReqId),
+    /// First half of a copy-up: its completion issues the write.
+    CopyRead {
+        req: ReqId,
+        cow_offset: u64,
+        len: u64,
+        bounce: u64,
+    },
     Bitmap,
     Sync(ReqId),
 }
@@ -194,6 +230,9 @@ pub struct Scheduler {
     waiting: VecDeque<(ReqId, Range<u64>)>,
     deferred: Vec<ReqId>,
     barriers: Vec<ReqId>,
+    /// Copy-up records by chunk.
+    records: HashMap<u64, ChunkRecord>,
+    next_bounce: u64,
     ready: Vec<VecDeque<Op>>,
     parked: Vec<VecDeque<Op>>,
     done: Vec<VecDeque<Done>>,
@@ -240,6 +279,8 @@ impl Scheduler {
             waiting: VecDeque::new(),
             deferred: Vec::new(),
             barriers: Vec::new(),
+            records: HashMap::new(),
+            next_bounce: 1,
             ready: (0..queues).map(|_| VecDeque::new()).collect(),
             parked: (0..queues).map(|_| VecDeque::new()).collect(),
             done: (0..queues).map(|_| VecDeque::new()).collect(),
@@ -266,6 +307,11 @@ impl Scheduler {
     /// Why writes are refused, after a bitmap write failed.
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
+    }
+
+    /// Copy-up records alive (for tests: none may leak).
+    pub fn copy_up_records(&self) -> usize {
+        self.records.len()
     }
 
     /// Requests accepted and not yet finished.
@@ -329,6 +375,56 @@ impl Scheduler {
         }
         self.done[st.req.queue].push_back(Done { id, status });
         self.kicks[st.req.queue] = true;
+        for c in st.counted_on {
+            if let Some(r) = self.records.get_mut(&c) {
+                r.reads -= 1;
+            }
+            self.settle_record(c);
+        }
+        for c in st.copies {
+            if let Some(r) = self.records.get_mut(&c) {
+                if r.owner == id && !r.copied {
+                    // The copy-up failed: forget it; queued writes start over.
+                    let r = self.records.remove(&c).unwrap();
+                    self.release_queued(r.queued);
+                    continue;
+                }
+            }
+            self.settle_record(c);
+        }
+    }
+
+    /// Releases writes queued on a copy-up once it is complete and no read
+    /// of the old data is in flight; frees the record once nothing refers
+    /// to it (its owner finished, no reads, no queued writes).
+    fn settle_record(&mut self, chunk: u64) {
+        let Some(r) = self.records.get_mut(&chunk) else {
+            return;
+        };
+        if r.copied && r.reads == 0 && !r.queued.is_empty() {
+            let queued = std::mem::take(&mut r.queued);
+            self.release_queued(queued);
+        }
+        let Some(r) = self.records.get(&chunk) else {
+            return;
+        };
+        if r.reads == 0 && r.queued.is_empty() && !self.reqs.contains_key(&r.owner) {
+            self.records.remove(&chunk);
+        }
+    }
+
+    fn release_queued(&mut self, queued: Vec<ReqId>) {
+        for q in queued {
+            let st = self.reqs.get_mut(&q).expect("queued write vanished");
+            let Phase::Queued(n) = &mut st.phase else {
+                unreachable!("queued write in phase {:?}", st.phase)
+            };
+            *n -= 1;
+            if *n == 0 {
+                st.phase = Phase::Data;
+                self.start_write(q);
+            }
+        }
     }
 
     fn emit(&mut self, queue: QueueId, req: Option<ReqId>, kind: OpKind, owner: OpOwner) -> OpId {
@@ -367,6 +463,8 @@ impl Scheduler {
                 ops_left: 0,
                 failed: false,
                 seq: 0,
+                copies: Vec::new(),
+                counted_on: Vec::new(),
             },
         );
         let bytes = req.count * SECTOR_SIZE;
@@ -467,6 +565,7 @@ impl Scheduler {
                 (Target::Cow, data_offset + e.sector * SECTOR_SIZE)
             } else {
                 self.stats.backing_extents += 1;
+                self.count_read_on_records(id, e);
                 (Target::Backing, e.sector * SECTOR_SIZE)
             };
             let kind = OpKind::Read {
@@ -476,6 +575,110 @@ impl Scheduler {
                 buf_offset: (e.sector - req.sector) * SECTOR_SIZE,
             };
             self.emit_data(id, kind);
+        }
+    }
+
+    /// A read of backing data in a chunk under copy-up counts on its
+    /// record until the read finishes.
+    fn count_read_on_records(&mut self, id: ReqId, e: Extent) {
+        if self.records.is_empty() {
+            return;
+        }
+        let Some((bitmap, _)) = &self.cow else { return };
+        let (first, n) = bitmap.chunk_range(e.sector, e.count);
+        for c in first..first + n {
+            if let Some(r) = self.records.get_mut(&c) {
+                r.reads += 1;
+                self.reqs.get_mut(&id).unwrap().counted_on.push(c);
+            }
+        }
+    }
+
+    /// Rule 9: the unset chunks this write takes a record for, each with
+    /// whether it needs copying up (only partly covered), or None if the
+    /// write must queue behind records in progress (it is queued).
+    ///
+    /// A write covering a whole unset chunk takes a record too: a partial
+    /// write arriving meanwhile must not copy backing data over it.
+    fn plan_copy_ups(&mut self, id: ReqId) -> Option<Vec<(u64, bool)>> {
+        let req = self.reqs[&id].req;
+        let (bitmap, _) = self.cow.as_ref()?;
+        let spc = bitmap.sectors_per_chunk();
+        if spc == 1 {
+            return Some(Vec::new());
+        }
+        let (first, n) = bitmap.chunk_range(req.sector, req.count);
+        let end = req.sector + req.count;
+        let mut copies = Vec::new();
+        let mut blockers = 0;
+        for c in first..first + n {
+            match self.records.get_mut(&c) {
+                Some(r) if !r.copied => {
+                    r.queued.push(id);
+                    blockers += 1;
+                }
+                Some(_) => {}
+                None if !bitmap.get(c) => {
+                    let partial = req.sector > c * spc || end < (c + 1) * spc;
+                    copies.push((c, partial));
+                }
+                None => {}
+            }
+        }
+        if blockers > 0 {
+            self.stats.writes_queued_on_copy_up += 1;
+            self.reqs.get_mut(&id).unwrap().phase = Phase::Queued(blockers);
+            return None;
+        }
+        Some(copies)
+    }
+
+    /// Takes the record of an unset `chunk` for write `id`, and with
+    /// `partial` copies up the parts of the chunk the write does not cover.
+    fn start_copy_up(&mut self, id: ReqId, chunk: u64, partial: bool) {
+        let req = self.reqs[&id].req;
+        let (bitmap, layout) = self.cow.as_ref().unwrap();
+        let spc = bitmap.sectors_per_chunk();
+        let data_offset = layout.data_offset;
+        let (c_start, c_end) = (chunk * spc, (chunk + 1) * spc);
+        let w_start = req.sector.clamp(c_start, c_end);
+        let w_end = (req.sector + req.count).clamp(c_start, c_end);
+        self.records.insert(
+            chunk,
+            ChunkRecord {
+                owner: id,
+                copied: false,
+                reads: 0,
+                queued: Vec::new(),
+            },
+        );
+        let st = self.reqs.get_mut(&id).unwrap();
+        st.copies.push(chunk);
+        let queue = st.req.queue;
+        if !partial {
+            return;
+        }
+        self.stats.copy_ups += 1;
+        for (from, to) in [(c_start, w_start), (w_end, c_end)] {
+            if from >= to {
+                continue;
+            }
+            let bounce = self.next_bounce;
+            self.next_bounce += 1;
+            let len = (to - from) * SECTOR_SIZE;
+            let owner = OpOwner::CopyRead {
+                req: id,
+                cow_offset: data_offset + from * SECTOR_SIZE,
+                len,
+                bounce,
+            };
+            let kind = OpKind::CopyRead {
+                offset: from * SECTOR_SIZE,
+                len,
+                bounce,
+            };
+            self.emit(queue, Some(id), kind, owner);
+            self.reqs.get_mut(&id).unwrap().ops_left += 1;
         }
     }
 
@@ -491,9 +694,8 @@ impl Scheduler {
                     return self.finish(id, Status::IoErr);
                 }
                 let (first, n) = bitmap.chunk_range(req.sector, req.count);
-                if first + n > layout.storable_chunks || bitmap.sectors_per_chunk() != 1 {
-                    // Chunks wider than a sector need copy-up (not handled
-                    // here); old files whose bitmap cannot hold the bit are
+                if first + n > layout.storable_chunks {
+                    // Old files whose bitmap cannot hold the bit are
                     // read-only there.
                     return self.finish(id, Status::IoErr);
                 }
@@ -501,6 +703,12 @@ impl Scheduler {
             }
             None => 0,
         };
+        let Some(copies) = self.plan_copy_ups(id) else {
+            return;
+        };
+        for (c, partial) in copies {
+            self.start_copy_up(id, c, partial);
+        }
         let offset = data_offset + req.sector * SECTOR_SIZE;
         let len = req.count * SECTOR_SIZE;
         let kind = match req.kind {
@@ -547,6 +755,24 @@ impl Scheduler {
         let owner = self.ops.remove(&op).expect("completion of an unknown op");
         match owner {
             OpOwner::Data(id) => self.data_done(id, result),
+            OpOwner::CopyRead {
+                req,
+                cow_offset,
+                len,
+                bounce,
+            } => {
+                if result.is_err() {
+                    return self.data_done(req, result);
+                }
+                let queue = self.reqs[&req].req.queue;
+                let kind = OpKind::CopyWrite {
+                    offset: cow_offset,
+                    len,
+                    bounce,
+                };
+                // Counted once with its read: ops_left is unchanged.
+                self.emit(queue, Some(req), kind, OpOwner::Data(req));
+            }
             OpOwner::Bitmap => self.bitmap_write_done(op, result),
             OpOwner::Sync(id) => {
                 let status = if result.is_ok() && self.failure.is_none() {
@@ -572,6 +798,14 @@ impl Scheduler {
         }
         if req.kind == ReqKind::Read || self.cow.is_none() {
             return self.finish(id, Status::Ok);
+        }
+        // The chunks it copied up are whole in the COW file now.
+        let copies = self.reqs[&id].copies.clone();
+        for c in copies {
+            if let Some(r) = self.records.get_mut(&c) {
+                r.copied = true;
+            }
+            self.settle_record(c);
         }
         // Rule 1: the data is in the COW file; now (and only now) its bits
         // may be set, when its bitmap write can go out.

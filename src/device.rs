@@ -128,12 +128,6 @@ impl Device {
                     }
                     _ => 1,
                 };
-                if c.geometry.sectorsize != SECTOR_SIZE && !opts.read_only {
-                    return Err(DiskError::Unsupported {
-                        path,
-                        what: "writing to a COW file whose chunks are larger than 512 bytes (copy-up is not implemented yet); open it --read-only",
-                    });
-                }
                 let allocated = c.bitmap.count_ones();
                 let description = format!(
                     "COW {} over {} ({} sectors, {} of {} chunks allocated)",

@@ -1,6 +1,7 @@
 //! vhost-user-cow: a vhost-user-blk daemon serving copy-on-write disks in
 //! User-Mode-Linux's ubd COW format.
 
+pub mod aligned;
 pub mod backend;
 pub mod bitmap;
 pub mod bitmap_sched;

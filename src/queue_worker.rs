@@ -12,6 +12,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
+use crate::aligned::AlignedBuf;
 use crate::bitmap_sched::{
     Done, Op, OpId, OpKind, ReqId, ReqKind, Request, Scheduler, Status, Target,
 };
@@ -52,10 +53,16 @@ struct InFlight {
 }
 
 /// A read in flight: where its bytes go, to zero-fill a short read.
-struct ReadOp {
-    slot: usize,
-    buf_offset: u64,
-    len: u64,
+enum ReadOp {
+    Guest {
+        slot: usize,
+        buf_offset: u64,
+        len: u64,
+    },
+    Bounce {
+        bounce: u64,
+        len: u64,
+    },
 }
 
 pub struct Worker {
@@ -63,6 +70,10 @@ pub struct Worker {
     engine: Box<dyn IoEngine>,
     inflight: Slab<InFlight>,
     reads: HashMap<OpId, ReadOp>,
+    /// Copy-up bounce buffers, from CopyRead issue to CopyWrite completion.
+    bounces: HashMap<u64, AlignedBuf>,
+    /// CopyWrite ops in flight, to free their buffer.
+    copy_writes: HashMap<OpId, u64>,
     completions: Vec<Completion>,
     done: Vec<Done>,
     /// Requests taken off the rings at most (backpressure beyond this
@@ -111,6 +122,8 @@ impl Worker {
             engine,
             inflight: Slab::new(),
             reads: HashMap::new(),
+            bounces: HashMap::new(),
+            copy_writes: HashMap::new(),
             completions: Vec::new(),
             done: Vec::new(),
             max_inflight,
@@ -290,7 +303,37 @@ impl Worker {
         }
     }
 
-    fn io_op(&self, dev: &Device, sched: &Scheduler, op: &Op) -> IoOp {
+    fn io_op(&mut self, dev: &Device, sched: &Scheduler, op: &Op) -> IoOp {
+        match op.kind {
+            OpKind::CopyRead {
+                offset,
+                len,
+                bounce,
+            } => {
+                let buf = self
+                    .bounces
+                    .entry(bounce)
+                    .or_insert_with(|| AlignedBuf::zeroed(len as usize));
+                return IoOp::Readv {
+                    fd: dev.backing_fd(),
+                    offset,
+                    iov: IoVecs::single(buf.as_ptr(), len as usize),
+                };
+            }
+            OpKind::CopyWrite {
+                offset,
+                len,
+                bounce,
+            } => {
+                let buf = self.bounces.get(&bounce).expect("copy-up buffer");
+                return IoOp::Writev {
+                    fd: dev.cow_fd(),
+                    offset,
+                    iov: IoVecs::single(buf.as_ptr(), len as usize),
+                };
+            }
+            _ => {}
+        }
         let segments = |id: ReqId| &self.inflight[Self::slot_of(id)].req.data;
         match op.kind {
             OpKind::Read {
@@ -339,6 +382,7 @@ impl Worker {
                 iov: IoVecs::single(sched.bitmap_ptr(start) as *mut u8, len as usize),
             },
             OpKind::Sync => IoOp::Fdatasync { fd: dev.cow_fd() },
+            OpKind::CopyRead { .. } | OpKind::CopyWrite { .. } => unreachable!(),
         }
     }
 
@@ -354,22 +398,28 @@ impl Worker {
             // touched until completion; bitmap bytes under a pending write
             // are left alone by the scheduler (rule 2).
             match unsafe { self.engine.submit(io, op.id) } {
-                Ok(()) => {
-                    if let OpKind::Read {
+                Ok(()) => match op.kind {
+                    OpKind::Read {
                         len, buf_offset, ..
-                    } = op.kind
-                    {
+                    } => {
                         let slot = Self::slot_of(op.req.unwrap());
                         self.reads.insert(
                             op.id,
-                            ReadOp {
+                            ReadOp::Guest {
                                 slot,
                                 buf_offset,
                                 len,
                             },
                         );
                     }
-                }
+                    OpKind::CopyRead { len, bounce, .. } => {
+                        self.reads.insert(op.id, ReadOp::Bounce { bounce, len });
+                    }
+                    OpKind::CopyWrite { bounce, .. } => {
+                        self.copy_writes.insert(op.id, bounce);
+                    }
+                    _ => {}
+                },
                 Err(SubmitError::Full(_)) => {
                     // Rule 5: keep it for when completions free room.
                     sched.op_refused(op);
@@ -401,14 +451,31 @@ impl Worker {
         }
         let mut sched = dev.sched();
         for c in &self.completions {
-            if let Some(r) = self.reads.remove(&c.user_data) {
-                if let Ok(n) = c.result {
-                    if n < r.len {
-                        // End of file (backing size not a multiple of 512).
-                        let segs = &self.inflight[r.slot].req.data;
-                        zero_fill(segs, r.buf_offset + n, r.len - n);
+            // A short read is the end of the backing file (its size need
+            // not be a multiple of 512): the rest reads as zeros.
+            match (self.reads.remove(&c.user_data), c.result) {
+                (
+                    Some(ReadOp::Guest {
+                        slot,
+                        buf_offset,
+                        len,
+                    }),
+                    Ok(n),
+                ) if n < len => {
+                    zero_fill(&self.inflight[slot].req.data, buf_offset + n, len - n);
+                }
+                (Some(ReadOp::Bounce { bounce, len }), Ok(n)) if n < len => {
+                    if let Some(b) = self.bounces.get_mut(&bounce) {
+                        b.as_mut_slice()[n as usize..len as usize].fill(0);
                     }
                 }
+                (Some(ReadOp::Bounce { bounce, .. }), Err(_)) => {
+                    self.bounces.remove(&bounce);
+                }
+                _ => {}
+            }
+            if let Some(bounce) = self.copy_writes.remove(&c.user_data) {
+                self.bounces.remove(&bounce);
             }
             sched.op_done(c.user_data, c.result.map(|_| ()));
         }

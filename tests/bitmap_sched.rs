@@ -46,6 +46,8 @@ struct ReqModel {
     before: Vec<BTreeSet<u64>>,
     /// Flush: writes completed before it was submitted.
     completed_before: Vec<u64>,
+    /// Write: overlapping writes that completed while it was in flight.
+    concurrent: BTreeSet<u64>,
     /// Flush: bitmap writes in the engine when it was submitted.
     bitmap_ops_before: BTreeSet<u64>,
     done: Option<Status>,
@@ -70,6 +72,10 @@ struct Harness {
     /// Bitmap write ops issued by the engine and not yet completed.
     bitmap_ops_in_flight: BTreeSet<u64>,
     failed_device: bool,
+    /// Sectors per chunk.
+    spc: u64,
+    /// Copy-up bounce buffers: what the fake engine read into them.
+    bounces: HashMap<u64, Vec<u64>>,
     /// Per queue: an issue was refused and no completion has freed room since.
     refused: [bool; QUEUES],
     /// Issue every operation as soon as the engine has room (exhaustive
@@ -88,12 +94,17 @@ enum Action {
 
 impl Harness {
     fn new(capacity: usize, bitmap_block: u64) -> Harness {
-        let bitmap = Bitmap::new(SECTORS, 512);
+        Harness::chunked(capacity, bitmap_block, 1)
+    }
+
+    /// A COW file whose bits cover `spc` sectors each (rule 9).
+    fn chunked(capacity: usize, bitmap_block: u64, spc: u64) -> Harness {
+        let bitmap = Bitmap::new(SECTORS / spc, 512 * spc);
         let layout = CowLayout {
             bitmap_offset: BITMAP_OFFSET,
             data_offset: DATA_OFFSET,
             bitmap_block,
-            storable_chunks: SECTORS,
+            storable_chunks: SECTORS / spc,
         };
         let bytes = bitmap.alloc_len();
         Harness {
@@ -112,6 +123,8 @@ impl Harness {
             completed_writes: Vec::new(),
             bitmap_ops_in_flight: BTreeSet::new(),
             failed_device: false,
+            spc,
+            bounces: HashMap::new(),
             refused: [false; QUEUES],
             auto_issue: false,
             steps: 0,
@@ -119,11 +132,12 @@ impl Harness {
     }
 
     fn mem_bit(&self, sector: u64) -> bool {
-        self.sched.bitmap().unwrap().get(sector)
+        self.sched.bitmap().unwrap().get(sector / self.spc)
     }
 
-    fn disk_bit(bitmap: &[u8], sector: u64) -> bool {
-        bitmap[(sector / 8) as usize] & (1 << (sector % 8)) != 0
+    fn disk_bit(&self, bitmap: &[u8], sector: u64) -> bool {
+        let c = sector / self.spc;
+        bitmap[(c / 8) as usize] & (1 << (c % 8)) != 0
     }
 
     fn submit(&mut self, kind: ReqKind, sector: u64, count: u64, queue: QueueId) {
@@ -144,6 +158,7 @@ impl Harness {
             before: Vec::new(),
             completed_before: self.completed_writes.clone(),
             bitmap_ops_before: self.bitmap_ops_in_flight.clone(),
+            concurrent: BTreeSet::new(),
             done: None,
         };
         match kind {
@@ -171,6 +186,14 @@ impl Harness {
         self.reqs.insert(id, m);
         self.sched.submit(req);
         self.drain_done();
+    }
+
+    /// Write `id` is visible at `s`: from now on reads see it or a write
+    /// still in flight.
+    fn land(&mut self, s: u64, id: u64) {
+        let mut now: BTreeSet<u64> = self.writes_in_flight_at(s, id).into_iter().collect();
+        now.insert(id);
+        self.possible[s as usize] = now;
     }
 
     fn writes_in_flight_at(&self, sector: u64, except: u64) -> Vec<u64> {
@@ -244,7 +267,16 @@ impl Harness {
                     "(e) sync issued before earlier bitmap writes completed"
                 );
             }
-            OpKind::Write { .. } | OpKind::Zero { .. } => {}
+            OpKind::CopyRead {
+                offset,
+                len,
+                bounce,
+            } => {
+                let first = offset / 512;
+                let data = (first..first + len / 512).map(backing_tag).collect();
+                self.bounces.insert(bounce, data);
+            }
+            OpKind::Write { .. } | OpKind::Zero { .. } | OpKind::CopyWrite { .. } => {}
         }
         self.in_flight.push(InFlight { op, snapshot });
     }
@@ -263,11 +295,11 @@ impl Harness {
                 for s in first..first + len / 512 {
                     self.cow_data[s as usize] = id;
                     // Once the data has landed, no read submitted later may
-                    // return anything older (rule 4's purpose).
-                    let mut now: BTreeSet<u64> =
-                        self.writes_in_flight_at(s, id).into_iter().collect();
-                    now.insert(id);
-                    self.possible[s as usize] = now;
+                    // return anything older (rule 4's purpose). With chunks
+                    // under copy-up that holds from completion on.
+                    if self.spc == 1 {
+                        self.land(s, id);
+                    }
                 }
                 self.reqs.get_mut(&id).unwrap().before = before;
             }
@@ -287,7 +319,19 @@ impl Harness {
                     self.durable_bitmap = self.disk_bitmap.clone();
                 }
             }
-            OpKind::Read { .. } => {}
+            OpKind::CopyWrite { offset, bounce, .. } => {
+                let data = self
+                    .bounces
+                    .remove(&bounce)
+                    .expect("copy write before its read");
+                let first = (offset - DATA_OFFSET) / 512;
+                if !fail {
+                    for (i, v) in data.into_iter().enumerate() {
+                        self.cow_data[first as usize + i] = v;
+                    }
+                }
+            }
+            OpKind::Read { .. } | OpKind::CopyRead { .. } => {}
         }
         if fail && matches!(op.kind, OpKind::BitmapWrite { .. }) {
             self.failed_device = true;
@@ -330,12 +374,39 @@ impl Harness {
                     // Rule 6: data and bit are both in the file.
                     for s in req.sector..req.sector + req.count {
                         assert!(
-                            Self::disk_bit(&self.disk_bitmap, s),
+                            self.disk_bit(&self.disk_bitmap, s),
                             "completed write {id}: bit {s} not on disk"
                         );
                         assert_ne!(self.cow_data[s as usize], UNWRITTEN);
                     }
                     self.completed_writes.push(id);
+                    if self.spc > 1 {
+                        // Visible from completion on; writes it overlapped
+                        // may have landed in either order.
+                        for s in req.sector..req.sector + req.count {
+                            self.land(s, id);
+                            let others: Vec<u64> = self.reqs[&id]
+                                .concurrent
+                                .iter()
+                                .copied()
+                                .filter(|w| {
+                                    let r = self.reqs[w].req;
+                                    (r.sector..r.sector + r.count).contains(&s)
+                                })
+                                .collect();
+                            self.possible[s as usize].extend(others);
+                        }
+                    }
+                    for r in self.reqs.values_mut() {
+                        let o = r.req;
+                        if matches!(o.kind, ReqKind::Write | ReqKind::Zero)
+                            && r.done.is_none()
+                            && o.sector < req.sector + req.count
+                            && req.sector < o.sector + o.count
+                        {
+                            r.concurrent.insert(id);
+                        }
+                    }
                 } else {
                     assert!(
                         self.failed_device,
@@ -369,7 +440,7 @@ impl Harness {
                         let r = self.reqs[w].req;
                         for s in r.sector..r.sector + r.count {
                             assert!(
-                                Self::disk_bit(&self.durable_bitmap, s),
+                                self.disk_bit(&self.durable_bitmap, s),
                                 "flush {id}: bit {s} of write {w} not durable"
                             );
                             assert_ne!(self.durable_data[s as usize], UNWRITTEN);
@@ -386,13 +457,13 @@ impl Harness {
     fn check(&self) {
         // Data first: a bit on disk always covers written data.
         for s in 0..SECTORS {
-            if Self::disk_bit(&self.disk_bitmap, s) {
+            if self.disk_bit(&self.disk_bitmap, s) {
                 assert_ne!(
                     self.cow_data[s as usize], UNWRITTEN,
                     "bit {s} on disk before its data"
                 );
             }
-            if Self::disk_bit(&self.durable_bitmap, s) {
+            if self.disk_bit(&self.durable_bitmap, s) {
                 assert_ne!(self.durable_data[s as usize], UNWRITTEN);
             }
             if self.mem_bit(s) {
@@ -483,6 +554,22 @@ impl Harness {
             "scheduler not idle at the end: {:?}",
             self.sched
         );
+        assert_eq!(self.sched.copy_up_records(), 0, "copy-up records leaked");
+        // No update lost: what the files hold is the last write of each sector.
+        if !self.failed_device {
+            for s in 0..SECTORS {
+                let on_disk = if self.disk_bit(&self.disk_bitmap, s) {
+                    self.cow_data[s as usize]
+                } else {
+                    backing_tag(s)
+                };
+                assert!(
+                    self.possible[s as usize].contains(&on_disk),
+                    "sector {s} holds {on_disk}, expected one of {:?}",
+                    self.possible[s as usize]
+                );
+            }
+        }
         for (id, m) in &self.reqs {
             assert!(
                 m.done.is_some(),
@@ -494,6 +581,15 @@ impl Harness {
 
 /// Every interleaving of a script, depth first.
 fn explore(script: &[(ReqKind, u64, u64, QueueId)], capacity: usize, inject: bool) -> u64 {
+    explore_chunked(script, capacity, inject, 1)
+}
+
+fn explore_chunked(
+    script: &[(ReqKind, u64, u64, QueueId)],
+    capacity: usize,
+    inject: bool,
+    spc: u64,
+) -> u64 {
     fn go(h: Harness, script: &[(ReqKind, u64, u64, QueueId)], inject: bool, paths: &mut u64) {
         let actions = h.actions(script, inject);
         if actions.is_empty() {
@@ -509,7 +605,7 @@ fn explore(script: &[(ReqKind, u64, u64, QueueId)], capacity: usize, inject: boo
         }
     }
     let mut paths = 0;
-    let mut h = Harness::new(capacity, 1);
+    let mut h = Harness::chunked(capacity, 1, spc);
     h.auto_issue = true;
     go(h, script, inject, &mut paths);
     paths
@@ -629,6 +725,61 @@ fn direct_mode_widens_bitmap_writes_to_blocks() {
     h.finish();
 }
 
+#[test]
+fn exhaustive_partial_writes_race_on_one_unset_chunk() {
+    // Two writes to different sectors of one 4-sector chunk, and a read of
+    // the whole chunk: the copy-ups must not undo either write.
+    let paths = explore_chunked(
+        &[(Write, 0, 1, 0), (Write, 2, 1, 1), (Read, 0, 4, 0)],
+        8,
+        false,
+        4,
+    );
+    assert!(paths > 50, "{paths}");
+}
+
+#[test]
+fn exhaustive_copy_up_then_whole_chunk_write() {
+    explore_chunked(
+        &[(Write, 1, 2, 0), (Write, 0, 4, 1), (Read, 0, 8, 1)],
+        8,
+        false,
+        4,
+    );
+}
+
+#[test]
+fn exhaustive_copy_up_spanning_chunks_and_zero() {
+    explore_chunked(
+        &[(Write, 3, 3, 0), (Zero, 5, 1, 1), (Read, 2, 5, 0)],
+        8,
+        false,
+        4,
+    );
+}
+
+#[test]
+fn exhaustive_copy_up_queue_full_and_error() {
+    explore_chunked(
+        &[(Write, 1, 1, 0), (Write, 2, 1, 1), (Read, 0, 4, 1)],
+        1,
+        true,
+        4,
+    );
+}
+
+#[test]
+fn queued_write_waits_for_reads_of_old_data() {
+    let mut h = Harness::chunked(16, 1, 4);
+    h.apply(Action::Submit(Write, 0, 1, 0)); // copy-up of sectors 1..4
+    h.apply(Action::Submit(Read, 2, 2, 1)); // counted on the record
+    h.apply(Action::Submit(Write, 3, 1, 1)); // queued on the record
+    assert_eq!(h.sched.stats().writes_queued_on_copy_up, 1);
+    assert_eq!(h.sched.copy_up_records(), 1);
+    h.finish();
+    assert_eq!(h.sched.stats().copy_ups, 1);
+}
+
 fn arb_request() -> impl Strategy<Value = (ReqKind, u64, u64, QueueId)> {
     (0u8..10, 0..SECTORS, 1u64..6, 0..QUEUES).prop_map(|(k, s, c, q)| {
         let kind = match k {
@@ -653,8 +804,9 @@ proptest! {
         capacity in 1usize..6,
         inject in proptest::bool::weighted(0.2),
         direct in any::<bool>(),
+        spc_shift in prop_oneof![3 => Just(0u32), 1 => Just(1u32), 1 => Just(2u32), 1 => Just(3u32)],
     ) {
-        let mut h = Harness::new(capacity, if direct { 512 } else { 1 });
+        let mut h = Harness::chunked(capacity, if direct { 512 } else { 1 }, 1 << spc_shift);
         for c in choices {
             let actions = h.actions(&script, inject);
             if actions.is_empty() {

@@ -250,6 +250,11 @@ fn client(mut q: Blkioq, mem: *mut u8, t: usize, seed: u64) -> Model {
 }
 
 fn stress(daemon_args: &[&str]) {
+    stress_chunked(daemon_args, 512)
+}
+
+/// `chunk`: bytes one bitmap bit covers (the COW header's sectorsize).
+fn stress_chunked(daemon_args: &[&str], chunk: u32) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     let cow = dir.path().join("disk.cow");
@@ -259,7 +264,11 @@ fn stress(daemon_args: &[&str]) {
         image.extend_from_slice(&backing_sector(s));
     }
     std::fs::write(&base, &image).unwrap();
-    vhost_user_cow::cow_disk::create_cow(&cow, &base, &Default::default()).unwrap();
+    let opts = vhost_user_cow::cow_disk::CreateOptions {
+        sectorsize: chunk,
+        ..Default::default()
+    };
+    vhost_user_cow::cow_disk::create_cow(&cow, &base, &opts).unwrap();
 
     let daemon = Daemon::start(&sock, &cow, daemon_args);
     let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
@@ -340,4 +349,16 @@ fn stress_io_uring_direct() {
 #[test]
 fn stress_threads_sync() {
     stress(&["--io-engine", "threads", "--sync"]);
+}
+
+/// Chunks of 4 KiB: most writes here cover part of a chunk and need a
+/// copy-up (rule 9), racing with neighbours in the same chunk.
+#[test]
+fn stress_io_uring_4k_chunks() {
+    stress_chunked(&["--io-engine", "io_uring"], 4096);
+}
+
+#[test]
+fn stress_threads_4k_chunks() {
+    stress_chunked(&["--io-engine", "threads"], 4096);
 }
