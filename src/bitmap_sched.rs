@@ -602,7 +602,9 @@ impl Scheduler {
     /// write arriving meanwhile must not copy backing data over it.
     fn plan_copy_ups(&mut self, id: ReqId) -> Option<Vec<(u64, bool)>> {
         let req = self.reqs[&id].req;
-        let (bitmap, _) = self.cow.as_ref()?;
+        let Some((bitmap, _)) = self.cow.as_ref() else {
+            return Some(Vec::new()); // a raw image has no chunks
+        };
         let spc = bitmap.sectors_per_chunk();
         if spc == 1 {
             return Some(Vec::new());

@@ -828,3 +828,38 @@ proptest! {
 }
 
 static RANDOM_STEPS: AtomicU64 = AtomicU64::new(0);
+
+/// A raw image: no bitmap, every request is one data operation.
+#[test]
+fn raw_disk_requests_are_single_operations() {
+    let mut s = Scheduler::new_raw(SECTORS, 1, false);
+    for (id, kind) in [(1, Write), (2, Read), (3, Zero), (4, Flush)] {
+        s.submit(Request {
+            id,
+            queue: 0,
+            kind,
+            sector: 8,
+            count: if kind == Flush { 0 } else { 4 },
+        });
+        let op = s.pop_op(0).expect("an operation");
+        assert!(s.pop_op(0).is_none(), "{kind:?}: more than one operation");
+        match (kind, op.kind) {
+            (Write, OpKind::Write { offset, len, .. }) => assert_eq!((offset, len), (4096, 2048)),
+            (Read, OpKind::Read { target, offset, .. }) => {
+                assert_eq!((target, offset), (Target::Cow, 4096))
+            }
+            (Zero, OpKind::Zero { offset, len }) => assert_eq!((offset, len), (4096, 2048)),
+            (Flush, OpKind::Sync) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        s.op_done(op.id, Ok(()));
+        assert_eq!(
+            s.pop_done(0),
+            Some(Done {
+                id,
+                status: Status::Ok
+            })
+        );
+    }
+    assert!(s.is_idle());
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::daemon::{Daemon, Image, Peer, ServeOptions, Stopped};
-use common::disk_model::{make_cow, make_raw, Model, SECTOR};
+use common::disk_model::{make_cow, make_cow_chunked, make_raw, Model, SECTOR};
 use common::vhost_frontend::*;
 use common::Rng;
 use vhost::vhost_user::VhostUserProtocolFeatures;
@@ -21,6 +21,7 @@ const SECTORS: u64 = 8192;
 crate::per_peer!(
     cow_round_trip_1_queue,
     cow_round_trip_4_queues,
+    cow_4k_chunks_round_trip_2_queues,
     raw_round_trip_2_queues,
     event_idx_and_add_mem_region,
     config_space_and_features,
@@ -166,12 +167,17 @@ fn exercise(dev: &mut VhostUserBlk, model: &mut Model, rng: &mut Rng) {
 }
 
 fn round_trip(peer: Peer, queues: u16, raw: bool, fopts: FrontendOptions) {
+    round_trip_chunked(peer, queues, raw, fopts, 512)
+}
+
+/// `chunk`: bytes per bitmap bit of the COW file.
+fn round_trip_chunked(peer: Peer, queues: u16, raw: bool, fopts: FrontendOptions, chunk: u32) {
     let dir = tempdir();
     let seed = 0x5eed_0000 + u64::from(queues);
     let (image, mut model) = if raw {
         make_raw(dir.path(), SECTORS, seed)
     } else {
-        make_cow(dir.path(), SECTORS, seed)
+        make_cow_chunked(dir.path(), SECTORS, seed, chunk)
     };
     let opts = ServeOptions {
         num_queues: queues,
@@ -199,6 +205,11 @@ fn cow_round_trip_1_queue(peer: Peer) {
 
 fn cow_round_trip_4_queues(peer: Peer) {
     round_trip(peer, 4, false, FrontendOptions::default());
+}
+
+/// 4 KiB chunks: the 512-byte writes of the exercise need copy-ups.
+fn cow_4k_chunks_round_trip_2_queues(peer: Peer) {
+    round_trip_chunked(peer, 2, false, FrontendOptions::default(), 4096);
 }
 
 fn raw_round_trip_2_queues(peer: Peer) {

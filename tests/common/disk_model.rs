@@ -93,6 +93,12 @@ pub fn pattern(sectors: u64, seed: u64) -> Vec<u8> {
 /// `dir/backing.img` with [`pattern`] and `dir/disk.cow` over it (made with
 /// `vhost-user-cow create`).
 pub fn make_cow(dir: &Path, sectors: u64, seed: u64) -> (Image, Model) {
+    make_cow_chunked(dir, sectors, seed, 512)
+}
+
+/// As [`make_cow`], with `chunk` bytes per bitmap bit (the header's
+/// sectorsize).
+pub fn make_cow_chunked(dir: &Path, sectors: u64, seed: u64, chunk: u32) -> (Image, Model) {
     let backing = dir.join("backing.img");
     let data = pattern(sectors, seed);
     super::write_file(&backing, &data);
@@ -102,7 +108,9 @@ pub fn make_cow(dir: &Path, sectors: u64, seed: u64) -> (Image, Model) {
             .arg("create")
             .arg(&cow)
             .arg("--backing")
-            .arg(&backing),
+            .arg(&backing)
+            .arg("--sector-size")
+            .arg(chunk.to_string()),
     );
     assert!(
         o.status.success(),
