@@ -769,15 +769,112 @@ fn exhaustive_copy_up_queue_full_and_error() {
 }
 
 #[test]
-fn queued_write_waits_for_reads_of_old_data() {
-    let mut h = Harness::chunked(16, 1, 4);
-    h.apply(Action::Submit(Write, 0, 1, 0)); // copy-up of sectors 1..4
-    h.apply(Action::Submit(Read, 2, 2, 1)); // counted on the record
-    h.apply(Action::Submit(Write, 3, 1, 1)); // queued on the record
-    assert_eq!(h.sched.stats().writes_queued_on_copy_up, 1);
-    assert_eq!(h.sched.copy_up_records(), 1);
-    h.finish();
-    assert_eq!(h.sched.stats().copy_ups, 1);
+fn queued_write_waits_for_copy_up_and_reads_of_old_data() {
+    let spc = 4;
+    let layout = CowLayout {
+        bitmap_offset: BITMAP_OFFSET,
+        data_offset: DATA_OFFSET,
+        bitmap_block: 1,
+        storable_chunks: SECTORS / spc,
+    };
+    let bitmap = Bitmap::new(SECTORS / spc, 512 * spc);
+    let mut s = Scheduler::new_cow(SECTORS, bitmap, layout, 1, false);
+    let req = |id, kind, sector, count| Request {
+        id,
+        queue: 0,
+        kind,
+        sector,
+        count,
+    };
+    let drain = |s: &mut Scheduler| std::iter::from_fn(|| s.pop_op(0)).collect::<Vec<Op>>();
+    // Write 1 covers sector 0 of chunk 0: copy-up of sectors 1..4.
+    s.submit(req(1, Write, 0, 1));
+    let w1 = drain(&mut s);
+    assert!(
+        matches!(
+            w1[0].kind,
+            OpKind::CopyRead {
+                offset: 512,
+                len: 1536,
+                ..
+            }
+        ),
+        "{w1:?}"
+    );
+    assert!(matches!(w1[1].kind, OpKind::Write { .. }));
+    // A read of the chunk's old data counts on the record; write 3 queues.
+    s.submit(req(2, Read, 2, 2));
+    let r = drain(&mut s);
+    assert!(matches!(
+        r[0].kind,
+        OpKind::Read {
+            target: Target::Backing,
+            ..
+        }
+    ));
+    s.submit(req(3, Write, 3, 1));
+    assert!(
+        drain(&mut s).is_empty(),
+        "write 3 must wait for the copy-up"
+    );
+    assert_eq!(s.stats().writes_queued_on_copy_up, 1);
+    // The copy-up and write 1 finish; the read of old data is still in flight.
+    s.op_done(w1[0].id, Ok(()));
+    let copy_write = drain(&mut s);
+    assert!(
+        matches!(copy_write[0].kind, OpKind::CopyWrite { offset, .. } if offset == DATA_OFFSET + 512)
+    );
+    s.op_done(copy_write[0].id, Ok(()));
+    s.op_done(w1[1].id, Ok(()));
+    let ops = drain(&mut s);
+    assert!(
+        ops.iter()
+            .all(|o| matches!(o.kind, OpKind::BitmapWrite { .. })),
+        "write 3 issued while a read of the old data is in flight: {ops:?}"
+    );
+    for o in ops {
+        s.op_done(o.id, Ok(()));
+    }
+    assert_eq!(
+        s.pop_done(0),
+        Some(Done {
+            id: 1,
+            status: Status::Ok
+        })
+    );
+    assert_eq!(
+        s.copy_up_records(),
+        1,
+        "the read still refers to the record"
+    );
+    // The read finishes: write 3 goes straight to the COW data, no copy-up.
+    s.op_done(r[0].id, Ok(()));
+    assert_eq!(
+        s.pop_done(0),
+        Some(Done {
+            id: 2,
+            status: Status::Ok
+        })
+    );
+    let w3 = drain(&mut s);
+    assert_eq!(w3.len(), 1, "{w3:?}");
+    assert!(matches!(w3[0].kind, OpKind::Write { offset, .. } if offset == DATA_OFFSET + 3 * 512));
+    assert_eq!(
+        s.copy_up_records(),
+        0,
+        "record freed once nothing refers to it"
+    );
+    s.op_done(w3[0].id, Ok(()));
+    // Chunk 0's bit is set already: write 3 completes without a bitmap write.
+    assert_eq!(
+        s.pop_done(0),
+        Some(Done {
+            id: 3,
+            status: Status::Ok
+        })
+    );
+    assert_eq!(s.stats().copy_ups, 1);
+    assert!(s.is_idle());
 }
 
 fn arb_request() -> impl Strategy<Value = (ReqKind, u64, u64, QueueId)> {
