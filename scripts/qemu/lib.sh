@@ -17,6 +17,8 @@ VUC_BACKEND="${VUC_BACKEND:-ours}"
 VUC_ACCEL="${VUC_ACCEL:-auto}"
 VUC_CACHE_DIR="${VUC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-cow}"
 VUC_QEMU="${VUC_QEMU:-qemu-system-x86_64}"
+# Set by backend_init: the file name extension of overlays (cow or qcow2).
+export OVERLAY_EXT=""
 PROG="${PROG:-$(basename "$0" .sh)}"
 
 log() { printf '%s %s: %s\n' "$(date +%T)" "$PROG" "$*" >&2; }
@@ -116,7 +118,9 @@ ensure_guest() {
     local out
     out="$(bash "$VUC_QEMU_DIR/setup.sh")" || die "setup.sh failed"
     GUEST_DIR="$(printf '%s\n' "$out" | sed -n 's/^GUEST_DIR=//p' | tail -1)"
-    [ -n "$GUEST_DIR" ] && [ -d "$GUEST_DIR" ] || die "setup.sh did not report a guest directory"
+    if [ -z "$GUEST_DIR" ] || [ ! -d "$GUEST_DIR" ]; then
+        die "setup.sh did not report a guest directory"
+    fi
     GUEST_KERNEL="$GUEST_DIR/vmlinux"
     GUEST_INITRD="$GUEST_DIR/initramfs.cpio.gz"
     GUEST_GOLDEN="$GUEST_DIR/golden.img"
@@ -193,7 +197,9 @@ resolve_accel() {
         VUC_ACCEL_RESOLVED=kvm
         log "accel: KVM probe boot succeeded; using KVM"
     else
-        log "accel: KVM probe boot failed ($([ "$rc" -eq 124 ] && echo "no result in 30 s" || head -n 1 "$probe_log.err")); using TCG"
+        local why="no result in 30 s"
+        [ "$rc" -eq 124 ] || why="$(head -n 1 "$probe_log.err")"
+        log "accel: KVM probe boot failed ($why); using TCG"
     fi
     rm -f "$probe_log" "$probe_log.err"
     echo "$VUC_ACCEL_RESOLVED" >"$verdict_file"
@@ -202,15 +208,18 @@ resolve_accel() {
 # ---------------------------------------------------------------------------
 # QEMU against a vhost-user-blk socket.
 
-# start_qemu LOG SOCK MODE [options]: boots the test guest in the
-# background, its serial console going to LOG; sets QEMU_PID.
+# qemu_cmd CONSOLE SOCK MODE [options]: sets QEMU_CMD, the command line that
+# boots the test guest with its root on a vhost-user-blk disk at SOCK.
+# CONSOLE is a file for the serial console, or "stdio" (interactive; Ctrl-A
+# X quits, Ctrl-A C is the monitor). MODE picks the guest's /vmtest script.
 #   --queues N     vhost-user-blk num-queues (default 1)
 #   --cpus N       vCPUs (default 1)
 #   --mem SIZE     guest memory (default 512M)
 #   --reconnect S  chardev reconnect after S seconds (default 0: off)
 #   --append ARGS  more kernel command line
-start_qemu() {
-    local log_file="$1" sock="$2" mode="$3"
+# shellcheck disable=SC2054 # commas inside QEMU option values
+qemu_cmd() {
+    local console="$1" sock="$2" mode="$3"
     shift 3
     local queues=1 cpus=1 mem=512M reconnect=0 append=""
     while (($#)); do
@@ -220,13 +229,17 @@ start_qemu() {
         --mem) mem="$2" ;;
         --reconnect) reconnect="$2" ;;
         --append) append="$2" ;;
-        *) die "start_qemu: unknown option $1" ;;
+        *) die "qemu_cmd: unknown option $1" ;;
         esac
         shift 2
     done
     resolve_accel
     local accel=(-accel tcg -cpu max)
     [ "$VUC_ACCEL_RESOLVED" = kvm ] && accel=(-accel kvm -cpu host)
+    local serial=(-chardev "file,id=con,path=$console" -serial chardev:con)
+    [ "$console" = stdio ] && serial=(-chardev stdio,id=con,mux=on,signal=off -serial chardev:con -mon chardev=con)
+    # The vhost-user chardev; reconnect-ms replaces QEMU 9.2's deprecated
+    # "reconnect" (seconds).
     local chardev="socket,id=vub0,path=$sock"
     ((reconnect > 0)) && chardev+=",reconnect-ms=$((reconnect * 1000))"
     QEMU_CMD=(
@@ -234,17 +247,26 @@ start_qemu() {
         -object "memory-backend-memfd,id=mem,size=$mem,share=on"
         -numa node,memdev=mem
         -nodefaults -no-user-config -display none -no-reboot
-        -chardev "file,id=con,path=$log_file" -serial chardev:con
+        "${serial[@]}"
         -chardev "$chardev"
         -device "vhost-user-blk-pci,chardev=vub0,num-queues=$queues"
         -kernel "$GUEST_KERNEL" -initrd "$GUEST_INITRD"
         -append "console=ttyS0 loglevel=4 panic=-1 mitigations=off vmtest=$mode $append"
     )
+    QEMU_DESC="$VUC_ACCEL_RESOLVED, $cpus vCPU, $queues queue(s), mode $mode"
+}
+
+# start_qemu LOG SOCK MODE [qemu_cmd options]: boots the test guest in the
+# background, its serial console going to LOG (QEMU's own messages to
+# LOG.qemu); sets QEMU_PID.
+start_qemu() {
+    local log_file="$1"
+    qemu_cmd "$@"
     : >"$log_file"
     "${QEMU_CMD[@]}" </dev/null >"$log_file.qemu" 2>&1 &
     QEMU_PID=$!
     register_pid "$QEMU_PID"
-    log "QEMU pid $QEMU_PID ($VUC_ACCEL_RESOLVED, $cpus vCPU, $queues queue(s), mode $mode), console $log_file"
+    log "QEMU pid $QEMU_PID ($QEMU_DESC), console $log_file"
 }
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@
 # e2fsprogs, cpio, xz-utils, zstd.
 set -euo pipefail
 PROG=setup
-# shellcheck source=scripts/qemu/lib.sh
+# shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 GUEST_SRC="$VUC_QEMU_DIR/guest"
@@ -37,7 +37,7 @@ apt_update_once() {
     APT_UPDATED=1
 }
 
-codename() { (. /etc/os-release && echo "${VERSION_CODENAME:-}"); }
+codename() { sed -n 's/^VERSION_CODENAME=//p' /etc/os-release 2>/dev/null | tr -d '"'; }
 
 # The Debian mirror the machine already uses (first URI serving the release).
 debian_mirror() {
@@ -106,7 +106,9 @@ ensure_tools() {
 cached_deb() {
     local pkg="$1" ver deb
     ver="$(apt-cache policy "$pkg" | awk '/Candidate:/ { print $2 }')"
-    [ -n "$ver" ] && [ "$ver" != "(none)" ] || die "no candidate version of $pkg (apt-get update?)"
+    if [ -z "$ver" ] || [ "$ver" = "(none)" ]; then
+        die "no candidate version of $pkg (apt-get update?)"
+    fi
     # .deb file names encode the epoch's colon as %3a.
     deb="$VUC_CACHE_DIR/debs/${pkg}_${ver/:/%3a}_amd64.deb"
     if [ ! -s "$deb" ]; then
@@ -254,6 +256,7 @@ build_guest() {
     chmod 1777 "$root/tmp"
     echo "vmtest" >"$root/etc/hostname"
     echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
+    echo "root:x:0:" >"$root/etc/group"
     echo "$kver" >"$root/etc/vmtest-kernel"
     truncate -s "$GOLDEN_SIZE" "$tmp/golden.img"
     # Fixed UUID and hash seed, no timestamps from the build host:
@@ -278,7 +281,10 @@ build_guest() {
 main() {
     mkdir -p "$VUC_CACHE_DIR"
     ensure_tools
-    [ -d /var/lib/apt/lists ] && ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || apt_update_once
+    # A machine that never ran apt-get update cannot resolve the packages.
+    if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+        apt_update_once
+    fi
     local kpkg kdeb bdeb key
     kpkg="$(kernel_package)"
     kdeb="$(cached_deb "$kpkg")"

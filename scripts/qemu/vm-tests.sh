@@ -29,7 +29,7 @@
 # (multiplies every guest timeout; default 1, KVM needs less).
 set -euo pipefail
 PROG=vm-tests
-# shellcheck source=scripts/qemu/lib.sh
+# shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 ALL_TESTS=(boot persist mq qemu-restart daemon-restart daemon-restart-busy)
@@ -196,7 +196,9 @@ test_boot() {
     img_cat "$d/merged.img" /data/small.sha256 >"$d/small.sha256"
     [ "$(wc -l <"$d/small.sha256")" -eq 64 ] || tfail "/data/small.sha256 in the merged image is incomplete"
     local f
-    for f in $(awk '{ print $2 }' "$d/small.sha256"); do img_dump "$d/merged.img" "/data/small/$f" "$d/small/$f"; done
+    while read -r _ f; do
+        img_dump "$d/merged.img" "/data/small/$f" "$d/small/$f"
+    done <"$d/small.sha256"
     (cd "$d/small" && sha256sum --quiet -c ../small.sha256) || tfail "small files in the merged image differ"
     log "merged image holds the guest's files (hello.txt, 64 small files, $MIB MiB big.bin)"
     rm -f "$d/merged.img" "$d/big.bin"
@@ -205,7 +207,9 @@ test_boot() {
 test_persist() {
     local d="$WORK/boot" overlay
     overlay="$d/disk.$OVERLAY_EXT"
-    [ -f "$overlay" ] && [ -f "$d/tag" ] || tfail "needs the overlay of the boot test (run 'boot' first)"
+    if [ ! -f "$overlay" ] || [ ! -f "$d/tag" ]; then
+        tfail "needs the overlay of the boot test (run 'boot' first)"
+    fi
     backend_start "$d/sock" "$overlay" 1 "$d/backend2.log"
     run_guest "$d/console2.log" "$d/sock" verify 300 --append "vmtest.tag=$(cat "$d/tag")"
     backend_stop || {

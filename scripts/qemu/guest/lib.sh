@@ -4,7 +4,7 @@
 pass() { echo "VMTEST PASS $*"; }
 fail() { echo "VMTEST FAIL $1: $2"; FAILED=1; }
 info() { echo "VMTEST INFO $*"; }
-FAILED=0
+export FAILED=0
 
 # The value of vmtest.NAME=VALUE on the kernel command line, or $2.
 param() {

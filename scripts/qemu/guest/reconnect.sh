@@ -25,7 +25,7 @@ chunk() {
 if [ "$phase" = idle ]; then
     while [ "$i" -lt 4 ]; do chunk; done
     sync
-    info "before the pause: in flight $(cat /sys/block/vda/inflight | tr -s ' ')"
+    info "before the pause: in flight $(tr -s ' ' </sys/block/vda/inflight)"
     echo "VMTEST READY reconnect-idle"
     sleep "$pause"
     # First only read what was written before the restart.

@@ -4,7 +4,7 @@ tag="$(param tag none)"
 if [ "$(cat /data/hello.txt 2>&1)" = "hello from vmtest $tag" ]; then
     pass persist-small
 else
-    fail persist-small "/data/hello.txt: $(cat /data/hello.txt 2>&1 | head -c 200)"
+    fail persist-small "/data/hello.txt: $(head -c 200 /data/hello.txt 2>&1)"
 fi
 (cd /data/small && sha256sum -c -s /data/small.sha256) && pass persist-files || fail persist-files "small files differ"
 t0=$(now)
