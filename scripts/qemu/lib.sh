@@ -170,6 +170,8 @@ resolve_accel() {
     fi
     # kvm_pvm and other broken KVMs: QEMU prints "KVM internal error" and
     # then sits paused forever, so watch for that as well as for success.
+    # (Under kvm_pvm this Debian kernel crawls - 33 s to reach memory
+    # init - then fails on a "lock cmpxchg16b" with "emulation failure".)
     local probe_log rc=124 pid deadline
     probe_log="$(mktemp)"
     "$VUC_QEMU" -accel kvm -cpu host -M pc -m 256M -nodefaults -no-user-config \

@@ -40,7 +40,15 @@ KEEP="${VUC_KEEP:-0}"
 
 WORK="$(mktemp -d /tmp/vuc-vm.XXXXXX)"
 FAILED_ANY=0
+TEST_PID=""
 cleanup() {
+    # A test still running (we were interrupted): stop it, it kills its
+    # QEMU and daemon on the way out.
+    if [ -n "$TEST_PID" ] && kill -0 "$TEST_PID" 2>/dev/null; then
+        kill -TERM "$TEST_PID" 2>/dev/null || true
+        wait "$TEST_PID" 2>/dev/null || true
+        FAILED_ANY=1
+    fi
     kill_registered
     if [ "$KEEP" = 1 ] || ((FAILED_ANY)); then
         log "work directory kept: $WORK"
@@ -232,7 +240,7 @@ test_mq() {
         show_backend_log "$d/backend.log"
         tfail "backend did not stop cleanly"
     }
-    expect_guest "$d/console.log" mq-cpus mq-queues mq-io
+    expect_guest "$d/console.log" mq-cpus mq-queues mq-io mq-both-queues
     check_and_merge "$overlay" "$d/merged.img"
     mkdir -p "$d/mq"
     img_cat "$d/merged.img" /data/mq.sha256 >"$d/mq.sha256"
@@ -410,15 +418,19 @@ main() {
         log "==== $name"
         t="$(now)"
         # Each test in a subshell with errexit working (not in an if), its
-        # processes killed when it ends.
-        set +e
+        # processes killed when it ends; in the background, so that a
+        # signal to this script is handled at once (see cleanup).
         (
             set -e
             trap kill_registered EXIT
+            trap 'exit 143' TERM
+            trap 'exit 130' INT
             "$fn"
-        )
-        local rc=$?
-        set -e
+        ) &
+        TEST_PID=$!
+        local rc=0
+        wait "$TEST_PID" || rc=$?
+        TEST_PID=""
         if ((rc == 0)); then
             results+=("PASS $name ($(elapsed "$t")s)")
             log "==== PASS $name ($(elapsed "$t")s)"
