@@ -302,19 +302,23 @@ main() {
         } | sha256sum | cut -c1-16
     )"
     local dir="$VUC_CACHE_DIR/guest-$key"
+    # One build at a time (runs from several worktrees share the cache).
+    exec 9>"$VUC_CACHE_DIR/build.lock"
+    flock -w 600 9 || die "timed out waiting for another setup.sh to finish building"
     if [ -s "$dir/golden.sha256" ]; then
         log "guest up to date: $dir"
     else
         build_guest "$dir" "$kdeb" "$bdeb"
     fi
-    # Keep the cache small: older guests are of no use.
+    touch "$dir"
+    # Keep the cache small: remove guests of other script versions that
+    # nobody used for a day (another checkout may still be using a newer one).
     local old
-    for old in "$VUC_CACHE_DIR"/guest-*; do
-        [ "$old" = "$dir" ] || [ ! -d "$old" ] || {
-            log "removing old guest $old"
-            rm -rf "$old"
-        }
-    done
+    while read -r old; do
+        log "removing old guest $old"
+        rm -rf "$old"
+    done < <(find "$VUC_CACHE_DIR" -maxdepth 1 -name 'guest-*' ! -path "$dir" -mmin +1440)
+    exec 9>&-
     echo "GUEST_DIR=$dir"
 }
 
