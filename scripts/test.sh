@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests need: uml-utilities provides uml_mkcow and
-# uml_moo, the reference implementations the tools are compared with.
-DEB_PACKAGES=(uml-utilities)
+# uml_moo, the reference implementations the tools are compared with; the
+# scripts are linted with shellcheck. The VM tests install what they need
+# themselves (scripts/qemu/setup.sh).
+DEB_PACKAGES=(uml-utilities shellcheck)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -35,4 +37,18 @@ if command -v cargo-nextest >/dev/null 2>&1; then
     cargo test --doc
 else
     cargo test --no-fail-fast
+fi
+
+echo "== shellcheck" >&2
+shellcheck scripts/*.sh scripts/qemu/*.sh
+(cd scripts/qemu/guest && shellcheck -- *.sh init initramfs-init)
+
+# VM tests: boot guests on vhost-user-blk disks under QEMU (TCG where KVM
+# cannot run them). VUC_BACKEND=ours (default) or qsd picks the daemon;
+# VUC_SKIP_VM=1 skips them (said loudly, for quick local runs).
+if [ "${VUC_SKIP_VM:-0}" = 1 ]; then
+    echo "== VM tests SKIPPED (VUC_SKIP_VM=1)" >&2
+else
+    echo "== VM tests (scripts/qemu/vm-tests.sh, backend ${VUC_BACKEND:-ours})" >&2
+    bash scripts/qemu/vm-tests.sh
 fi

@@ -370,6 +370,18 @@ impl Harness {
                 }
             }
             ReqKind::Write | ReqKind::Zero => {
+                // Writes still in flight over the same sectors may land
+                // before or after this one (failed or not).
+                for r in self.reqs.values_mut() {
+                    let o = r.req;
+                    if matches!(o.kind, ReqKind::Write | ReqKind::Zero)
+                        && r.done.is_none()
+                        && o.sector < req.sector + req.count
+                        && req.sector < o.sector + o.count
+                    {
+                        r.concurrent.insert(id);
+                    }
+                }
                 if status == Status::Ok {
                     // Rule 6: data and bit are both in the file.
                     for s in req.sector..req.sector + req.count {
@@ -397,16 +409,6 @@ impl Harness {
                             self.possible[s as usize].extend(others);
                         }
                     }
-                    for r in self.reqs.values_mut() {
-                        let o = r.req;
-                        if matches!(o.kind, ReqKind::Write | ReqKind::Zero)
-                            && r.done.is_none()
-                            && o.sector < req.sector + req.count
-                            && req.sector < o.sector + o.count
-                        {
-                            r.concurrent.insert(id);
-                        }
-                    }
                 } else {
                     assert!(
                         self.failed_device,
@@ -415,20 +417,24 @@ impl Harness {
                     let before = self.reqs[&id].before.clone();
                     for (i, set) in before.into_iter().enumerate() {
                         let s = req.sector as usize + i;
-                        if !self.mem_bit(s as u64) {
-                            // Its bits never went out: older data is back,
-                            // also for reads already in flight.
-                            for r in self.reqs.values_mut() {
-                                let rs = r.req.sector as usize;
-                                if r.req.kind == ReqKind::Read
-                                    && r.done.is_none()
-                                    && (rs..rs + r.req.count as usize).contains(&s)
-                                {
-                                    r.acceptable[s - rs].extend(set.iter().copied());
-                                }
+                        // Its bits never went out: older data is back. Its
+                        // bits were set (its own bitmap write failed): its
+                        // data may show. Also for reads already in flight.
+                        let visible: BTreeSet<u64> = if self.mem_bit(s as u64) {
+                            BTreeSet::from([id])
+                        } else {
+                            set
+                        };
+                        for r in self.reqs.values_mut() {
+                            let rs = r.req.sector as usize;
+                            if r.req.kind == ReqKind::Read
+                                && r.done.is_none()
+                                && (rs..rs + r.req.count as usize).contains(&s)
+                            {
+                                r.acceptable[s - rs].extend(visible.iter().copied());
                             }
-                            self.possible[s].extend(set);
                         }
+                        self.possible[s].extend(visible);
                     }
                 }
             }

@@ -1,0 +1,448 @@
+#!/usr/bin/env bash
+# VM tests: boot the test guest with its root filesystem on a vhost-user-blk
+# disk served by the backend (VUC_BACKEND=ours: vhost-user-cow over a COW
+# file; qsd: qemu-storage-daemon over a qcow2 overlay) and check, in the
+# guest and on the host, that the data is right.
+#
+#   boot            root on /dev/vda from a fresh overlay over the golden
+#                   image; the guest writes files and a checksummed workload
+#                   (VUC_VM_MIB MiB, default 200) and reads them back. Host:
+#                   golden image unchanged, overlay grew, check clean, the
+#                   merged image passes fsck and holds the guest's files.
+#   persist         the same overlay booted again: the files are still there.
+#   mq              two vCPUs, two virtqueues, a writer on each CPU.
+#   qemu-restart    QEMU killed (SIGKILL) mid-workload, a new QEMU started
+#                   against the same daemon: it boots (journal replay), and
+#                   the filesystem checks clean afterwards.
+#   daemon-restart  the daemon killed (SIGKILL) while the guest is idle and
+#                   started again; QEMU (chardev reconnect) carries on and
+#                   the guest's data reads back correctly.
+#   daemon-restart-busy  the same in the middle of the guest's I/O; reports
+#                   what the guest sees (see the function for what fails).
+#
+# The guest reports "VMTEST PASS name" / "VMTEST FAIL name: why" on its
+# serial console; a missing PASS, any FAIL, or a missing clean shutdown
+# fails the test and shows the console. Every wait has a timeout.
+#
+# Environment (see also lib.sh): VUC_VM_TESTS (names to run, default all),
+# VUC_VM_MIB, VUC_KEEP=1 (keep the work directory), VUC_VM_TIMEOUT_SCALE
+# (multiplies every guest timeout; default 1, KVM needs less).
+set -euo pipefail
+PROG=vm-tests
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+ALL_TESTS=(boot persist mq qemu-restart daemon-restart daemon-restart-busy)
+read -r -a TESTS <<<"${VUC_VM_TESTS:-${ALL_TESTS[*]}}"
+MIB="${VUC_VM_MIB:-200}"
+SCALE="${VUC_VM_TIMEOUT_SCALE:-1}"
+KEEP="${VUC_KEEP:-0}"
+
+WORK="$(mktemp -d /tmp/vuc-vm.XXXXXX)"
+FAILED_ANY=0
+TEST_PID=""
+cleanup() {
+    # A test still running (we were interrupted): stop it, it kills its
+    # QEMU and daemon on the way out.
+    if [ -n "$TEST_PID" ] && kill -0 "$TEST_PID" 2>/dev/null; then
+        kill -TERM "$TEST_PID" 2>/dev/null || true
+        wait "$TEST_PID" 2>/dev/null || true
+        FAILED_ANY=1
+    fi
+    kill_registered
+    if [ "$KEEP" = 1 ] || ((FAILED_ANY)); then
+        log "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Test failure: print why and leave the test's subshell.
+tfail() {
+    log "FAIL: $*"
+    exit 1
+}
+
+timeout_s() { echo $(($1 * SCALE)); }
+
+show_console() {
+    local console="$1"
+    log "---- guest console ($console), last 60 lines:"
+    tail -n 60 "$console" | sed 's/^/    | /' >&2
+    if [ -s "$console.qemu" ]; then
+        log "---- QEMU stderr:"
+        tail -n 20 "$console.qemu" | sed 's/^/    | /' >&2
+    fi
+}
+
+show_backend_log() {
+    if [ -s "$1" ]; then
+        log "---- backend log ($1), last 30 lines:"
+        tail -n 30 "$1" | sed 's/^/    | /' >&2
+    fi
+}
+
+# The guest's report lines (the serial console ends lines with CR LF).
+vmtest_lines() { tr -d '\r' <"$1" | grep '^VMTEST ' || true; }
+
+# expect_guest CONSOLE PASS_NAME...: the guest reported every PASS_NAME,
+# no FAIL, and shut down cleanly (VMTEST DONE).
+expect_guest() {
+    local console="$1" name bad=0 lines
+    shift
+    lines="$(vmtest_lines "$console")"
+    printf '%s\n' "$lines" | grep '^VMTEST \(INFO\|READY\)' | sed 's/^VMTEST /    guest: /' >&2 || true
+    if printf '%s\n' "$lines" | grep -q '^VMTEST FAIL'; then
+        printf '%s\n' "$lines" | grep '^VMTEST FAIL' | sed 's/^/    /' >&2
+        bad=1
+    fi
+    for name in "$@"; do
+        if printf '%s\n' "$lines" | grep -qx "VMTEST PASS $name"; then
+            log "guest: PASS $name"
+        else
+            log "guest: no 'VMTEST PASS $name'"
+            bad=1
+        fi
+    done
+    if ! printf '%s\n' "$lines" | grep -q '^VMTEST DONE'; then
+        log "guest: no clean shutdown (no 'VMTEST DONE')"
+        bad=1
+    fi
+    if ((bad)); then
+        show_console "$console"
+        tfail "guest checks failed"
+    fi
+}
+
+# run_guest CONSOLE SOCK MODE TIMEOUT [start_qemu options]: boot, wait for
+# the guest to power off.
+run_guest() {
+    local console="$1" sock="$2" mode="$3" timeout="$4" rc=0 t0
+    shift 4
+    t0="$(now)"
+    start_qemu "$console" "$sock" "$mode" "$@"
+    wait_pid "$QEMU_PID" "$(timeout_s "$timeout")" || rc=$?
+    if [ "$rc" -eq 124 ]; then
+        show_console "$console"
+        tfail "guest ($mode) did not power off within $(timeout_s "$timeout")s"
+    fi
+    if [ "$rc" -ne 0 ]; then
+        show_console "$console"
+        tfail "QEMU exited with status $rc"
+    fi
+    log "guest ($mode) powered off after $(elapsed "$t0")s"
+}
+
+golden_unchanged() {
+    (cd "$GUEST_DIR" && sha256sum --quiet -c golden.sha256) ||
+        tfail "the golden (backing) image $GUEST_GOLDEN changed"
+    log "golden image unchanged (sha256)"
+}
+
+# merged_image OVERLAY OUT: check the overlay, merge it into a raw image,
+# fsck that image.
+check_and_merge() {
+    local overlay="$1" out="$2" rc=0
+    backend_check "$overlay" >&2 || rc=$?
+    ((rc == 0)) || tfail "check of $overlay: exit status $rc"
+    log "check $overlay: clean"
+    backend_merge "$overlay" "$out" >&2 || tfail "merge of $overlay failed"
+    rc=0
+    fsck.ext4 -fn "$out" >"$out.fsck" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        sed 's/^/    | /' "$out.fsck" >&2
+        tfail "fsck.ext4 -fn of the merged image: exit status $rc"
+    fi
+    log "merged image passes fsck.ext4 -fn ($(grep -o '[0-9]*/[0-9]* files' "$out.fsck" || true))"
+}
+
+# img_cat IMG PATH: a file's content, read out of an ext4 image with debugfs.
+img_cat() { debugfs -R "cat $2" "$1" 2>/dev/null; }
+# img_dump IMG PATH OUT
+img_dump() {
+    rm -f "$3"
+    debugfs -R "dump $2 $3" "$1" >/dev/null 2>&1
+    [ -f "$3" ] || tfail "$2 is not in the merged image"
+}
+
+test_boot() {
+    local d="$WORK/boot" tag before after
+    mkdir -p "$d"
+    tag="$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    echo "$tag" >"$d/tag"
+    local overlay="$d/disk.$OVERLAY_EXT"
+    golden_unchanged
+    backend_create "$overlay" "$GUEST_GOLDEN"
+    before="$(backend_used_bytes "$overlay")"
+    log "overlay $overlay created ($before bytes used)"
+    backend_start "$d/sock" "$overlay" 1 "$d/backend.log"
+    run_guest "$d/console.log" "$d/sock" write 300 --append "vmtest.tag=$tag vmtest.mib=$MIB"
+    backend_stop || {
+        show_backend_log "$d/backend.log"
+        tfail "backend did not stop cleanly"
+    }
+    expect_guest "$d/console.log" root-rw small-files workload
+    after="$(backend_used_bytes "$overlay")"
+    log "overlay grew from $before to $after bytes"
+    ((after - before >= MIB * 1048576)) ||
+        tfail "the overlay grew by $((after - before)) bytes, less than the $MIB MiB the guest wrote"
+    golden_unchanged
+    check_and_merge "$overlay" "$d/merged.img"
+
+    # The guest's files, read out of the merged image without mounting it.
+    local got
+    got="$(img_cat "$d/merged.img" /data/hello.txt)"
+    [ "$got" = "hello from vmtest $tag" ] || tfail "/data/hello.txt in the merged image is '$got'"
+    img_cat "$d/merged.img" /data/big.sha256 >"$d/big.sha256"
+    grep -q ' big.bin$' "$d/big.sha256" || tfail "no /data/big.sha256 in the merged image"
+    img_dump "$d/merged.img" /data/big.bin "$d/big.bin"
+    (cd "$d" && sha256sum --quiet -c big.sha256) || tfail "/data/big.bin in the merged image differs from the guest's checksum"
+    [ "$(stat -c %s "$d/big.bin")" -eq $((MIB * 1048576)) ] || tfail "/data/big.bin has the wrong size"
+    mkdir -p "$d/small"
+    img_cat "$d/merged.img" /data/small.sha256 >"$d/small.sha256"
+    [ "$(wc -l <"$d/small.sha256")" -eq 64 ] || tfail "/data/small.sha256 in the merged image is incomplete"
+    local f
+    while read -r _ f; do
+        img_dump "$d/merged.img" "/data/small/$f" "$d/small/$f"
+    done <"$d/small.sha256"
+    (cd "$d/small" && sha256sum --quiet -c ../small.sha256) || tfail "small files in the merged image differ"
+    log "merged image holds the guest's files (hello.txt, 64 small files, $MIB MiB big.bin)"
+    rm -f "$d/merged.img" "$d/big.bin"
+}
+
+test_persist() {
+    local d="$WORK/boot" overlay
+    overlay="$d/disk.$OVERLAY_EXT"
+    if [ ! -f "$overlay" ] || [ ! -f "$d/tag" ]; then
+        tfail "needs the overlay of the boot test (run 'boot' first)"
+    fi
+    backend_start "$d/sock" "$overlay" 1 "$d/backend2.log"
+    run_guest "$d/console2.log" "$d/sock" verify 300 --append "vmtest.tag=$(cat "$d/tag")"
+    backend_stop || {
+        show_backend_log "$d/backend2.log"
+        tfail "backend did not stop cleanly"
+    }
+    expect_guest "$d/console2.log" persist-small persist-files persist-workload
+    backend_check "$overlay" >&2 || tfail "check of $overlay after the second boot failed"
+    golden_unchanged
+}
+
+test_mq() {
+    local d="$WORK/mq"
+    mkdir -p "$d"
+    local overlay="$d/disk.$OVERLAY_EXT"
+    backend_create "$overlay" "$GUEST_GOLDEN"
+    backend_start "$d/sock" "$overlay" 2 "$d/backend.log"
+    run_guest "$d/console.log" "$d/sock" mq 300 --cpus 2 --queues 2 --append "vmtest.queues=2"
+    backend_stop || {
+        show_backend_log "$d/backend.log"
+        tfail "backend did not stop cleanly"
+    }
+    expect_guest "$d/console.log" mq-cpus mq-queues mq-io mq-both-queues
+    check_and_merge "$overlay" "$d/merged.img"
+    mkdir -p "$d/mq"
+    img_cat "$d/merged.img" /data/mq.sha256 >"$d/mq.sha256"
+    img_dump "$d/merged.img" /data/mq/w0 "$d/mq/w0"
+    img_dump "$d/merged.img" /data/mq/w1 "$d/mq/w1"
+    (cd "$d/mq" && sha256sum --quiet -c ../mq.sha256) || tfail "the writers' files in the merged image differ"
+    log "merged image holds both writers' files"
+    rm -rf "$d/merged.img" "$d/mq"
+}
+
+test_qemu_restart() {
+    local d="$WORK/qemu-restart" rc=0
+    mkdir -p "$d"
+    local overlay="$d/disk.$OVERLAY_EXT"
+    backend_create "$overlay" "$GUEST_GOLDEN"
+    backend_start "$d/sock" "$overlay" 1 "$d/backend.log"
+    start_qemu "$d/console1.log" "$d/sock" crash
+    wait_for_line "$d/console1.log" '^VMTEST READY crash' "$(timeout_s 120)" "$QEMU_PID" || rc=$?
+    if ((rc != 0)); then
+        show_console "$d/console1.log"
+        tfail "the guest's workload did not start (status $rc)"
+    fi
+    sleep 3
+    kill -KILL "$QEMU_PID"
+    wait "$QEMU_PID" 2>/dev/null || true
+    log "QEMU killed with SIGKILL in the middle of the workload ($(grep -c '' "$d/console1.log") console lines)"
+    kill -0 "$BACKEND_PID" 2>/dev/null || {
+        show_backend_log "$d/backend.log"
+        tfail "the backend died when QEMU was killed"
+    }
+    run_guest "$d/console2.log" "$d/sock" recover 300
+    backend_stop || {
+        show_backend_log "$d/backend.log"
+        tfail "backend did not stop cleanly"
+    }
+    expect_guest "$d/console2.log" recover-files recover-io
+    if grep -q 'EXT4-fs (vda): recovery complete' "$d/console2.log"; then
+        log "the guest replayed the journal (EXT4-fs (vda): recovery complete)"
+    else
+        show_console "$d/console2.log"
+        tfail "no journal replay on the second boot: was QEMU really killed mid-workload?"
+    fi
+    check_and_merge "$overlay" "$d/merged.img"
+    rm -f "$d/merged.img"
+}
+
+# kill_and_restart_backend D OVERLAY: SIGKILL the backend, check QEMU
+# survives, start the backend again on the same socket.
+kill_and_restart_backend() {
+    local d="$1" overlay="$2"
+    kill -KILL "$BACKEND_PID"
+    wait "$BACKEND_PID" 2>/dev/null || true
+    log "backend killed with SIGKILL"
+    sleep 2
+    kill -0 "$QEMU_PID" 2>/dev/null || {
+        show_console "$d/console.log"
+        tfail "QEMU exited when the backend was killed"
+    }
+    backend_start "$d/sock" "$overlay" 1 "$d/backend2.log"
+}
+
+show_qemu_messages() {
+    if [ -s "$1.qemu" ]; then
+        log "QEMU's messages (stderr):"
+        sort "$1.qemu" | uniq -c | sort -rn | head -n 10 | sed 's/^/    | /' >&2
+    fi
+}
+
+# The daemon killed while the guest is idle (nothing in flight) and started
+# again: QEMU reconnects and the guest carries on; data and filesystem
+# must be intact.
+test_daemon_restart() {
+    local d="$WORK/daemon-restart" rc=0
+    mkdir -p "$d"
+    local overlay="$d/disk.$OVERLAY_EXT"
+    backend_create "$overlay" "$GUEST_GOLDEN"
+    backend_start "$d/sock" "$overlay" 1 "$d/backend.log"
+    start_qemu "$d/console.log" "$d/sock" reconnect --reconnect 1 --append "vmtest.phase=idle vmtest.pause=12"
+    wait_for_line "$d/console.log" '^VMTEST READY reconnect-idle' "$(timeout_s 120)" "$QEMU_PID" || rc=$?
+    if ((rc != 0)); then
+        show_console "$d/console.log"
+        tfail "the guest's workload did not start (status $rc)"
+    fi
+    kill_and_restart_backend "$d" "$overlay"
+    rc=0
+    wait_pid "$QEMU_PID" "$(timeout_s 180)" || rc=$?
+    show_qemu_messages "$d/console.log"
+    if ((rc != 0)); then
+        show_console "$d/console.log"
+        show_backend_log "$d/backend2.log"
+        tfail "QEMU after the backend restart: status $rc (124: the guest did not finish in time)"
+    fi
+    backend_stop || {
+        show_backend_log "$d/backend2.log"
+        tfail "backend did not stop cleanly"
+    }
+    expect_guest "$d/console.log" reconnect-idle
+    check_and_merge "$overlay" "$d/merged.img"
+    rm -f "$d/merged.img"
+}
+
+# The daemon killed in the middle of the guest's I/O and started again.
+# What the guest sees depends on the frontend and on in-flight request
+# tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so by default this test
+# documents it: it reports whether the guest carried on with its data
+# intact, saw I/O errors or bad data, or stalled. It fails when the
+# restarted daemon does not serve QEMU, does not stop cleanly, or leaves
+# the overlay or the backing image damaged; with VUC_VM_STRICT_RECONNECT=1
+# it also fails unless the guest carried on unharmed.
+test_daemon_restart_busy() {
+    local d="$WORK/daemon-restart-busy" rc=0
+    mkdir -p "$d"
+    local overlay="$d/disk.$OVERLAY_EXT"
+    backend_create "$overlay" "$GUEST_GOLDEN"
+    backend_start "$d/sock" "$overlay" 1 "$d/backend.log"
+    start_qemu "$d/console.log" "$d/sock" reconnect --reconnect 1 --append "vmtest.phase=busy vmtest.secs=20"
+    wait_for_line "$d/console.log" '^VMTEST READY reconnect-busy' "$(timeout_s 120)" "$QEMU_PID" || rc=$?
+    if ((rc != 0)); then
+        show_console "$d/console.log"
+        tfail "the guest's workload did not start (status $rc)"
+    fi
+    sleep 1
+    kill_and_restart_backend "$d" "$overlay"
+    rc=0
+    wait_pid "$QEMU_PID" "$(timeout_s 90)" || rc=$?
+    local outcome
+    if ((rc == 124)); then
+        outcome="the guest stalled: it did not finish within $(timeout_s 90)s of the restart"
+        kill -KILL "$QEMU_PID" 2>/dev/null || true
+        wait "$QEMU_PID" 2>/dev/null || true
+    elif ((rc != 0)); then
+        outcome="QEMU exited with status $rc"
+    elif vmtest_lines "$d/console.log" | grep -qx 'VMTEST PASS reconnect-busy'; then
+        outcome="the guest carried on; its data read back intact and it saw no I/O errors"
+    else
+        outcome="the guest finished but reported: $(vmtest_lines "$d/console.log" | grep '^VMTEST FAIL' | head -n 3 | tr '\n' ' ')"
+    fi
+    log "guest console:"
+    tr -d '\r' <"$d/console.log" | grep -E 'VMTEST|virtio|I/O error|journal|EXT4|blocked for' | tail -n 25 | sed 's/^/    | /' >&2
+    show_qemu_messages "$d/console.log"
+    log "OUTCOME ($VUC_BACKEND backend): $outcome"
+    kill -0 "$BACKEND_PID" 2>/dev/null || {
+        show_backend_log "$d/backend2.log"
+        tfail "the restarted backend died"
+    }
+    backend_stop || {
+        show_backend_log "$d/backend2.log"
+        tfail "the restarted backend did not stop cleanly"
+    }
+    backend_check "$overlay" >&2 || tfail "check of $overlay after the restart failed"
+    log "check $overlay: clean"
+    golden_unchanged
+    if [ "${VUC_VM_STRICT_RECONNECT:-0}" = 1 ]; then
+        vmtest_lines "$d/console.log" | grep -qx 'VMTEST PASS reconnect-busy' ||
+            tfail "VUC_VM_STRICT_RECONNECT=1 and the guest did not carry on unharmed"
+        check_and_merge "$overlay" "$d/merged.img"
+        rm -f "$d/merged.img"
+    fi
+}
+
+main() {
+    local t name fn
+    for name in "${TESTS[@]}"; do
+        case " ${ALL_TESTS[*]} " in *" $name "*) ;; *) die "unknown VM test '$name' (known: ${ALL_TESTS[*]})" ;; esac
+    done
+    local t_all
+    t_all="$(now)"
+    ensure_guest
+    backend_init
+    resolve_accel
+    log "guest: $GUEST_DIR (kernel $(cat "$GUEST_DIR/kernel-version")); work directory: $WORK"
+    local results=()
+    for name in "${TESTS[@]}"; do
+        fn="test_${name//-/_}"
+        log "==== $name"
+        t="$(now)"
+        # Each test in a subshell with errexit working (not in an if), its
+        # processes killed when it ends; in the background, so that a
+        # signal to this script is handled at once (see cleanup).
+        (
+            set -e
+            trap kill_registered EXIT
+            trap 'exit 143' TERM
+            trap 'exit 130' INT
+            "$fn"
+        ) &
+        TEST_PID=$!
+        local rc=0
+        wait "$TEST_PID" || rc=$?
+        TEST_PID=""
+        if ((rc == 0)); then
+            results+=("PASS $name ($(elapsed "$t")s)")
+            log "==== PASS $name ($(elapsed "$t")s)"
+        else
+            FAILED_ANY=1
+            results+=("FAIL $name ($(elapsed "$t")s)")
+            log "==== FAIL $name ($(elapsed "$t")s)"
+        fi
+    done
+    log "summary ($VUC_BACKEND backend, $VUC_ACCEL_RESOLVED, $(elapsed "$t_all")s in all):"
+    printf '    %s\n' "${results[@]}" >&2
+    ((FAILED_ANY == 0))
+}
+
+main "$@"
