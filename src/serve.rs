@@ -141,21 +141,7 @@ fn wait_for_connection(listener: RawFd, shutdown: RawFd) -> bool {
 }
 
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
-    let dev = Arc::new(Device::open(&opts.device)?);
-
-    let (listener, socket_path) = match &opts.socket {
-        SocketSource::Path { path, mode } => (bind(path, *mode)?, Some(path.clone())),
-        SocketSource::Fd(fd) => {
-            // SAFETY: the fd was handed to us by our parent for this use.
-            let l = unsafe { UnixListener::from_raw_fd(*fd) };
-            l.local_addr()
-                .map_err(|source| ServeError::BadFd { fd: *fd, source })?;
-            (l, None)
-        }
-    };
-    let listener_fd = listener.as_raw_fd();
-    let mut vhost_listener = Listener::from(listener);
-
+    // First of all, so that a signal during start-up is not fatal.
     // Signals: stop accepting, cut the connection, then drain and exit.
     let (shutdown_c, shutdown_n) =
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
@@ -184,6 +170,21 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             })
             .map_err(ServeError::Signals)?;
     }
+
+    let dev = Arc::new(Device::open(&opts.device)?);
+
+    let (listener, socket_path) = match &opts.socket {
+        SocketSource::Path { path, mode } => (bind(path, *mode)?, Some(path.clone())),
+        SocketSource::Fd(fd) => {
+            // SAFETY: the fd was handed to us by our parent for this use.
+            let l = unsafe { UnixListener::from_raw_fd(*fd) };
+            l.local_addr()
+                .map_err(|source| ServeError::BadFd { fd: *fd, source })?;
+            (l, None)
+        }
+    };
+    let listener_fd = listener.as_raw_fd();
+    let mut vhost_listener = Listener::from(listener);
 
     let mut first = true;
     let result = loop {
@@ -251,12 +252,23 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         let outcome = daemon.wait();
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         backend.drain();
-        match outcome {
+        let clean = matches!(
+            outcome,
             Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => log::info!("frontend disconnected"),
-            Err(e) => log::warn!("frontend connection ended: {e}"),
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                        | vhost::vhost_user::Error::PartialMessage,
+                ))
+        );
+        match outcome {
+            Err(e) if !clean => log::warn!("frontend connection ended: {e}"),
+            _ if backend.acked_features_bits() == 0 => log::info!(
+                "frontend disconnected before negotiating (QEMU does that when its \
+                 num-queues, by default one per vCPU, exceeds the {} queues offered: \
+                 raise --num-queues)",
+                opts.backend.num_queues
+            ),
+            _ => log::info!("frontend disconnected"),
         }
         if stopping.load(Ordering::SeqCst) {
             break Ok(());
