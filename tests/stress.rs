@@ -9,11 +9,12 @@
 mod common;
 
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use common::daemon::{Daemon, Image, Peer, ServeOptions};
 use common::Rng;
 use vhost_user_cow::cow_disk::{Disk, DiskOptions};
 
@@ -41,48 +42,6 @@ fn tagged_sector(tag: u64, s: u64) -> [u8; 512] {
         c[8..].copy_from_slice(&s.to_le_bytes());
     }
     b
-}
-
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn start(sock: &Path, cow: &Path, extra: &[&str]) -> Daemon {
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-cow"))
-            .args(["serve", "--socket-path"])
-            .arg(sock)
-            .arg("--disk")
-            .arg(cow)
-            .args(["--num-queues", "4", "--threads", "2", "--queue-depth", "4"])
-            .args(extra)
-            .spawn()
-            .expect("start daemon");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not listen on {}",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { child }
-    }
-
-    fn stop(mut self) {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().expect("wait daemon");
-        assert!(status.success(), "daemon exited with {status}");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What one client thread wrote: sector -> tag of its last completed write.
@@ -258,7 +217,6 @@ fn stress_chunked(daemon_args: &[&str], chunk: u32) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     let cow = dir.path().join("disk.cow");
-    let sock = dir.path().join("s.sock");
     let mut image = Vec::with_capacity((SECTORS * 512) as usize);
     for s in 0..SECTORS {
         image.extend_from_slice(&backing_sector(s));
@@ -270,7 +228,21 @@ fn stress_chunked(daemon_args: &[&str], chunk: u32) {
     };
     vhost_user_cow::cow_disk::create_cow(&cow, &base, &opts).unwrap();
 
-    let daemon = Daemon::start(&sock, &cow, daemon_args);
+    let opts = ServeOptions {
+        num_queues: THREADS as u16,
+        extra_args: ["--threads", "2", "--queue-depth", "4"]
+            .iter()
+            .chain(daemon_args)
+            .map(|a| a.to_string())
+            .collect(),
+        ..ServeOptions::default()
+    };
+    let image_files = Image::Cow {
+        cow: cow.clone(),
+        backing: base.clone(),
+    };
+    let daemon = Daemon::start(Peer::Ours, dir.path(), &image_files, &opts);
+    let sock = daemon.socket().to_owned();
     let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
     b.set_str("path", sock.to_str().unwrap()).unwrap();
     b.connect().unwrap();
@@ -297,7 +269,8 @@ fn stress_chunked(daemon_args: &[&str], chunk: u32) {
     }
     assert!(written > 100, "only {written} sectors written");
     drop(b);
-    daemon.stop();
+    let stopped = daemon.terminate();
+    assert!(stopped.status.success(), "daemon: {}", stopped.log);
 
     // Our mapping, the tools' view, and the model agree.
     let disk = Disk::open(

@@ -96,6 +96,8 @@ pub struct ServeOptions {
     pub serial: Option<String>,
     /// Pass `--backing` explicitly for a COW image.
     pub pass_backing: bool,
+    /// More `serve` options (ours only), e.g. the engine and its depth.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ServeOptions {
@@ -105,6 +107,7 @@ impl Default for ServeOptions {
             read_only: false,
             serial: None,
             pass_backing: false,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -305,6 +308,7 @@ fn ours_command(socket: &Path, image: &Image, o: &ServeOptions) -> (Command, Pat
     if let Some(s) = &o.serial {
         c.arg("--serial").arg(s);
     }
+    c.args(&o.extra_args);
     (c, served)
 }
 
