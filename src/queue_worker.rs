@@ -555,9 +555,4 @@ impl Worker {
     pub fn engine_in_flight(&self) -> usize {
         self.engine.in_flight()
     }
-
-    /// How many requests are in flight (for logs).
-    pub fn inflight_count(&self) -> usize {
-        self.inflight.len()
-    }
 }
