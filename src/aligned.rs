@@ -18,12 +18,18 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// `len` zero bytes (rounded up to whole pages, at least one).
     pub fn zeroed(len: usize) -> AlignedBuf {
-        let len = len.div_ceil(PAGE).max(1) * PAGE;
-        let layout = Layout::from_size_align(len, PAGE).expect("buffer layout");
+        Self::try_zeroed(len).unwrap_or_else(|| {
+            alloc::handle_alloc_error(Layout::from_size_align(len.max(1), PAGE).unwrap())
+        })
+    }
+
+    /// As `zeroed`, or None when that much memory cannot be had.
+    pub fn try_zeroed(len: usize) -> Option<AlignedBuf> {
+        let len = len.checked_next_multiple_of(PAGE)?.max(PAGE);
+        let layout = Layout::from_size_align(len, PAGE).ok()?;
         // SAFETY: layout has non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
+        Some(AlignedBuf { ptr, len })
     }
 
     pub fn len(&self) -> usize {

@@ -43,13 +43,18 @@ impl Bitmap {
     /// An all-zero bitmap of `chunks` bits, each covering `chunk_size`
     /// bytes (a power of two, at least 512).
     pub fn new(chunks: u64, chunk_size: u64) -> Bitmap {
+        Self::try_new(chunks, chunk_size).expect("bitmap fits in memory")
+    }
+
+    /// As `new`, or None when the bitmap cannot be held in memory.
+    pub fn try_new(chunks: u64, chunk_size: u64) -> Option<Bitmap> {
         assert!(chunk_size.is_power_of_two() && chunk_size >= 512);
-        let bytes = usize::try_from(chunks.div_ceil(8)).expect("bitmap fits in memory");
-        Bitmap {
-            buf: AlignedBuf::zeroed(bytes),
+        let bytes = usize::try_from(chunks.div_ceil(8)).ok()?;
+        Some(Bitmap {
+            buf: AlignedBuf::try_zeroed(bytes)?,
             chunks,
             chunk_shift: (chunk_size / 512).trailing_zeros(),
-        }
+        })
     }
 
     pub fn chunks(&self) -> u64 {

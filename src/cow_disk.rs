@@ -208,6 +208,10 @@ pub fn read_header(file: &File, path: &Path) -> Result<CowHeader> {
     CowHeader::parse(&head, len, path)
 }
 
+/// The bitmap is held in memory whole; 1 GiB of it covers 4 PiB of disk
+/// at 512-byte chunks. Anything larger is a hostile or broken header.
+pub const MAX_BITMAP_BYTES: u64 = 1 << 30;
+
 /// Reads the bitmap of a COW file into memory.
 ///
 /// Every byte between the bitmap offset and the data offset that holds
@@ -216,7 +220,19 @@ pub fn read_header(file: &File, path: &Path) -> Result<CowHeader> {
 /// multiple of 8: those last bits are stored there by writers (and by
 /// `write_sectors`), so they must be read back too.
 pub fn read_bitmap(file: &File, path: &Path, geometry: &Geometry) -> Result<Bitmap> {
-    let mut bitmap = Bitmap::new(geometry.chunks, geometry.sectorsize);
+    let bytes = geometry.chunks.div_ceil(8);
+    if bytes > MAX_BITMAP_BYTES {
+        return Err(DiskError::BitmapTooLarge {
+            path: path.to_owned(),
+            bytes,
+        });
+    }
+    let mut bitmap = Bitmap::try_new(geometry.chunks, geometry.sectorsize).ok_or_else(|| {
+        DiskError::BitmapTooLarge {
+            path: path.to_owned(),
+            bytes,
+        }
+    })?;
     let room = geometry.data_offset - geometry.bitmap_offset;
     let on_disk = room.min(bitmap.byte_len() as u64) as usize;
     read_full_at(

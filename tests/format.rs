@@ -390,3 +390,32 @@ proptest! {
         prop_assert_eq!(snapshot(&cow), before);
     }
 }
+
+/// A header whose bitmap would not fit in memory is refused with its own
+/// error, not an allocation abort (the sparse file is long enough to pass
+/// the length check).
+#[test]
+fn huge_bitmap_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing.img");
+    // A sparse 8 TiB backing file that matches the header: a 2 GiB bitmap.
+    let size = 1u64 << 43;
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    common::set_mtime(&backing, 1_600_000_000);
+    let cow = dir.path().join("huge.cow");
+    let f = common::Fields::new(&backing, 1_600_000_000, size);
+    let bitmap_len = size / 512 / 8;
+    common::write_cow(&cow, &common::v3_header(&f), 8192, &[], 8192 + bitmap_len);
+    let before = common::snapshot_meta(&cow);
+    match Disk::open(&cow, &ro()) {
+        Err(DiskError::BitmapTooLarge { path, bytes }) => {
+            assert_eq!(path, cow);
+            assert_eq!(bytes, bitmap_len);
+        }
+        other => panic!("expected BitmapTooLarge, got {other:?}"),
+    }
+    assert_eq!(common::snapshot_meta(&cow), before, "the file changed");
+}

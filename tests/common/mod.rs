@@ -197,6 +197,12 @@ pub fn write_cow(path: &Path, header: &[u8], bitmap_offset: u64, bitmap: &[u8], 
         .unwrap();
 }
 
+/// Length and mtime of a file (for files too large to read whole).
+pub fn snapshot_meta(path: &Path) -> (u64, i64, i64) {
+    let m = std::fs::metadata(path).unwrap();
+    (m.len(), m.mtime(), m.mtime_nsec())
+}
+
 /// Contents and mtime of a file, to show nothing was written.
 pub fn snapshot(path: &Path) -> (Vec<u8>, i64, i64) {
     let m = std::fs::metadata(path).unwrap();
