@@ -43,7 +43,7 @@ impl fmt::Display for Pattern {
 
 /// Drive a vhost-user-blk socket with a fixed-duration I/O load.
 #[derive(Debug, Parser)]
-#[command(name = "vhost-user-cow-load", version)]
+#[command(name = "vhost-user-cow-load", version, args_override_self = true)]
 struct Args {
     /// The vhost-user-blk unix socket.
     #[arg(long, alias = "socket-path", value_name = "PATH")]
@@ -72,9 +72,18 @@ struct Args {
     /// Only touch the first SIZE bytes of the disk (default: all of it).
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
-    /// Stop after this many bytes per queue (sequential fill), or at --runtime.
+    /// Stop after this many bytes per queue, or at --runtime.
     #[arg(long, value_parser = parse_size)]
     io_limit: Option<u64>,
+    /// Random patterns visit every block once, in a random order, before
+    /// any block repeats (like fio's random map): each queue walks a
+    /// permutation of its own share of the blocks.
+    #[arg(long)]
+    random_map: bool,
+    /// Stop when each queue has covered its share of the disk once
+    /// (sequential patterns, or random ones with --random-map).
+    #[arg(long)]
+    once: bool,
     /// The daemon's pid: sample its CPU time and memory.
     #[arg(long)]
     pid: Option<i32>,
@@ -85,6 +94,14 @@ struct Args {
     /// Virtqueue size (default: enough for --iodepth, at least 256).
     #[arg(long)]
     queue_size: Option<u32>,
+    /// Data check: writes put a 16-byte stamp (the sector's byte offset and
+    /// this value) at the start of every 512-byte sector ...
+    #[arg(long, value_name = "TAG")]
+    stamp: Option<u64>,
+    /// ... and reads check that every sector carries the stamp for its own
+    /// offset and this tag (a mismatch counts as an error).
+    #[arg(long, value_name = "TAG")]
+    check: Option<u64>,
     /// Seed for the offset generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -133,6 +150,52 @@ impl Rng {
     }
 }
 
+/// A pseudo-random bijection of [0, n): an invertible mixing function on
+/// the smallest power of two >= n, walked until it lands inside [0, n).
+struct Permutation {
+    n: u64,
+    bits: u32,
+    mask: u64,
+    keys: [u64; 3],
+}
+
+impl Permutation {
+    fn new(n: u64, seed: u64) -> Self {
+        let bits = (64 - n.saturating_sub(1).leading_zeros()).max(2);
+        let mask = if bits == 64 {
+            u64::MAX
+        } else {
+            (1 << bits) - 1
+        };
+        let mut r = Rng::new(seed ^ 0x5EED);
+        Permutation {
+            n,
+            bits,
+            mask,
+            keys: [r.next(), r.next() | 1, r.next() | 1],
+        }
+    }
+    fn mix(&self, mut x: u64) -> u64 {
+        let m = self.mask;
+        let sh = self.bits / 2 + 1;
+        // Each step is a bijection on `bits`-bit values.
+        x = (x ^ self.keys[0]) & m;
+        x ^= x >> sh;
+        x = x.wrapping_mul(self.keys[1]) & m;
+        x ^= x >> sh;
+        x = x.wrapping_mul(self.keys[2]) & m;
+        x ^= x >> sh;
+        x
+    }
+    fn get(&self, i: u64) -> u64 {
+        let mut x = self.mix(i);
+        while x >= self.n {
+            x = self.mix(x);
+        }
+        x
+    }
+}
+
 /// What one queue thread needs.
 struct QueueJob {
     index: usize,
@@ -149,11 +212,16 @@ struct QueueJob {
     area_end: u64,
     /// Random patterns draw block indexes from the whole span.
     blocks: u64,
+    /// With --random-map: the permutation and this queue's share of it.
+    perm: Option<Arc<Permutation>>,
+    perm_range: (u64, u64),
     /// Largest data segment the device accepts (0 = no limit).
     max_segment: u64,
     io_limit: Option<u64>,
     seed: u64,
     poll: bool,
+    stamp: Option<u64>,
+    check: Option<u64>,
 }
 
 // SAFETY: `buf` points into a shared memory region that lives as long as the
@@ -177,6 +245,7 @@ struct QueueResult {
 struct Slot {
     start: Instant,
     is_write: bool,
+    offset: u64,
     /// Kept alive while the request is in flight (segmented requests).
     iov: Vec<libc::iovec>,
 }
@@ -202,10 +271,12 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
         .map(|_| Slot {
             start: Instant::now(),
             is_write: false,
+            offset: 0,
             iov: Vec::new(),
         })
         .collect();
     let mut seq_pos = job.area_start;
+    let mut perm_pos = job.perm_range.0;
     let mut issued_bytes = 0u64;
     let mut in_flight = 0usize;
     let mut completions: Vec<MaybeUninit<Completion>> =
@@ -216,6 +287,7 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
                   slots: &mut [Slot],
                   rng: &mut Rng,
                   seq_pos: &mut u64,
+                  perm_pos: &mut u64,
                   issued_bytes: &mut u64|
      -> bool {
         if let Some(limit) = job.io_limit {
@@ -232,7 +304,17 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
                 *seq_pos += job.bs;
                 o
             }
-            _ => rng.below(job.blocks) * job.bs,
+            _ => match &job.perm {
+                Some(p) => {
+                    if *perm_pos >= job.perm_range.1 {
+                        *perm_pos = job.perm_range.0;
+                    }
+                    let b = p.get(*perm_pos);
+                    *perm_pos += 1;
+                    b * job.bs
+                }
+                None => rng.below(job.blocks) * job.bs,
+            },
         };
         let is_write = match job.pattern {
             Pattern::Randread | Pattern::Read => false,
@@ -242,8 +324,19 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
         *issued_bytes += job.bs;
         // SAFETY: slot < iodepth, and the region holds iodepth * bs bytes.
         let buf = unsafe { job.buf.add(slot * job.bs as usize) };
+        if let (true, Some(tag)) = (is_write, job.stamp) {
+            for sec in 0..job.bs / 512 {
+                // SAFETY: inside this slot's buffer; unaligned writes.
+                unsafe {
+                    let p = buf.add(sec as usize * 512) as *mut u64;
+                    p.write_unaligned((offset + sec * 512).to_le());
+                    p.add(1).write_unaligned(tag.to_le());
+                }
+            }
+        }
         let s = &mut slots[slot];
         s.is_write = is_write;
+        s.offset = offset;
         s.start = Instant::now();
         if job.max_segment == 0 || job.bs <= job.max_segment {
             if is_write {
@@ -283,6 +376,7 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
             &mut slots,
             &mut rng,
             &mut seq_pos,
+            &mut perm_pos,
             &mut issued_bytes,
         ) {
             in_flight += 1;
@@ -340,6 +434,18 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
                         std::io::Error::from_raw_os_error(-c.ret)
                     )
                 });
+            } else if let Some(msg) = (!s.is_write)
+                .then_some(job.check)
+                .flatten()
+                .and_then(|tag| {
+                    // SAFETY: the slot's buffer, filled by the completed read.
+                    let buf = unsafe { job.buf.add(slot * job.bs as usize) };
+                    check_stamps(buf, job.bs, s.offset, tag)
+                })
+            {
+                res.errors += 1;
+                res.first_error
+                    .get_or_insert_with(|| format!("queue {}: {msg}", job.index));
             } else if s.start >= clock.measure_start && now <= clock.measure_end {
                 let ns = now.duration_since(s.start).as_nanos() as u64;
                 if s.is_write {
@@ -358,6 +464,7 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
                     &mut slots,
                     &mut rng,
                     &mut seq_pos,
+                    &mut perm_pos,
                     &mut issued_bytes,
                 )
             {
@@ -374,6 +481,28 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
         .saturating_duration_since(clock.measure_start)
         .as_secs_f64();
     res
+}
+
+/// Checks the stamps of a block read at `offset`.
+fn check_stamps(buf: *const u8, bs: u64, offset: u64, tag: u64) -> Option<String> {
+    for sec in 0..bs / 512 {
+        let want = offset + sec * 512;
+        // SAFETY: the caller passes a buffer of `bs` bytes.
+        let (got_off, got_tag) = unsafe {
+            let p = buf.add(sec as usize * 512) as *const u64;
+            (
+                u64::from_le(p.read_unaligned()),
+                u64::from_le(p.add(1).read_unaligned()),
+            )
+        };
+        if got_off != want || got_tag != tag {
+            return Some(format!(
+                "data check: sector at byte {want} holds the stamp of byte {got_off:#x} \
+                 tag {got_tag:#x}, expected tag {tag:#x}"
+            ));
+        }
+    }
+    None
 }
 
 /// Daemon process counters from /proc.
@@ -617,6 +746,12 @@ fn run(args: &Args) -> Result<Report, String> {
         measure_end: t0 + ramp + runtime,
     });
     let slice = (blocks / args.queues as u64).max(1) * args.bs;
+    let random = !matches!(args.pattern, Pattern::Read | Pattern::Write);
+    let perm = (random && args.random_map).then(|| Arc::new(Permutation::new(blocks, args.seed)));
+    let share = |i: u64| blocks * i / args.queues as u64;
+    if args.once && random && !args.random_map {
+        return Err("--once with a random pattern needs --random-map".into());
+    }
     let mut handles = Vec::new();
     for (i, queue) in queues.into_iter().enumerate() {
         let area_start = (i as u64 * slice).min((blocks - 1) * args.bs);
@@ -632,10 +767,21 @@ fn run(args: &Args) -> Result<Report, String> {
             area_start,
             area_end: (area_start + slice).min(blocks * args.bs),
             blocks,
+            perm: perm.clone(),
+            perm_range: (share(i as u64), share(i as u64 + 1)),
             max_segment,
-            io_limit: args.io_limit,
+            io_limit: match (args.once, random) {
+                (false, _) => args.io_limit,
+                (true, true) => Some(
+                    ((share(i as u64 + 1) - share(i as u64)) * args.bs)
+                        .min(args.io_limit.unwrap_or(u64::MAX)),
+                ),
+                (true, false) => Some(slice.min(args.io_limit.unwrap_or(u64::MAX))),
+            },
             seed: args.seed,
             poll: args.poll,
+            stamp: args.stamp,
+            check: args.check,
         };
         let (c, bar) = (Arc::clone(&clock), Arc::clone(&barrier));
         handles.push(
@@ -801,5 +947,35 @@ fn main() -> ExitCode {
             eprintln!("vhost-user-cow-load: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_a_bijection() {
+        for n in [1u64, 2, 3, 5, 64, 1000, 1024, 1025, 65_537] {
+            for seed in [1u64, 7, 12345] {
+                let p = Permutation::new(n, seed);
+                let mut seen = vec![false; n as usize];
+                for i in 0..n {
+                    let x = p.get(i);
+                    assert!(x < n);
+                    assert!(!seen[x as usize], "n={n} seed={seed}: {x} twice");
+                    seen[x as usize] = true;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("x").is_err());
     }
 }
