@@ -11,7 +11,7 @@ use std::fmt;
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
@@ -196,6 +196,9 @@ impl Permutation {
     }
 }
 
+/// A backend that completes nothing for this long is reported as stalled.
+const STALL_SECS: u64 = 10;
+
 /// What one queue thread needs.
 struct QueueJob {
     index: usize,
@@ -240,6 +243,8 @@ struct QueueResult {
     write_lat: Option<Histogram<u64>>,
     /// Seconds this queue spent in the measured window.
     measured: f64,
+    /// Gave up waiting for completions (requests were left in flight).
+    stalled: bool,
 }
 
 struct Slot {
@@ -260,7 +265,7 @@ struct Clock {
     measure_end: Instant,
 }
 
-fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> QueueResult {
+fn run_queue(mut job: QueueJob, clock: Arc<OnceLock<Clock>>, barrier: Arc<Barrier>) -> QueueResult {
     let mut rng = Rng::new(job.seed ^ ((job.index as u64 + 1) << 32));
     let mut res = QueueResult {
         read_lat: Some(new_hist()),
@@ -369,6 +374,8 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
     };
 
     barrier.wait();
+    // Set by the main thread before it passed the barrier.
+    let clock = clock.get().expect("clock set before start");
     for slot in 0..job.iodepth {
         if submit(
             &mut job,
@@ -386,8 +393,14 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
     let mut last_completion = Instant::now();
     while in_flight > 0 {
         let min = if job.poll { 0 } else { 1 };
-        let n = match job.queue.do_io(&mut completions, min, None, None) {
+        // Wake up now and then to notice a backend that stopped answering.
+        let mut timeout = Duration::from_millis(500);
+        let n = match job
+            .queue
+            .do_io(&mut completions, min, Some(&mut timeout), None)
+        {
             Ok(n) => n,
+            Err(e) if e.errno() == blkio::Errno::TIME => 0,
             Err(e) => {
                 res.errors += 1;
                 res.first_error
@@ -396,13 +409,21 @@ fn run_queue(mut job: QueueJob, clock: Arc<Clock>, barrier: Arc<Barrier>) -> Que
             }
         };
         if n == 0 {
-            if last_completion.elapsed() > Duration::from_secs(30) {
+            if last_completion.elapsed() > Duration::from_secs(STALL_SECS) {
                 res.errors += 1;
-                res.first_error
-                    .get_or_insert_with(|| format!("queue {}: no completion for 30 s", job.index));
+                res.first_error.get_or_insert_with(|| {
+                    format!(
+                        "queue {}: stalled: no completion for {STALL_SECS} s with {in_flight} \
+                         requests in flight",
+                        job.index
+                    )
+                });
+                res.stalled = true;
                 break;
             }
-            std::hint::spin_loop();
+            if job.poll {
+                std::hint::spin_loop();
+            }
             continue;
         }
         let now = Instant::now();
@@ -740,11 +761,7 @@ fn run(args: &Args) -> Result<Report, String> {
     let ramp = Duration::from_secs_f64(args.ramp.max(0.0));
     let runtime = Duration::from_secs_f64(args.runtime.max(0.001));
     let barrier = Arc::new(Barrier::new(args.queues + 1));
-    let t0 = Instant::now() + Duration::from_millis(5);
-    let clock = Arc::new(Clock {
-        measure_start: t0 + ramp,
-        measure_end: t0 + ramp + runtime,
-    });
+    let clock = Arc::new(OnceLock::new());
     let slice = (blocks / args.queues as u64).max(1) * args.bs;
     let random = !matches!(args.pattern, Pattern::Read | Pattern::Write);
     let perm = (random && args.random_map).then(|| Arc::new(Permutation::new(blocks, args.seed)));
@@ -792,6 +809,12 @@ fn run(args: &Args) -> Result<Report, String> {
         );
     }
     let cpu0 = self_cpu();
+    // The clock starts when every queue thread is ready to submit.
+    let t0 = Instant::now();
+    let clock = clock.get_or_init(|| Clock {
+        measure_start: t0 + ramp,
+        measure_end: t0 + ramp + runtime,
+    });
     barrier.wait();
     // Sample the daemon at the window's edges (or when every queue is done,
     // with --io-limit).
