@@ -156,6 +156,7 @@ impl CowBackend {
     fn take_all(&self, thread: usize, vrings: &[Vring], mem: &GuestMemoryAtomic<Memory>) {
         let event_idx = self.0.event_idx.load(Ordering::Relaxed);
         let mut w = self.worker(thread);
+        w.clear_throttled();
         for local in 0..vrings.len() {
             if vrings[local].get_ref().get_queue().ready() {
                 w.take_requests(&self.0.dev, vrings, local, mem, event_idx);
@@ -330,6 +331,13 @@ impl VhostUserBackend for CowBackend {
             );
         }
         self.run_thread(thread_id, vrings);
+        // Rule 5: requests left in an avail ring when the worker was full
+        // are taken as soon as completions have freed room; the driver
+        // will not kick again for them.
+        while self.worker(thread_id).needs_retake() {
+            self.take_all(thread_id, vrings, &mem);
+            self.run_thread(thread_id, vrings);
+        }
         // The polling window: a request that follows soon after the last
         // one is picked up without a trip through epoll.
         if !self.0.opts.poll.is_zero() {

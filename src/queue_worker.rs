@@ -66,6 +66,10 @@ pub struct Worker {
     /// Requests taken off the rings at most (backpressure beyond this
     /// leaves descriptors in the avail ring).
     max_inflight: usize,
+    /// take_requests stopped at max_inflight with notifications off: the
+    /// descriptors left in the avail ring bring no new kick, so they must
+    /// be taken once completions free room (see `needs_retake`).
+    throttled: bool,
 }
 
 /// Builds the iovecs for bytes `[offset, offset + len)` of a request's
@@ -109,6 +113,7 @@ impl Worker {
             completions: Vec::new(),
             done: Vec::new(),
             max_inflight,
+            throttled: false,
         }
     }
 
@@ -118,6 +123,16 @@ impl Worker {
 
     pub fn engine_name(&self) -> &'static str {
         self.engine.name()
+    }
+
+    /// Whether requests were left in an avail ring for lack of room and
+    /// there is room now.
+    pub fn needs_retake(&self) -> bool {
+        self.throttled && self.inflight.len() < self.max_inflight
+    }
+
+    pub fn clear_throttled(&mut self) {
+        self.throttled = false;
     }
 
     pub fn has_inflight(&self) -> bool {
@@ -170,6 +185,9 @@ impl Worker {
                         let _ = state.add_used(head, failure.used_len());
                     }
                 }
+            }
+            if self.inflight.len() >= self.max_inflight {
+                self.throttled = true;
             }
             drop(state);
             self.publish_immediate(vrings);
