@@ -7,47 +7,34 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::daemon::{Daemon, Image, Peer, ServeOptions};
+
 const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-cow");
 const LOAD: &str = env!("CARGO_BIN_EXE_vhost-user-cow-load");
 
-struct Daemon {
-    child: Child,
-    sock: PathBuf,
+fn serve(dir: &Path, image: &Image, num_queues: u16, extra: &[&str]) -> Daemon {
+    let opts = ServeOptions {
+        num_queues,
+        extra_args: extra.iter().map(|a| a.to_string()).collect(),
+        ..ServeOptions::default()
+    };
+    Daemon::start(Peer::Ours, dir, image, &opts)
 }
 
-impl Daemon {
-    fn start(sock: &Path, args: &[&str]) -> Daemon {
-        let _ = std::fs::remove_file(sock);
-        let child = Command::new(DAEMON)
-            .arg("serve")
-            .arg("--socket-path")
-            .arg(sock)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn daemon");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "socket did not appear");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Daemon {
-            child,
-            sock: sock.to_owned(),
-        }
-    }
-
-    /// SIGTERM; returns the daemon's stderr after checking it exited 0.
-    fn stop(mut self) -> String {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let out = wait_timeout(&mut self.child, Duration::from_secs(30));
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "daemon exit {:?}: {err}", out.status);
-        assert!(!self.sock.exists(), "socket left behind");
-        err
-    }
+/// SIGTERM; returns the daemon's log after checking it exited 0 and
+/// removed its socket.
+fn stop(d: Daemon) -> String {
+    let st = d.terminate();
+    assert!(
+        st.status.success(),
+        "daemon exit {:?}: {}",
+        st.status,
+        st.log
+    );
+    assert!(!st.socket.exists(), "socket left behind");
+    st.log
 }
 
 fn wait_timeout(child: &mut Child, t: Duration) -> Output {
@@ -105,22 +92,14 @@ fn backpressure_does_not_stall() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("raw.img");
     image(&img, 8 << 20, 3);
-    let sock = dir.path().join("s.sock");
     for engine in ["io_uring", "threads"] {
-        let d = Daemon::start(
-            &sock,
-            &[
-                "--disk",
-                img.to_str().unwrap(),
-                "--raw",
-                "--num-queues",
-                "2",
-                "--queue-depth",
-                "2",
-                "--io-engine",
-                engine,
-            ],
+        let d = serve(
+            dir.path(),
+            &Image::Raw(img.clone()),
+            2,
+            &["--queue-depth", "2", "--io-engine", engine],
         );
+        let sock = d.socket().to_owned();
         for pattern in ["randread", "randwrite"] {
             let r = load(
                 &sock,
@@ -138,7 +117,7 @@ fn backpressure_does_not_stall() {
             assert_eq!(r["errors"], 0, "{engine} {pattern}: {r}");
             assert!(r["ios"].as_u64().unwrap() > 1000, "{engine} {pattern}: {r}");
         }
-        d.stop();
+        stop(d);
     }
 }
 
@@ -157,9 +136,12 @@ fn cow_first_writes_read_back() {
         .status()
         .unwrap();
     assert!(st.success());
-    let sock = dir.path().join("c.sock");
-    let serve = ["--disk", cow.to_str().unwrap(), "--num-queues", "2"];
-    let d = Daemon::start(&sock, &serve);
+    let files = Image::Cow {
+        cow: cow.clone(),
+        backing: base.clone(),
+    };
+    let d = serve(dir.path(), &files, 2, &[]);
+    let sock = d.socket().to_owned();
     let r = load(
         &sock,
         &[
@@ -180,10 +162,11 @@ fn cow_first_writes_read_back() {
         ],
     );
     assert_eq!(r["errors"], 0, "{r}");
-    let log = d.stop();
+    let log = stop(d);
     assert!(log.contains("\"bitmap_writes_issued\""), "{log}");
 
-    let d = Daemon::start(&sock, &serve);
+    let d = serve(dir.path(), &files, 2, &[]);
+    let sock = d.socket().to_owned();
     for args in [
         &[
             "--pattern",
@@ -202,7 +185,7 @@ fn cow_first_writes_read_back() {
         assert_eq!(r["errors"], 0, "{args:?}: {r}");
         assert!(r["ios"].as_u64().unwrap() > 0);
     }
-    d.stop();
+    stop(d);
     let out = Command::new(DAEMON)
         .arg("check")
         .arg(&cow)
