@@ -3,7 +3,7 @@
 //! and a stamped data check of first writes on two queues across a daemon
 //! restart.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
