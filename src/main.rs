@@ -106,8 +106,9 @@ struct ServeArgs {
     /// The GET_ID serial (at most 20 bytes; default: the disk's file name).
     #[arg(long)]
     serial: Option<String>,
-    /// Busy-poll this many microseconds after the last request before sleeping.
-    #[arg(long, default_value_t = 0)]
+    /// Busy-poll this many microseconds after the last request before
+    /// sleeping (0: off). 50 cut the QD1 4k read p50 from 51 to 17 µs here.
+    #[arg(long, default_value_t = 50)]
     poll_us: u64,
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
