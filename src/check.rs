@@ -18,10 +18,8 @@
 
 use std::path::Path;
 
-use crate::cow_disk::{file_size, read_full_at, read_header};
-use crate::cow_header::has_cow_magic;
 use crate::error::DiskError;
-use crate::info::{open_for_inspection, scan_bitmap, BackingInfo};
+use crate::info::{open_for_inspection, scan_bitmap, BackingInfo, Inspected};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -81,17 +79,11 @@ fn check_into(
     report: &mut CheckReport,
 ) -> Result<(), DiskError> {
     let p = path.display();
-    let (file, _) = open_for_inspection(path)?;
-    let len = file_size(&file, path)?;
-    let mut magic = [0u8; 4];
-    read_full_at(&file, &mut magic, 0, path)?;
-    if len < 4 || !has_cow_magic(&magic) {
+    let Inspected {
+        file, len, header, ..
+    } = open_for_inspection(path)?;
+    let Some(header) = header else {
         // A raw image has no structure to check beyond being non-empty.
-        if len == 0 {
-            return Err(DiskError::EmptyImage {
-                path: path.to_owned(),
-            });
-        }
         report.kind = Some("raw image".to_owned());
         if backing.is_some() {
             report
@@ -99,8 +91,7 @@ fn check_into(
                 .push(format!("{p}: raw image: a backing file makes no sense"));
         }
         return Ok(());
-    }
-    let header = read_header(&file, path)?;
+    };
     let g = header.geometry(path)?;
     report.kind = Some(format!("UML COW {}", header.layout.name()));
 

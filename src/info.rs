@@ -225,36 +225,59 @@ fn host_bytes(meta: &Metadata) -> u64 {
     meta.blocks() * 512
 }
 
+/// A disk file opened read-only for `info` and `check`.
+pub struct Inspected {
+    pub file: File,
+    pub meta: Metadata,
+    pub len: u64,
+    /// None for a raw image (no COW magic, as ubd decides).
+    pub header: Option<CowHeader>,
+}
+
 /// Opens a disk file read-only for inspection, refusing FIFOs and
-/// directories before open(2) could block on them.
-pub fn open_for_inspection(path: &Path) -> Result<(File, Metadata)> {
+/// directories before open(2) could block on them, and empty files (no
+/// disk at all, as for `open`); parses the header of a COW file.
+pub fn open_for_inspection(path: &Path) -> Result<Inspected> {
     check_usable(path)?;
     let file = File::open(path).map_err(DiskError::io(path, "open"))?;
     let meta = file.metadata().map_err(DiskError::io(path, "stat"))?;
-    Ok((file, meta))
+    let len = file_size(&file, path)?;
+    if len == 0 {
+        return Err(DiskError::EmptyImage {
+            path: path.to_owned(),
+        });
+    }
+    let mut magic = [0u8; 4];
+    read_full_at(&file, &mut magic, 0, path)?;
+    let header = if len >= 4 && has_cow_magic(&magic) {
+        Some(read_header(&file, path)?)
+    } else {
+        None
+    };
+    Ok(Inspected {
+        file,
+        meta,
+        len,
+        header,
+    })
 }
 
 /// Collects the information `info` shows. Fails only if the file itself
 /// cannot be opened or its header cannot be parsed.
 pub fn inspect(path: &Path, backing: Option<&Path>) -> Result<Info> {
-    let (file, meta) = open_for_inspection(path)?;
-    let len = file_size(&file, path)?;
-    let mut magic = [0u8; 4];
-    read_full_at(&file, &mut magic, 0, path)?;
-    if len < 4 || !has_cow_magic(&magic) {
-        // Consistent with `open` and `check`: an empty file is no disk.
-        if len == 0 {
-            return Err(DiskError::EmptyImage {
-                path: path.to_owned(),
-            });
-        }
+    let Inspected {
+        file,
+        meta,
+        len,
+        header,
+    } = open_for_inspection(path)?;
+    let Some(header) = header else {
         return Ok(Info::Raw(RawInfo {
             path: path.to_string_lossy().into_owned(),
             size: len,
             host_bytes: host_bytes(&meta),
         }));
-    }
-    let header = read_header(&file, path)?;
+    };
     let g = header.geometry(path)?;
     let scan = scan_bitmap(&file, path, &g, header.size, len)?;
     let disk_sectors = header.size.div_ceil(SECTOR_SIZE);
