@@ -82,7 +82,8 @@ impl CowBackend {
                 exit_consumer: Mutex::new(Some(exit_c)),
             });
         }
-        let mut config = BlkConfig::from_limits(&dev.limits, opts.num_queues as u16, 512, true);
+        let mut config =
+            BlkConfig::from_limits(&dev.limits, opts.num_queues as u16, dev.block_size, true);
         config.num_queues = opts.num_queues as u16;
         Ok(CowBackend(Arc::new(Inner {
             dev,

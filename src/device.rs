@@ -64,6 +64,10 @@ pub struct Device {
     pub read_only: bool,
     pub cache: CacheMode,
     pub limits: Limits,
+    /// The logical block size offered to the guest: 512, or with O_DIRECT
+    /// on a COW file with larger chunks, the chunk (up to 4 KiB), so that
+    /// every guest I/O covers whole chunks and stays aligned.
+    pub block_size: u32,
     /// Up to 20 bytes, the GET_ID answer.
     pub serial: Vec<u8>,
     /// COW extents mapped, allocated share etc., for the startup line.
@@ -106,6 +110,7 @@ impl Device {
             cow,
             ..
         } = disk;
+        let mut block_size = SECTOR_SIZE as u32;
         let (sched, backing, backing_path, description) = match cow {
             None => (
                 Scheduler::new_raw(sectors, opts.queues, opts.read_only),
@@ -128,6 +133,9 @@ impl Device {
                     }
                     _ => 1,
                 };
+                if opts.cache == CacheMode::Direct {
+                    block_size = c.geometry.sectorsize.min(4096) as u32;
+                }
                 let allocated = c.bitmap.count_ones();
                 let description = format!(
                     "COW {} over {} ({} sectors, {} of {} chunks allocated)",
@@ -164,6 +172,7 @@ impl Device {
             read_only: opts.read_only,
             cache: opts.cache,
             limits,
+            block_size,
             serial,
             description,
             sched: Mutex::new(sched),

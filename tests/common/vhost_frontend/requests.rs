@@ -229,14 +229,16 @@ impl VhostUserBlk {
 
     /// Copies `bytes` into a fresh guest buffer; returns its address.
     pub fn place(&mut self, bytes: &[u8]) -> u64 {
-        let gpa = self.arena.alloc(bytes.len() as u64, 16);
+        let gpa = self
+            .arena
+            .alloc(bytes.len() as u64, buffer_align(bytes.len()));
         self.mem.write(gpa, bytes);
         gpa
     }
 
     /// A fresh zeroed guest buffer.
     pub fn place_zeroed(&mut self, len: usize) -> u64 {
-        let gpa = self.arena.alloc(len as u64, 16);
+        let gpa = self.arena.alloc(len as u64, buffer_align(len));
         self.mem.fill(gpa, len, 0);
         gpa
     }
@@ -385,5 +387,15 @@ impl VhostUserBlk {
     pub fn get_id(&mut self, queue: usize, buf_len: u32) -> Completion {
         let p = self.submit_get_id(queue, buf_len);
         self.complete(p, "GET_ID")
+    }
+}
+
+/// Data buffers of whole sectors are 512-byte aligned, as Linux's block
+/// layer aligns them (and O_DIRECT needs); headers and status bytes less.
+fn buffer_align(len: usize) -> u64 {
+    if len >= 512 {
+        512
+    } else {
+        16
     }
 }
