@@ -163,9 +163,7 @@ impl CowBackend {
             self.wake(kicks);
             w.complete(dev, vrings, self.writethrough());
             if w.should_retake() {
-                for local in 0..vrings.len() {
-                    w.take_requests(dev, vrings, local, mem, event_idx);
-                }
+                w.take_all(dev, vrings, mem, event_idx);
                 continue;
             }
             if !w.reap(dev) && !w.has_work(dev) {
@@ -176,12 +174,8 @@ impl CowBackend {
 
     fn take_all(&self, thread: usize, vrings: &[Vring], mem: &GuestMemoryAtomic<Memory>) {
         let event_idx = self.0.event_idx.load(Ordering::Relaxed);
-        let mut w = self.worker(thread);
-        for local in 0..vrings.len() {
-            if vrings[local].get_ref().get_queue().ready() {
-                w.take_requests(&self.0.dev, vrings, local, mem, event_idx);
-            }
-        }
+        self.worker(thread)
+            .take_all(&self.0.dev, vrings, mem, event_idx);
     }
 
     fn has_avail(vrings: &[Vring], mem: &GuestMemoryAtomic<Memory>) -> bool {

@@ -314,11 +314,6 @@ impl Scheduler {
         self.records.len()
     }
 
-    /// Requests accepted and not yet finished.
-    pub fn in_flight(&self) -> usize {
-        self.reqs.len()
-    }
-
     /// True when nothing is in flight, queued, parked or waiting.
     pub fn is_idle(&self) -> bool {
         self.reqs.is_empty()

@@ -181,7 +181,6 @@ impl Worker {
         event_idx: bool,
     ) {
         let vring = &vrings[local];
-        self.throttled = false;
         let mut refused = false;
         loop {
             let mut state = vring.get_mut();
@@ -222,6 +221,23 @@ impl Worker {
             };
             if !more {
                 break;
+            }
+        }
+    }
+
+    /// Takes requests off every ready ring. Only a sweep of all rings may
+    /// forget that one was left unread for backpressure.
+    pub fn take_all(
+        &mut self,
+        dev: &Device,
+        vrings: &[Vring],
+        mem: &GuestMemoryAtomic<Memory>,
+        event_idx: bool,
+    ) {
+        self.throttled = false;
+        for local in 0..vrings.len() {
+            if vrings[local].get_ref().get_queue().ready() {
+                self.take_requests(dev, vrings, local, mem, event_idx);
             }
         }
     }
