@@ -17,8 +17,9 @@ use vmm_sys_util::event::{
 };
 
 use crate::blk_config::{virtio_features, BlkConfig};
+use crate::device::CacheMode;
 use crate::device::Device;
-use crate::io_engine::{new_engine, EngineError, EngineKind};
+use crate::io_engine::{new_engine, EngineError, EngineKind, InlineWrites};
 use crate::queue_worker::{Memory, Vring, Worker};
 
 #[derive(Debug, Clone)]
@@ -30,6 +31,9 @@ pub struct BackendOptions {
     pub queue_depth: usize,
     /// Busy-poll this long after the last event before sleeping in epoll.
     pub poll: Duration,
+    /// Do buffered writes on the queue thread (`InlineWrites`); ignored
+    /// for O_DIRECT and O_DSYNC files.
+    pub inline_writes: bool,
 }
 
 struct ThreadState {
@@ -66,9 +70,13 @@ pub struct CowBackend(Arc<Inner>);
 impl CowBackend {
     pub fn new(dev: Arc<Device>, opts: BackendOptions) -> Result<CowBackend, EngineError> {
         let nthreads = opts.threads.clamp(1, opts.num_queues.max(1));
+        let inline_writes = opts.inline_writes && dev.cache == CacheMode::Buffered;
         let mut threads = Vec::with_capacity(nthreads);
         for t in 0..nthreads {
-            let engine = new_engine(opts.engine, opts.queue_depth)?;
+            let mut engine = new_engine(opts.engine, opts.queue_depth)?;
+            if inline_writes {
+                engine = Box::new(InlineWrites::new(engine));
+            }
             let wake = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
                 .map_err(EngineError::EventFd)?;
             let (exit_c, exit_n) =
@@ -100,6 +108,11 @@ impl CowBackend {
 
     pub fn engine_name(&self) -> &'static str {
         self.worker(0).engine_name()
+    }
+
+    /// Whether buffered writes are done on the queue threads.
+    pub fn inline_writes(&self) -> bool {
+        self.0.opts.inline_writes && self.0.dev.cache == CacheMode::Buffered
     }
 
     pub fn acked_features_bits(&self) -> u64 {

@@ -14,8 +14,10 @@
 //! unit of overlap: while a write over a range is pending, nothing in that
 //! range changes.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::ops::Range;
+
+use rustc_hash::FxHashMap;
 
 use crate::bitmap::{Bitmap, Extent};
 use crate::cow_header::SECTOR_SIZE;
@@ -218,8 +220,8 @@ pub struct Scheduler {
     /// None for a raw disk.
     cow: Option<(Bitmap, CowLayout)>,
     read_only: bool,
-    reqs: HashMap<ReqId, ReqState>,
-    ops: HashMap<OpId, OpOwner>,
+    reqs: FxHashMap<ReqId, ReqState>,
+    ops: FxHashMap<OpId, OpOwner>,
     next_op: OpId,
     next_seq: u64,
     /// Sequence numbers of write requests in their bitmap phase.
@@ -231,7 +233,7 @@ pub struct Scheduler {
     deferred: Vec<ReqId>,
     barriers: Vec<ReqId>,
     /// Copy-up records by chunk.
-    records: HashMap<u64, ChunkRecord>,
+    records: FxHashMap<u64, ChunkRecord>,
     next_bounce: u64,
     ready: Vec<VecDeque<Op>>,
     parked: Vec<VecDeque<Op>>,
@@ -270,8 +272,8 @@ impl Scheduler {
             sectors,
             cow,
             read_only,
-            reqs: HashMap::new(),
-            ops: HashMap::new(),
+            reqs: FxHashMap::default(),
+            ops: FxHashMap::default(),
             next_op: 1,
             next_seq: 1,
             in_bitmap_phase: BTreeSet::new(),
@@ -279,7 +281,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             deferred: Vec::new(),
             barriers: Vec::new(),
-            records: HashMap::new(),
+            records: FxHashMap::default(),
             next_bounce: 1,
             ready: (0..queues).map(|_| VecDeque::new()).collect(),
             parked: (0..queues).map(|_| VecDeque::new()).collect(),

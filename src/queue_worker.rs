@@ -5,7 +5,7 @@
 //! Lock order: a vring's lock may be held while taking the scheduler's,
 //! never the other way round.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use slab::Slab;
 use vhost_user_backend::{VringRwLock, VringT};
@@ -69,13 +69,16 @@ pub struct Worker {
     thread: usize,
     engine: Box<dyn IoEngine>,
     inflight: Slab<InFlight>,
-    reads: HashMap<OpId, ReadOp>,
+    reads: FxHashMap<OpId, ReadOp>,
     /// Copy-up bounce buffers, from CopyRead issue to CopyWrite completion.
-    bounces: HashMap<u64, AlignedBuf>,
+    bounces: FxHashMap<u64, AlignedBuf>,
     /// CopyWrite ops in flight, to free their buffer.
-    copy_writes: HashMap<OpId, u64>,
+    copy_writes: FxHashMap<OpId, u64>,
     completions: Vec<Completion>,
     done: Vec<Done>,
+    /// Scratch, kept to avoid an allocation per request / per batch.
+    parts: Vec<Request>,
+    touched: Vec<bool>,
     /// Requests taken off the rings at most (backpressure beyond this
     /// leaves descriptors in the avail ring).
     max_inflight: usize,
@@ -121,11 +124,13 @@ impl Worker {
             thread,
             engine,
             inflight: Slab::new(),
-            reads: HashMap::new(),
-            bounces: HashMap::new(),
-            copy_writes: HashMap::new(),
+            reads: FxHashMap::default(),
+            bounces: FxHashMap::default(),
+            copy_writes: FxHashMap::default(),
             completions: Vec::new(),
             done: Vec::new(),
+            parts: Vec::new(),
+            touched: Vec::new(),
             max_inflight,
             throttled: false,
         }
@@ -187,14 +192,15 @@ impl Worker {
             if event_idx {
                 let _ = state.disable_notification();
             }
+            // One load of the memory map per sweep, a cheap clone per request.
+            let guard = mem.memory();
             while self.inflight.len() < self.max_inflight {
-                let guard = mem.memory();
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(guard.clone()) else {
                     break;
                 };
                 let head = chain.head_index();
                 match parse_request(&chain, &dev.limits) {
-                    Ok(req) => self.start(dev, local, head, req, guard),
+                    Ok(req) => self.start(dev, local, head, req, guard.clone()),
                     Err(failure) => {
                         log::debug!("queue {}: request {head} refused: {}", local, failure.error);
                         if let Some((addr, status)) = failure.status() {
@@ -258,7 +264,8 @@ impl Worker {
             RequestType::Flush => Some(ReqKind::Flush),
             _ => None,
         };
-        let mut parts: Vec<Request> = Vec::new();
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.clear();
         let slot = self.inflight.vacant_key();
         match kind {
             Some(kind) if kind == ReqKind::Flush || count > 0 => parts.push(Request {
@@ -311,12 +318,13 @@ impl Worker {
                 id: self.req_id(slot, 0),
                 status: Status::Ok,
             });
-            return;
+        } else {
+            let mut sched = dev.sched();
+            for p in parts.drain(..) {
+                sched.submit(p);
+            }
         }
-        let mut sched = dev.sched();
-        for p in parts {
-            sched.submit(p);
-        }
+        self.parts = parts;
     }
 
     fn io_op(&mut self, dev: &Device, sched: &Scheduler, op: &Op) -> IoOp {
@@ -505,10 +513,12 @@ impl Worker {
         if self.done.is_empty() {
             return;
         }
-        let done = std::mem::take(&mut self.done);
-        let mut touched = vec![false; vrings.len()];
+        let mut done = std::mem::take(&mut self.done);
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
+        touched.resize(vrings.len(), false);
         let mut flushes = Vec::new();
-        for d in done {
+        for d in done.drain(..) {
             let slot = Self::slot_of(d.id);
             let Some(f) = self.inflight.get_mut(slot) else {
                 log::error!("completion for unknown request {:#x}", d.id);
@@ -551,14 +561,16 @@ impl Worker {
                 });
             }
         }
-        for (i, t) in touched.into_iter().enumerate() {
-            if t {
-                let v = &vrings[i];
-                if v.needs_notification().unwrap_or(true) {
-                    let _ = v.signal_used_queue();
-                }
+        for (v, _) in vrings.iter().zip(&touched).filter(|(_, t)| **t) {
+            if v.needs_notification().unwrap_or(true) {
+                let _ = v.signal_used_queue();
             }
         }
+        // Keep the buffers: no allocation per batch. Requests finished
+        // meanwhile (none today) would be in `self.done`.
+        done.append(&mut self.done);
+        self.done = done;
+        self.touched = touched;
     }
 
     /// Blocks until some I/O of this thread completes (used when draining).

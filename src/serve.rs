@@ -191,7 +191,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         let backend = CowBackend::new(dev.clone(), opts.backend.clone())?;
         if first {
             log::info!(
-                "serving {} ({}) on {}: {} queues on {} threads, engine {}, queue depth {}, cache {}{}",
+                "serving {} ({}) on {}: {} queues on {} threads, engine {}{}, queue depth {}, cache {}{}",
                 dev.path.display(),
                 dev.description,
                 socket_path
@@ -200,6 +200,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                 opts.backend.num_queues,
                 backend.num_threads(),
                 backend.engine_name(),
+                if backend.inline_writes() { " (writes inline)" } else { "" },
                 opts.backend.queue_depth,
                 dev.cache.name(),
                 if dev.read_only { ", read-only" } else { "" },

@@ -1,4 +1,5 @@
-//! Behaviour tests run against both I/O engines through one shared body.
+//! Behaviour tests run against both I/O engines, alone and behind
+//! `InlineWrites`, through one shared body.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -6,8 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
 use vhost_user_cow::io_engine::{
-    new_engine, Completion, EngineError, EngineKind, IoEngine, IoOp, IoVecs, SubmitError,
-    ThreadsEngine, UringEngine,
+    new_engine, Completion, EngineError, EngineKind, InlineWrites, IoEngine, IoOp, IoVecs,
+    SubmitError, ThreadsEngine, UringEngine,
 };
 
 type Maker = fn(usize) -> Option<Box<dyn IoEngine>>;
@@ -29,6 +30,14 @@ fn make_uring(qd: usize) -> Option<Box<dyn IoEngine>> {
 
 fn make_threads(qd: usize) -> Option<Box<dyn IoEngine>> {
     Some(Box::new(ThreadsEngine::new(qd, 3).expect("thread engine")))
+}
+
+fn make_uring_inline(qd: usize) -> Option<Box<dyn IoEngine>> {
+    Some(Box::new(InlineWrites::new(make_uring(qd)?)))
+}
+
+fn make_threads_inline(qd: usize) -> Option<Box<dyn IoEngine>> {
+    Some(Box::new(InlineWrites::new(make_threads(qd)?)))
 }
 
 fn tmpfile(len: u64) -> File {
@@ -490,6 +499,12 @@ macro_rules! for_both_engines {
         }
         mod threads {
             $( #[test] fn $name() { super::$name(super::make_threads) } )*
+        }
+        mod uring_inline {
+            $( #[test] fn $name() { super::$name(super::make_uring_inline) } )*
+        }
+        mod threads_inline {
+            $( #[test] fn $name() { super::$name(super::make_threads_inline) } )*
         }
     };
 }

@@ -312,6 +312,13 @@ fn stress_threads() {
     stress(&["--io-engine", "threads"]);
 }
 
+/// Buffered writes through the ring (io-wq) instead of on the queue
+/// thread: completions then arrive in any order.
+#[test]
+fn stress_io_uring_queued_writes() {
+    stress(&["--io-engine", "io_uring", "--no-inline-writes"]);
+}
+
 /// O_DIRECT: bitmap writes widened to 512-byte blocks of the aligned
 /// in-memory bitmap.
 #[test]
@@ -329,6 +336,11 @@ fn stress_threads_sync() {
 #[test]
 fn stress_io_uring_4k_chunks() {
     stress_chunked(&["--io-engine", "io_uring"], 4096);
+}
+
+#[test]
+fn stress_io_uring_4k_chunks_queued_writes() {
+    stress_chunked(&["--io-engine", "io_uring", "--no-inline-writes"], 4096);
 }
 
 #[test]

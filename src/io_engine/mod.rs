@@ -7,7 +7,9 @@
 //! * [`UringEngine`] — one io_uring per engine, its eventfd registered with
 //!   the ring so the vring worker's epoll wakes up on completions;
 //! * [`ThreadsEngine`] — a small thread pool doing `preadv`/`pwritev`, used
-//!   when io_uring cannot be set up (old kernel, seccomp, sysctl).
+//!   when io_uring cannot be set up (old kernel, seccomp, sysctl);
+//! * [`InlineWrites`] — in front of either: buffered writes done on the
+//!   calling thread, which is cheaper than any hand-off (see its module).
 //!
 //! Both engines bound the number of operations in flight by the queue depth
 //! and answer [`SubmitError::Full`] when it is reached (or when the kernel
@@ -32,12 +34,15 @@
 //! which case the bytes done so far are reported so the caller can zero-fill
 //! the tail.
 
+mod blocking;
+mod inline;
 mod threads;
 mod uring;
 
 use std::io;
 use std::os::unix::io::RawFd;
 
+pub use inline::InlineWrites;
 pub use threads::ThreadsEngine;
 pub use uring::UringEngine;
 
@@ -273,16 +278,19 @@ pub trait IoEngine: Send {
     /// or wait; the engine's eventfd is signalled so the worker comes back.
     fn flush(&mut self) -> io::Result<()>;
 
-    /// Appends the finished operations to `out` without blocking. Clears
-    /// the eventfd first, so a completion arriving during the call signals
-    /// it again.
+    /// Appends the finished operations to `out` without blocking. When
+    /// there are any, clears the eventfd first, so a completion arriving
+    /// during the call signals it again; an empty reap makes no syscall
+    /// (the eventfd may then stay readable: a spurious wake-up at worst).
     fn reap(&mut self, out: &mut Vec<Completion>);
 
     /// Flushes, then blocks until at least `min` completions can be reaped
     /// (`min` is capped at [`in_flight`](Self::in_flight)).
     fn wait(&mut self, min: usize) -> io::Result<()>;
 
-    /// Readable when completions may be available.
+    /// Readable when completions may be available. Operations that
+    /// finished within `submit` ([`InlineWrites`]) do not signal it: the
+    /// caller reaps after every submit and flush.
     fn event_fd(&self) -> RawFd;
 
     /// Operations submitted and not yet reaped.

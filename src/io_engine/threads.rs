@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{new_eventfd, Completion, EngineError, IoEngine, IoOp, OpState, Step, SubmitError};
+use super::{blocking, new_eventfd, Completion, EngineError, IoEngine, IoOp, OpState, SubmitError};
 
 struct Jobs {
     queue: VecDeque<OpState>,
@@ -78,7 +78,7 @@ impl ThreadsEngine {
 
 fn worker(shared: &Shared) {
     loop {
-        let mut state = {
+        let state = {
             let mut jobs = lock(&shared.jobs);
             loop {
                 if jobs.shutdown {
@@ -93,65 +93,14 @@ fn worker(shared: &Shared) {
                     .unwrap_or_else(|e| e.into_inner());
             }
         };
-        let result = loop {
-            match state.on_result(execute(&state.op)) {
-                Step::Complete(r) => break r,
-                Step::Reissue => continue,
-            }
-        };
-        lock(&shared.done).push(state.into_completion(result));
+        let done = blocking::run(state);
+        lock(&shared.done).push(done);
         shared.done_ready.notify_all();
         // Only fails if the counter would overflow, which needs 2^64 - 1
         // unread completions; nothing useful to do then but log.
         if let Err(e) = shared.efd.write(1) {
             log::error!("I/O pool: cannot signal eventfd: {e}");
         }
-    }
-}
-
-/// Runs one attempt of `op`, returning bytes done or `-errno`.
-fn execute(op: &IoOp) -> i64 {
-    let ret: i64 = match op {
-        IoOp::Readv { fd, offset, iov } | IoOp::Writev { fd, offset, iov } => {
-            let Ok(off) = libc::off_t::try_from(*offset) else {
-                return -i64::from(libc::EINVAL);
-            };
-            // `validate` caps the count at IOV_MAX, so it fits in c_int.
-            let cnt = iov.len() as libc::c_int;
-            if matches!(op, IoOp::Readv { .. }) {
-                // SAFETY: the iovec array is owned by `op` and valid for the
-                // call; the memory it points to is valid and writable until
-                // completion per the `IoEngine::submit` contract.
-                unsafe { libc::preadv(*fd, iov.as_slice().as_ptr(), cnt, off) as i64 }
-            } else {
-                // SAFETY: as above; the memory is only read.
-                unsafe { libc::pwritev(*fd, iov.as_slice().as_ptr(), cnt, off) as i64 }
-            }
-        }
-        // SAFETY: plain syscall on an integer fd, no memory involved.
-        IoOp::Fdatasync { fd } => unsafe { libc::fdatasync(*fd) as i64 },
-        IoOp::Fallocate {
-            fd,
-            mode,
-            offset,
-            len,
-        } => {
-            let (Ok(off), Ok(len)) = (libc::off_t::try_from(*offset), libc::off_t::try_from(*len))
-            else {
-                return -i64::from(libc::EINVAL);
-            };
-            // SAFETY: plain syscall on an integer fd, no memory involved.
-            unsafe { libc::fallocate(*fd, *mode, off, len) as i64 }
-        }
-    };
-    if ret < 0 {
-        -i64::from(
-            io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        )
-    } else {
-        ret
     }
 }
 
@@ -182,10 +131,14 @@ impl IoEngine for ThreadsEngine {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         // Clear before draining: a completion pushed after the drain
-        // signals the eventfd again, so none is missed. EAGAIN just means
-        // it was not signalled.
-        let _ = self.shared.efd.read();
+        // signals the eventfd again, so none is missed. Only when there is
+        // one: an idle poll must not cost a syscall. EAGAIN just means it
+        // was not signalled.
         let mut done = lock(&self.shared.done);
+        if done.is_empty() {
+            return;
+        }
+        let _ = self.shared.efd.read();
         self.in_flight -= done.len();
         out.append(&mut done);
     }
