@@ -19,14 +19,31 @@ use super::{blocking, Completion, IoEngine, IoOp, OpState, SubmitError};
 
 pub struct InlineWrites {
     inner: Box<dyn IoEngine>,
-    /// Inline writes done and not reaped yet; they count as in flight.
+    /// Writes accepted by `submit`, done at the next `flush`: the caller
+    /// submits under the scheduler's lock and flushes after releasing it,
+    /// so the copies into the page cache of several queue threads run in
+    /// parallel.
+    queued: Vec<OpState>,
+    /// Writes done and not reaped yet.
     ready: Vec<Completion>,
 }
 
 impl InlineWrites {
     pub fn new(inner: Box<dyn IoEngine>) -> Self {
-        let ready = Vec::with_capacity(inner.capacity());
-        InlineWrites { inner, ready }
+        let capacity = inner.capacity();
+        InlineWrites {
+            inner,
+            queued: Vec::with_capacity(capacity),
+            ready: Vec::with_capacity(capacity),
+        }
+    }
+
+    fn run_queued(&mut self) {
+        for state in self.queued.drain(..) {
+            // The write is over when `run` returns: nothing refers to the
+            // caller's memory afterwards.
+            self.ready.push(blocking::run(state));
+        }
     }
 }
 
@@ -40,14 +57,15 @@ impl IoEngine for InlineWrites {
         if self.in_flight() >= self.capacity() {
             return Err(SubmitError::Full(op));
         }
-        // The write is over when `run` returns: nothing refers to the
-        // caller's memory afterwards.
-        self.ready.push(blocking::run(OpState::new(op, user_data)));
+        self.queued.push(OpState::new(op, user_data));
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        // The engine's operations first: they run while we copy.
+        let r = self.inner.flush();
+        self.run_queued();
+        r
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
@@ -56,6 +74,7 @@ impl IoEngine for InlineWrites {
     }
 
     fn wait(&mut self, min: usize) -> io::Result<()> {
+        self.run_queued();
         let min = min.min(self.in_flight());
         if self.ready.len() >= min {
             return self.inner.flush();
@@ -65,12 +84,12 @@ impl IoEngine for InlineWrites {
 
     fn event_fd(&self) -> RawFd {
         // Inline completions need no wake-up: the caller reaps after
-        // submitting (the contract asks it to reap until nothing is left).
+        // flushing (the contract asks it to reap until nothing is left).
         self.inner.event_fd()
     }
 
     fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.ready.len()
+        self.inner.in_flight() + self.queued.len() + self.ready.len()
     }
 
     fn capacity(&self) -> usize {
@@ -79,5 +98,13 @@ impl IoEngine for InlineWrites {
 
     fn name(&self) -> &'static str {
         self.inner.name()
+    }
+}
+
+impl Drop for InlineWrites {
+    fn drop(&mut self) {
+        // Accepted writes are done, as an io_uring engine finishes what it
+        // was given before it goes.
+        self.run_queued();
     }
 }

@@ -288,9 +288,9 @@ pub trait IoEngine: Send {
     /// (`min` is capped at [`in_flight`](Self::in_flight)).
     fn wait(&mut self, min: usize) -> io::Result<()>;
 
-    /// Readable when completions may be available. Operations that
-    /// finished within `submit` ([`InlineWrites`]) do not signal it: the
-    /// caller reaps after every submit and flush.
+    /// Readable when completions may be available. Operations done on the
+    /// calling thread within `flush` ([`InlineWrites`]) do not signal it:
+    /// the caller reaps after every flush.
     fn event_fd(&self) -> RawFd;
 
     /// Operations submitted and not yet reaped.
