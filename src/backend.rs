@@ -67,10 +67,16 @@ struct Inner {
 #[derive(Clone)]
 pub struct CowBackend(Arc<Inner>);
 
+/// Inline writes are for page-cache writes only: an O_DIRECT or O_DSYNC
+/// write waits for the device and belongs in the engine.
+fn inline_writes_apply(opts: &BackendOptions, dev: &Device) -> bool {
+    opts.inline_writes && dev.cache == CacheMode::Buffered
+}
+
 impl CowBackend {
     pub fn new(dev: Arc<Device>, opts: BackendOptions) -> Result<CowBackend, EngineError> {
         let nthreads = opts.threads.clamp(1, opts.num_queues.max(1));
-        let inline_writes = opts.inline_writes && dev.cache == CacheMode::Buffered;
+        let inline_writes = inline_writes_apply(&opts, &dev);
         let mut threads = Vec::with_capacity(nthreads);
         for t in 0..nthreads {
             let mut engine = new_engine(opts.engine, opts.queue_depth)?;
@@ -112,7 +118,7 @@ impl CowBackend {
 
     /// Whether buffered writes are done on the queue threads.
     pub fn inline_writes(&self) -> bool {
-        self.0.opts.inline_writes && self.0.dev.cache == CacheMode::Buffered
+        inline_writes_apply(&self.0.opts, &self.0.dev)
     }
 
     pub fn acked_features_bits(&self) -> u64 {
