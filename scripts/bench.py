@@ -213,9 +213,10 @@ class Bench:
             argv = [str(self.ours), "serve", "--socket-path", str(sock),
                     "--num-queues", str(queues)] + self.a.ours_args.split()
             if kind == "raw":
-                argv += ["--disk", str(self.raw), "--raw"]
+                argv += ["--disk", str(self.raw), "--format", "raw"]
             else:
-                argv += ["--disk", str(self.cow_path(kind)), "--backing", str(self.base)]
+                argv += ["--disk", str(self.cow_path(kind)), "--format", "cow",
+                         "--backing", str(self.base)]
         else:
             cache = "cache.direct=off"
             if kind == "raw":

@@ -150,6 +150,39 @@ impl Segment {
     pub fn guest_addr(&self) -> GuestAddress {
         self.guest_addr
     }
+    /// A segment over daemon memory standing in for guest memory at
+    /// `guest_addr` (a checked copy of guest data).
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` bytes that stay valid for as long as the
+    /// segment is used.
+    pub unsafe fn from_host(ptr: *mut u8, len: usize, guest_addr: GuestAddress) -> Segment {
+        Segment {
+            ptr,
+            len,
+            guest_addr,
+        }
+    }
+
+    /// The segments that remain of `segments` after its first `n` bytes.
+    pub fn skip(segments: &[Segment], mut n: usize) -> Vec<Segment> {
+        let mut out = Vec::with_capacity(segments.len());
+        for s in segments {
+            if n >= s.len {
+                n -= s.len;
+                continue;
+            }
+            out.push(Segment {
+                // SAFETY: n < len, so the pointer stays inside the segment.
+                ptr: unsafe { s.ptr.add(n) },
+                len: s.len - n,
+                guest_addr: GuestAddress(s.guest_addr.raw_value().wrapping_add(n as u64)),
+            });
+            n = 0;
+        }
+        out
+    }
+
     /// As an iovec for preadv/pwritev/io_uring.
     pub fn iovec(&self) -> libc::iovec {
         libc::iovec {

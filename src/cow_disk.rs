@@ -20,14 +20,33 @@ use crate::cow_header::{
 use crate::error::{DiskError, Result};
 use crate::lock::{lock_file, LockKind};
 
+/// The on-disk format of a served file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// A plain image: every sector lives in the file itself.
+    Raw,
+    /// A UML COW file over a backing file.
+    Cow,
+}
+
+impl DiskFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Cow => "cow",
+        }
+    }
+}
+
 /// How to open a disk.
 #[derive(Debug, Clone, Default)]
 pub struct DiskOptions {
     pub read_only: bool,
     /// Use this backing file instead of the one named in the header.
     pub backing: Option<PathBuf>,
-    /// Serve the file as a raw image even if it starts with the COW magic.
-    pub force_raw: bool,
+    /// The format the user named; `None` guesses it from the COW magic
+    /// (see `Disk::format_guessed` for what that costs the guest).
+    pub format: Option<DiskFormat>,
     /// Extra open(2) flags for the data files (O_DIRECT, O_DSYNC).
     pub custom_flags: i32,
     /// Skip the fcntl locks (for read-only inspection by `info`/`check`).
@@ -59,6 +78,11 @@ pub struct Disk {
     /// Device size in bytes: the backing (or raw) size rounded up to 512.
     pub size: u64,
     pub read_only: bool,
+    /// The format was guessed from the file's first bytes, not named by
+    /// the user. A guessed raw image must never be given the COW magic by
+    /// its guest, or the next start would read a guest-written header and
+    /// open whatever host file it names (docs/design.md, trust model).
+    pub format_guessed: bool,
 }
 
 /// What kind of file a path names, for messages.
@@ -310,7 +334,13 @@ impl Disk {
             lock_file(&file, path, kind)?;
         }
         let head = read_head(&file, path)?;
-        if opts.force_raw || !has_cow_magic(&head) {
+        let format = opts.format.unwrap_or(if has_cow_magic(&head) {
+            DiskFormat::Cow
+        } else {
+            DiskFormat::Raw
+        });
+        let format_guessed = opts.format.is_none();
+        if format == DiskFormat::Raw {
             let len = file_size(&file, path)?;
             if len == 0 {
                 return Err(DiskError::EmptyImage {
@@ -325,6 +355,7 @@ impl Disk {
                 cow: None,
                 size: len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE,
                 read_only: opts.read_only,
+                format_guessed,
             });
         }
         let file_len = file_size(&file, path)?;
@@ -374,6 +405,7 @@ impl Disk {
             lock_holder,
             size: size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE,
             read_only: opts.read_only,
+            format_guessed,
             cow: Some(CowParts {
                 header,
                 geometry,

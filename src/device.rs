@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::bitmap_sched::{CowLayout, Scheduler};
 use crate::blk_request::Limits;
-use crate::cow_disk::{Disk, DiskOptions};
+use crate::cow_disk::{Disk, DiskFormat, DiskOptions};
 use crate::cow_header::SECTOR_SIZE;
 use crate::error::{DiskError, Result};
 
@@ -47,7 +47,8 @@ impl CacheMode {
 pub struct DeviceOptions {
     pub disk: PathBuf,
     pub backing: Option<PathBuf>,
-    pub force_raw: bool,
+    /// `None`: guessed from the file (see [`Device::guards_cow_magic`]).
+    pub format: Option<DiskFormat>,
     pub read_only: bool,
     pub cache: CacheMode,
     pub queues: usize,
@@ -72,6 +73,12 @@ pub struct Device {
     pub serial: Vec<u8>,
     /// COW extents mapped, allocated share etc., for the startup line.
     pub description: String,
+    /// The format was guessed, not named with `--format`.
+    pub format_guessed: bool,
+    /// A writable raw image whose format was guessed: guest writes that
+    /// would put the COW magic at offset 0 are refused, so that a guest
+    /// cannot turn its disk into a COW file naming a host file.
+    pub guards_cow_magic: bool,
     sched: Mutex<Scheduler>,
     /// Holds the COW file's lock when `file` was opened a second time.
     _lock_holder: Option<File>,
@@ -95,7 +102,7 @@ impl Device {
             &DiskOptions {
                 read_only: opts.read_only,
                 backing: opts.backing.clone(),
-                force_raw: opts.force_raw,
+                format: opts.format,
                 custom_flags: opts.cache.open_flags(),
                 no_lock: false,
             },
@@ -108,8 +115,10 @@ impl Device {
             file,
             lock_holder,
             cow,
+            format_guessed,
             ..
         } = disk;
+        let guards_cow_magic = format_guessed && cow.is_none() && !opts.read_only;
         let mut block_size = SECTOR_SIZE as u32;
         let (sched, backing, backing_path, description) = match cow {
             None => (
@@ -175,6 +184,8 @@ impl Device {
             block_size,
             serial,
             description,
+            format_guessed,
+            guards_cow_magic,
             sched: Mutex::new(sched),
             _lock_holder: lock_holder,
         })

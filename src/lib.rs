@@ -10,6 +10,7 @@ pub mod blk_request;
 pub mod check;
 pub mod cow_disk;
 pub mod cow_header;
+pub mod cow_magic_guard;
 pub mod device;
 pub mod error;
 pub mod info;

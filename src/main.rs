@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use clap::{ArgAction, ArgGroup, Args, Parser, Subcommand};
 
 use vhost_user_cow::check::check;
-use vhost_user_cow::cow_disk::{create_cow, CreateOptions};
+use vhost_user_cow::cow_disk::{create_cow, CreateOptions, DiskFormat};
 use vhost_user_cow::cow_header::DEFAULT_ALIGNMENT;
 use vhost_user_cow::info::inspect;
 use vhost_user_cow::merge::{merge, MergeOptions, MergeTarget};
@@ -47,6 +47,12 @@ enum Command {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Raw,
+    Cow,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum EngineArg {
     #[value(name = "io_uring")]
     IoUring,
@@ -72,8 +78,13 @@ struct ServeArgs {
     /// Backing file to use instead of the one the COW header names.
     #[arg(long, short = 'b')]
     backing: Option<PathBuf>,
-    /// Serve the file as a raw image even if it looks like a COW file.
-    #[arg(long)]
+    /// The disk's format. Without it the format is guessed from the COW
+    /// magic, and a guessed raw image refuses guest writes that would give
+    /// it that magic.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    format: Option<FormatArg>,
+    /// The same as --format raw.
+    #[arg(long, conflicts_with = "format")]
     raw: bool,
     /// Create the COW file over --backing if it does not exist.
     #[arg(long, requires = "backing")]
@@ -266,7 +277,13 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
         device: DeviceOptions {
             disk,
             backing: a.backing,
-            force_raw: a.raw,
+            format: match (a.format, a.raw) {
+                (Some(FormatArg::Raw), _) | (None, true) => Some(DiskFormat::Raw),
+                (Some(FormatArg::Cow), _) => Some(DiskFormat::Cow),
+                // What --create makes is a COW file.
+                (None, false) if a.create => Some(DiskFormat::Cow),
+                (None, false) => None,
+            },
             read_only: a.read_only,
             cache,
             queues: a.threads.unwrap_or(cpus).clamp(1, a.num_queues),

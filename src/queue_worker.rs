@@ -20,6 +20,7 @@ use crate::blk_request::{
     parse_request, write_status, Request as BlkRequest, RequestType, Segment, SECTOR_SHIFT,
     STATUS_IOERR, STATUS_OK,
 };
+use crate::cow_magic_guard::{pin_first_sector, FirstSector};
 use crate::device::Device;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
 
@@ -50,6 +51,8 @@ struct InFlight {
     status: u8,
     /// Writethrough: the flush that follows the write has been submitted.
     flushed: bool,
+    /// The checked copy a guarded sector-0 write is done from.
+    _first_sector: Option<AlignedBuf>,
 }
 
 /// A read in flight: where its bytes go, to zero-fill a short read.
@@ -255,8 +258,34 @@ impl Worker {
         }
     }
 
-    fn start(&mut self, dev: &Device, vring: usize, head: u16, req: BlkRequest, mem: MemoryGuard) {
+    fn start(
+        &mut self,
+        dev: &Device,
+        vring: usize,
+        head: u16,
+        mut req: BlkRequest,
+        mem: MemoryGuard,
+    ) {
         let sector = req.sector;
+        let mut first_sector = None;
+        if dev.guards_cow_magic
+            && req.req_type == RequestType::Out
+            && sector == 0
+            && req.data_len > 0
+        {
+            match pin_first_sector(&mut req) {
+                FirstSector::Pinned(copy) => first_sector = Some(copy),
+                FirstSector::Refused => {
+                    log::warn!(
+                        "{}: refused a guest write that would give this raw image the COW magic \
+                         (its format was guessed; serve it with --format raw to allow it)",
+                        dev.path.display()
+                    );
+                    self.finish_now(vring, head, req, mem, Status::IoErr);
+                    return;
+                }
+            }
+        }
         let count = req.data_len >> SECTOR_SHIFT;
         let kind = match req.req_type {
             RequestType::In => Some(ReqKind::Read),
@@ -312,6 +341,7 @@ impl Worker {
             parts_left: parts.len() as u32,
             status: STATUS_OK,
             flushed: false,
+            _first_sector: first_sector,
         });
         if immediate {
             self.done.push(Done {
@@ -325,6 +355,31 @@ impl Worker {
             }
         }
         self.parts = parts;
+    }
+
+    /// Completes a request that needs no I/O with `status`.
+    fn finish_now(
+        &mut self,
+        vring: usize,
+        head: u16,
+        req: BlkRequest,
+        mem: MemoryGuard,
+        status: Status,
+    ) {
+        let slot = self.inflight.insert(InFlight {
+            vring,
+            head,
+            req,
+            mem,
+            parts_left: 0,
+            status: STATUS_OK,
+            flushed: false,
+            _first_sector: None,
+        });
+        self.done.push(Done {
+            id: self.req_id(slot, 0),
+            status,
+        });
     }
 
     fn io_op(&mut self, dev: &Device, sched: &Scheduler, op: &Op) -> IoOp {

@@ -172,6 +172,19 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     }
 
     let dev = Arc::new(Device::open(&opts.device)?);
+    if dev.format_guessed {
+        let format = if dev.is_cow() { "cow" } else { "raw" };
+        log::warn!(
+            "{}: format guessed as {format} from the file's first bytes; name it with \
+             --format {format}{}",
+            dev.path.display(),
+            if dev.guards_cow_magic {
+                " (until then, guest writes that would put the COW magic in sector 0 are refused)"
+            } else {
+                ""
+            }
+        );
+    }
 
     let (listener, socket_path) = match &opts.socket {
         SocketSource::Path { path, mode } => (bind(path, *mode)?, Some(path.clone())),

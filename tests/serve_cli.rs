@@ -254,3 +254,36 @@ fn create_at_first_start() {
         String::from_utf8_lossy(&st.stdout)
     );
 }
+
+#[test]
+fn format_option_is_checked_against_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    // A raw image named as COW is refused, naming the file and the problem.
+    let o = run(&["--format", "cow"], &sock, &raw);
+    assert_eq!(o.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        msg.contains("raw.img") && msg.contains("not a COW file"),
+        "{msg}"
+    );
+    assert!(!sock.exists());
+    // --raw is --format raw: naming both is a usage error.
+    let o = run(&["--format", "cow", "--raw"], &sock, &raw);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A COW file named as COW starts, and says nothing of guessing.
+    let cow = disk(dir.path());
+    let mut d = serve(&sock, &cow, &["--format", "cow"]);
+    wait_listening(&sock, &mut d);
+    let out = stop(d);
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("format guessed"), "{log}");
+}

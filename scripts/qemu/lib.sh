@@ -354,7 +354,7 @@ backend_start() {
     rm -f "$sock"
     case "$VUC_BACKEND" in
     ours)
-        "$VUC_BIN" serve --socket-path "$sock" --disk "$overlay" --num-queues "$queues" \
+        "$VUC_BIN" serve --socket-path "$sock" --disk "$overlay" --format cow --num-queues "$queues" \
             </dev/null >>"$log_file" 2>&1 &
         ;;
     qsd)

@@ -14,7 +14,7 @@
 # Example, with our daemon:
 #   G=$(scripts/qemu/setup.sh | sed -n 's/^GUEST_DIR=//p')
 #   vhost-user-cow create /tmp/disk.cow --backing "$G/golden.img"
-#   vhost-user-cow serve --socket-path /tmp/vub.sock --disk /tmp/disk.cow &
+#   vhost-user-cow serve --socket-path /tmp/vub.sock --disk /tmp/disk.cow --format cow &
 #   scripts/qemu/run-vm.sh --socket /tmp/vub.sock
 set -euo pipefail
 PROG=run-vm

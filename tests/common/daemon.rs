@@ -98,6 +98,9 @@ pub struct ServeOptions {
     pub pass_backing: bool,
     /// More `serve` options (ours only), e.g. the engine and its depth.
     pub extra_args: Vec<String>,
+    /// Serve a raw image without naming its format (ours only): the
+    /// daemon guesses it from the file.
+    pub guess_format: bool,
 }
 
 impl Default for ServeOptions {
@@ -108,6 +111,7 @@ impl Default for ServeOptions {
             serial: None,
             pass_backing: false,
             extra_args: Vec::new(),
+            guess_format: false,
         }
     }
 }
@@ -297,7 +301,10 @@ fn ours_command(socket: &Path, image: &Image, o: &ServeOptions) -> (Command, Pat
             cow.clone()
         }
         Image::Raw(p) => {
-            c.arg("--disk").arg(p).arg("--raw");
+            c.arg("--disk").arg(p);
+            if !o.guess_format {
+                c.arg("--format").arg("raw");
+            }
             p.clone()
         }
     };
