@@ -2,7 +2,7 @@
 //! uniform cases must stay far below 1 µs: they are on every guest I/O.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use vhost_user_cow::bitmap::Bitmap;
+use vhost_user_cow::format::bitmap::Bitmap;
 
 /// 1 GiB disk of 512-byte chunks.
 const CHUNKS: u64 = 1 << 21;

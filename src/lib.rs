@@ -1,21 +1,19 @@
 //! vhost-user-cow: a vhost-user-blk daemon serving copy-on-write disks in
 //! User-Mode-Linux's ubd COW format.
+//!
+//! The layers, from the file up (docs/architecture.md maps every file):
+//! - [`fsutil`]: aligned buffers and filesystem helpers;
+//! - [`format`]: the COW format and an open disk (header, bitmap, locks);
+//! - [`tools`]: `info`, `check` and `merge` on top of the format;
+//! - [`io_engine`]: asynchronous file I/O (io_uring, a thread pool);
+//! - [`virtio`]: virtio-blk requests and config space, parsed from guest
+//!   memory;
+//! - [`daemon`]: the write-path scheduler, the served device, the queue
+//!   threads and the vhost-user protocol.
 
-pub mod aligned;
-pub mod backend;
-pub mod bitmap;
-pub mod bitmap_sched;
-pub mod blk_config;
-pub mod blk_request;
-pub mod check;
-pub mod cow_disk;
-pub mod cow_header;
-pub mod cow_magic_guard;
-pub mod device;
-pub mod error;
-pub mod info;
+pub mod daemon;
+pub mod format;
+pub mod fsutil;
 pub mod io_engine;
-pub mod lock;
-pub mod merge;
-pub mod queue_worker;
-pub mod serve;
+pub mod tools;
+pub mod virtio;

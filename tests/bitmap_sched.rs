@@ -12,8 +12,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use vhost_user_cow::bitmap::Bitmap;
-use vhost_user_cow::bitmap_sched::{
+use vhost_user_cow::format::bitmap::Bitmap;
+use vhost_user_cow::daemon::scheduler::{
     CowLayout, Done, Op, OpKind, QueueId, ReqKind, Request, Scheduler, Status, Target,
 };
 

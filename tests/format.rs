@@ -8,10 +8,10 @@ use std::path::Path;
 
 use common::*;
 use proptest::prelude::*;
-use vhost_user_cow::cow_disk::{read_header, Disk, DiskOptions};
-use vhost_user_cow::cow_header::{CowHeader, HeaderLayout};
-use vhost_user_cow::error::DiskError;
-use vhost_user_cow::lock::{lock_file, LockKind};
+use vhost_user_cow::format::disk::{read_header, Disk, DiskOptions};
+use vhost_user_cow::format::header::{CowHeader, HeaderLayout};
+use vhost_user_cow::format::error::DiskError;
+use vhost_user_cow::format::lock::{lock_file, LockKind};
 
 /// A recognisable 512-byte sector: where it came from and its number.
 fn sector_data(tag: u8, s: u64) -> Vec<u8> {
@@ -380,8 +380,8 @@ proptest! {
         write_cow(&cow, &h, 8192, &bitmap, 0);
         std::fs::OpenOptions::new().write(true).open(&cow).unwrap().set_len(len).unwrap();
         let before = snapshot(&cow);
-        let _ = vhost_user_cow::info::inspect(&cow, None);
-        let _ = vhost_user_cow::check::check(&cow, None);
+        let _ = vhost_user_cow::tools::info::inspect(&cow, None);
+        let _ = vhost_user_cow::tools::check::check(&cow, None);
         if let Ok(d) = Disk::open(&cow, &ro()) {
             let mut buf = vec![0u8; 4096];
             let n = (d.sectors().min(8) * 512) as usize;

@@ -209,7 +209,7 @@ pub fn snapshot(path: &Path) -> (Vec<u8>, i64, i64) {
     (std::fs::read(path).unwrap(), m.mtime(), m.mtime_nsec())
 }
 
-use vhost_user_cow::error::DiskError;
+use vhost_user_cow::format::error::DiskError;
 
 /// Through which door a bad file is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use crate::blk_request::Limits;
+use crate::virtio::request::Limits;
 
 /// Size in bytes of the config space we expose (virtio 1.2 layout up to `unused1`).
 pub const CONFIG_SPACE_SIZE: usize = 60;

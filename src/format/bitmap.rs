@@ -5,7 +5,7 @@
 //! The storage is page-aligned and padded to whole pages so that bitmap
 //! writes can be issued straight from it, even with O_DIRECT.
 
-use crate::aligned::{AlignedBuf, PAGE};
+use crate::fsutil::aligned::{AlignedBuf, PAGE};
 
 #[cfg(target_endian = "big")]
 compile_error!("the bitmap is scanned as little-endian 64-bit words");

@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use thiserror::Error;
 
-use crate::cow_disk::{
+use crate::format::disk::{
     check_usable, read_full_at, rename_noreplace, tmp_name, CowParts, Disk, DiskOptions,
 };
-use crate::cow_header::SECTOR_SIZE;
-use crate::error::DiskError;
-use crate::lock::{lock_file, LockKind};
+use crate::format::header::SECTOR_SIZE;
+use crate::format::error::DiskError;
+use crate::format::lock::{lock_file, LockKind};
 
 /// Bytes moved per read: large enough that syscalls do not dominate.
 const STEP: u64 = 4 << 20;

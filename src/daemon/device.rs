@@ -7,11 +7,11 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::bitmap_sched::{CowLayout, Scheduler};
-use crate::blk_request::Limits;
-use crate::cow_disk::{Disk, DiskFormat, DiskOptions};
-use crate::cow_header::SECTOR_SIZE;
-use crate::error::{DiskError, Result};
+use crate::daemon::scheduler::{CowLayout, Scheduler};
+use crate::virtio::request::Limits;
+use crate::format::disk::{Disk, DiskFormat, DiskOptions};
+use crate::format::header::SECTOR_SIZE;
+use crate::format::error::{DiskError, Result};
 
 /// Cache mode of the data files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::error::{DiskError, Result};
+use crate::format::error::{DiskError, Result};
 
 pub const COW_MAGIC: u32 = 0x4f4f4f4d;
 pub const COW_VERSION: u32 = 3;

@@ -15,11 +15,11 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
-use crate::backend::{BackendOptions, CowBackend};
-use crate::device::{Device, DeviceOptions};
-use crate::error::DiskError;
+use crate::daemon::backend::{BackendOptions, CowBackend};
+use crate::daemon::device::{Device, DeviceOptions};
+use crate::format::error::DiskError;
 use crate::io_engine::EngineError;
-use crate::queue_worker::Memory;
+use crate::daemon::worker::Memory;
 
 #[derive(Debug, Error)]
 pub enum ServeError {

@@ -12,16 +12,16 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
-use crate::aligned::AlignedBuf;
-use crate::bitmap_sched::{
+use crate::fsutil::aligned::AlignedBuf;
+use crate::daemon::scheduler::{
     Done, Op, OpId, OpKind, ReqId, ReqKind, Request, Scheduler, Status, Target,
 };
-use crate::blk_request::{
+use crate::virtio::request::{
     parse_request, write_status, Request as BlkRequest, RequestType, Segment, SECTOR_SHIFT,
     STATUS_IOERR, STATUS_OK,
 };
-use crate::cow_magic_guard::{pin_first_sector, FirstSector};
-use crate::device::Device;
+use crate::daemon::cow_magic_guard::{pin_first_sector, FirstSector};
+use crate::daemon::device::Device;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
 
 pub type Memory = GuestMemoryMmap<()>;

@@ -44,7 +44,7 @@ pub const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 pub const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// The limits requests are validated against (the same values are advertised
-/// in the config space, see [`crate::blk_config::BlkConfig::from_limits`]).
+/// in the config space, see [`crate::virtio::config::BlkConfig::from_limits`]).
 ///
 /// `seg_max` and `size_max` of 0 mean "no limit" (set them to 0 when the
 /// driver did not ack VIRTIO_BLK_F_SEG_MAX / SIZE_MAX). `max_discard_seg` /

@@ -12,13 +12,13 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::bitmap::{Bitmap, Extent};
-use crate::cow_header::{
+use crate::format::bitmap::{Bitmap, Extent};
+use crate::format::header::{
     has_cow_magic, CowHeader, Geometry, HeaderLayout, DEFAULT_ALIGNMENT, MAX_HEADER_LEN,
     SECTOR_SIZE,
 };
-use crate::error::{DiskError, Result};
-use crate::lock::{lock_file, LockKind};
+use crate::format::error::{DiskError, Result};
+use crate::format::lock::{lock_file, LockKind};
 
 /// The on-disk format of a served file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,8 +19,8 @@ use std::ops::Range;
 
 use rustc_hash::FxHashMap;
 
-use crate::bitmap::{Bitmap, Extent};
-use crate::cow_header::SECTOR_SIZE;
+use crate::format::bitmap::{Bitmap, Extent};
+use crate::format::header::SECTOR_SIZE;
 
 pub type ReqId = u64;
 pub type OpId = u64;

@@ -1,0 +1,9 @@
+//! The UML COW format and an open disk: the header, the bitmap and its
+//! extent mapping, opening (with the backing checks) and creating files,
+//! the synchronous sector API of the tools, the locks, and the errors.
+
+pub mod bitmap;
+pub mod disk;
+pub mod error;
+pub mod header;
+pub mod lock;

@@ -1,0 +1,3 @@
+//! Small helpers below the format: aligned buffers and filesystem calls.
+
+pub mod aligned;
