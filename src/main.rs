@@ -13,9 +13,9 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, ArgGroup, Args, Parser, Subcommand};
 
-use vhost_user_cow::tools::check::check;
 use vhost_user_cow::format::disk::{create_cow, CreateOptions, DiskFormat};
 use vhost_user_cow::format::header::DEFAULT_ALIGNMENT;
+use vhost_user_cow::tools::check::check;
 use vhost_user_cow::tools::info::inspect;
 use vhost_user_cow::tools::merge::{merge, MergeOptions, MergeTarget};
 
@@ -241,8 +241,8 @@ fn cmd_check(a: CheckArgs) -> CmdResult {
 fn cmd_serve(a: ServeArgs) -> CmdResult {
     use vhost_user_cow::daemon::backend::BackendOptions;
     use vhost_user_cow::daemon::device::{CacheMode, DeviceOptions};
-    use vhost_user_cow::io_engine::EngineKind;
     use vhost_user_cow::daemon::serve::{serve, ServeOptions, SocketSource};
+    use vhost_user_cow::io_engine::EngineKind;
 
     if a.print_capabilities {
         println!(r#"{{"type": "block", "features": ["read-only", "blk-file"]}}"#);

@@ -12,10 +12,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use vhost_user_cow::format::bitmap::Bitmap;
 use vhost_user_cow::daemon::scheduler::{
     CowLayout, Done, Op, OpKind, QueueId, ReqKind, Request, Scheduler, Status, Target,
 };
+use vhost_user_cow::format::bitmap::Bitmap;
 
 const SECTORS: u64 = 40;
 const QUEUES: usize = 2;

@@ -9,8 +9,8 @@ use std::path::Path;
 use common::*;
 use proptest::prelude::*;
 use vhost_user_cow::format::disk::{read_header, Disk, DiskOptions};
-use vhost_user_cow::format::header::{CowHeader, HeaderLayout};
 use vhost_user_cow::format::error::DiskError;
+use vhost_user_cow::format::header::{CowHeader, HeaderLayout};
 use vhost_user_cow::format::lock::{lock_file, LockKind};
 
 /// A recognisable 512-byte sector: where it came from and its number.

@@ -16,11 +16,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::virtio::config::{virtio_features, BlkConfig};
 use crate::daemon::device::CacheMode;
 use crate::daemon::device::Device;
-use crate::io_engine::{new_engine, EngineError, EngineKind, InlineWrites};
 use crate::daemon::worker::{Memory, Vring, Worker};
+use crate::io_engine::{new_engine, EngineError, EngineKind, InlineWrites};
+use crate::virtio::config::{virtio_features, BlkConfig};
 
 #[derive(Debug, Clone)]
 pub struct BackendOptions {

@@ -12,9 +12,9 @@
 //! so the first sector is copied out first, checked in the copy, and
 //! written from the copy: what was checked is what reaches the file.
 
+use crate::format::header::{has_cow_magic, SECTOR_SIZE};
 use crate::fsutil::aligned::AlignedBuf;
 use crate::virtio::request::{Request, Segment};
-use crate::format::header::{has_cow_magic, SECTOR_SIZE};
 
 /// What became of a write to sector 0.
 pub enum FirstSector {

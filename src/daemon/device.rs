@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::daemon::scheduler::{CowLayout, Scheduler};
-use crate::virtio::request::Limits;
 use crate::format::disk::{Disk, DiskFormat, DiskOptions};
-use crate::format::header::SECTOR_SIZE;
 use crate::format::error::{DiskError, Result};
+use crate::format::header::SECTOR_SIZE;
+use crate::virtio::request::Limits;
 
 /// Cache mode of the data files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

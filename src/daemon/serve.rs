@@ -17,9 +17,9 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
 use crate::daemon::backend::{BackendOptions, CowBackend};
 use crate::daemon::device::{Device, DeviceOptions};
+use crate::daemon::worker::Memory;
 use crate::format::error::DiskError;
 use crate::io_engine::EngineError;
-use crate::daemon::worker::Memory;
 
 #[derive(Debug, Error)]
 pub enum ServeError {

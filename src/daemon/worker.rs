@@ -12,17 +12,18 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
-use crate::fsutil::aligned::AlignedBuf;
+use crate::daemon::cow_magic_guard::{pin_first_sector, FirstSector};
+use crate::daemon::device::Device;
 use crate::daemon::scheduler::{
     Done, Op, OpId, OpKind, ReqId, ReqKind, Request, Scheduler, Status, Target,
 };
-use crate::virtio::request::{
-    parse_request, write_status, Request as BlkRequest, RequestType, Segment, SECTOR_SHIFT,
-    STATUS_IOERR, STATUS_OK,
-};
-use crate::daemon::cow_magic_guard::{pin_first_sector, FirstSector};
-use crate::daemon::device::Device;
+use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
+use crate::virtio::parse_request;
+use crate::virtio::request::{
+    write_status, Request as BlkRequest, RequestType, Segment, SECTOR_SHIFT, STATUS_IOERR,
+    STATUS_OK,
+};
 
 pub type Memory = GuestMemoryMmap<()>;
 pub type MemoryGuard = GuestMemoryLoadGuard<Memory>;

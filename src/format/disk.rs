@@ -13,11 +13,11 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::format::bitmap::{Bitmap, Extent};
+use crate::format::error::{DiskError, Result};
 use crate::format::header::{
     has_cow_magic, CowHeader, Geometry, HeaderLayout, DEFAULT_ALIGNMENT, MAX_HEADER_LEN,
     SECTOR_SIZE,
 };
-use crate::format::error::{DiskError, Result};
 use crate::format::lock::{lock_file, LockKind};
 
 /// The on-disk format of a served file.

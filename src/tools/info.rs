@@ -16,8 +16,8 @@ use crate::format::disk::{
     absolute_backing_path, check_usable, file_kind, file_size, mtime32, read_full_at, read_header,
     resolve_header_backing, usable,
 };
-use crate::format::header::{has_cow_magic, CowHeader, Geometry, SECTOR_SIZE};
 use crate::format::error::{DiskError, Result};
+use crate::format::header::{has_cow_magic, CowHeader, Geometry, SECTOR_SIZE};
 
 /// Everything `info` reports; serialized as-is for `--json`.
 #[derive(Debug, Clone, Serialize)]

@@ -20,8 +20,8 @@ use thiserror::Error;
 use crate::format::disk::{
     check_usable, read_full_at, rename_noreplace, tmp_name, CowParts, Disk, DiskOptions,
 };
-use crate::format::header::SECTOR_SIZE;
 use crate::format::error::DiskError;
+use crate::format::header::SECTOR_SIZE;
 use crate::format::lock::{lock_file, LockKind};
 
 /// Bytes moved per read: large enough that syscalls do not dominate.

@@ -1,0 +1,273 @@
+//! Framing of a virtio-blk request (virtio 1.2 §5.2.6), as QEMU's
+//! virtio-blk handler does it: the chain is a device-readable part followed
+//! by a device-writable part; the 16-byte header is the first 16 bytes of
+//! the readable part (it may be split over descriptors or share one with
+//! data) and the status is the last byte of the writable part. Everything
+//! in between is the data, still as guest ranges ([`Piece`]s); the
+//! per-type decoding in `decode.rs` gives it meaning.
+
+use std::ops::Deref;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+
+use super::request::{RequestError, RequestFailure, HEADER_SIZE, MAX_CHAIN_DESCRIPTORS};
+
+/// A byte range of one descriptor, used for the header/data/status split.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Piece {
+    pub position: usize,
+    pub addr: GuestAddress,
+    pub len: u64,
+    /// The whole descriptor, for error messages.
+    desc_addr: u64,
+    desc_len: u32,
+}
+
+impl Piece {
+    pub fn out_of_memory(&self) -> RequestError {
+        RequestError::DescriptorOutOfMemory {
+            position: self.position,
+            addr: self.desc_addr,
+            len: self.desc_len,
+        }
+    }
+}
+
+/// A framed request: its header, its data as guest ranges on either side,
+/// and where its status byte goes.
+pub(super) struct Frame {
+    pub header: [u8; HEADER_SIZE],
+    /// Device-readable data after the header (empty pieces dropped).
+    pub readable: Vec<Piece>,
+    /// Device-writable data before the status byte (empty pieces dropped).
+    pub writable: Vec<Piece>,
+    pub status_addr: GuestAddress,
+}
+
+/// Walks `chain` (on a clone: the caller keeps it for completing the
+/// request) and splits it into header, data and status.
+pub(super) fn frame<M>(chain: &DescriptorChain<M>) -> Result<Frame, RequestFailure>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let mem = chain.memory();
+    let no_status = |error| RequestFailure {
+        error,
+        status_addr: None,
+    };
+    // Walk the whole chain (virtio-queue bounds the walk by the queue size /
+    // indirect table length), keeping at most MAX_CHAIN_DESCRIPTORS.
+    let mut descs: Vec<Descriptor> = Vec::with_capacity(4);
+    let mut count = 0usize;
+    let mut last = None;
+    for d in chain.clone() {
+        if descs.len() < MAX_CHAIN_DESCRIPTORS {
+            descs.push(d);
+        }
+        count += 1;
+        last = Some(d);
+    }
+    let Some(last) = last else {
+        return Err(no_status(RequestError::EmptyChain));
+    };
+    // The iterator just stops on loops (TTL), out-of-table `next`, bad
+    // indirect tables and unreadable descriptors. In every such case the
+    // last descriptor it yielded still has NEXT set, whereas a well-formed
+    // chain always ends in a descriptor without NEXT.
+    if last.has_next() {
+        return Err(no_status(RequestError::MalformedChain {
+            count,
+            last_addr: last.addr().raw_value(),
+            next: last.next(),
+        }));
+    }
+
+    let status_addr = find_status(mem, &last, count - 1).map_err(no_status)?;
+    let fail = |error| RequestFailure {
+        error,
+        status_addr: Some(status_addr),
+    };
+
+    if count > MAX_CHAIN_DESCRIPTORS {
+        return Err(fail(RequestError::TooManyDescriptors {
+            count,
+            max: MAX_CHAIN_DESCRIPTORS,
+        }));
+    }
+
+    // Split into the readable prefix and the writable suffix.
+    let first_writable = descs
+        .iter()
+        .position(|d| d.is_write_only())
+        .unwrap_or(descs.len());
+    if let Some(p) = descs[first_writable..]
+        .iter()
+        .position(|d| !d.is_write_only())
+    {
+        let position = first_writable + p;
+        return Err(fail(RequestError::ReadableAfterWritable {
+            position,
+            addr: descs[position].addr().raw_value(),
+        }));
+    }
+    if first_writable == 0 {
+        return Err(fail(RequestError::HeaderWriteOnly {
+            addr: descs[0].addr().raw_value(),
+            len: descs[0].len(),
+        }));
+    }
+
+    let mut readable: Vec<Piece> = descs[..first_writable]
+        .iter()
+        .enumerate()
+        .map(|(i, d)| piece(i, d))
+        .collect();
+    let mut writable: Vec<Piece> = descs[first_writable..]
+        .iter()
+        .enumerate()
+        .map(|(i, d)| piece(first_writable + i, d))
+        .collect();
+    // The status byte is the last byte of the writable part.
+    if let Some(w) = writable.last_mut() {
+        w.len -= 1; // len >= 1 was checked by find_status
+    }
+
+    let readable_len: u64 = readable.iter().map(|p| p.len).sum();
+    if readable_len < HEADER_SIZE as u64 {
+        return Err(fail(RequestError::HeaderTooShort { len: readable_len }));
+    }
+    let mut header = [0u8; HEADER_SIZE];
+    let readable_data = split_off_front(&mut readable, HEADER_SIZE as u64);
+    copy_from_guest(mem, &readable, &mut header).map_err(fail)?;
+    let writable_data = {
+        writable.retain(|p| p.len > 0);
+        writable
+    };
+    let readable_data: Vec<Piece> = readable_data.into_iter().filter(|p| p.len > 0).collect();
+    Ok(Frame {
+        header,
+        readable: readable_data,
+        writable: writable_data,
+        status_addr,
+    })
+}
+
+fn piece(position: usize, d: &Descriptor) -> Piece {
+    Piece {
+        position,
+        addr: d.addr(),
+        len: d.len() as u64,
+        desc_addr: d.addr().raw_value(),
+        desc_len: d.len(),
+    }
+}
+
+/// Checks the status byte of the last descriptor and returns its address.
+fn find_status<G: GuestMemory + ?Sized>(
+    mem: &G,
+    last: &Descriptor,
+    position: usize,
+) -> Result<GuestAddress, RequestError> {
+    let addr = last.addr().raw_value();
+    let len = last.len();
+    if !last.is_write_only() {
+        return Err(RequestError::StatusNotWritable {
+            position,
+            addr,
+            len,
+        });
+    }
+    if len == 0 {
+        return Err(RequestError::StatusEmpty { position, addr });
+    }
+    let oom = RequestError::StatusOutOfMemory {
+        position,
+        addr,
+        len,
+    };
+    let status = addr.checked_add(len as u64 - 1).ok_or(oom.clone())?;
+    let status = GuestAddress(status);
+    if !mem.check_range(status, 1, Permissions::Write) {
+        return Err(oom);
+    }
+    Ok(status)
+}
+
+/// Removes the first `n` bytes from `pieces` (which keeps them) and returns
+/// the remainder. The caller guarantees `pieces` holds at least `n` bytes.
+pub(super) fn split_off_front(pieces: &mut Vec<Piece>, n: u64) -> Vec<Piece> {
+    let mut rest = Vec::new();
+    let mut left = n;
+    let mut keep = 0;
+    for (i, p) in pieces.iter_mut().enumerate() {
+        if left == 0 {
+            rest.push(*p);
+            continue;
+        }
+        keep = i + 1;
+        if p.len > left {
+            let mut tail = *p;
+            // Saturating: an address that would wrap is never guest RAM and
+            // is rejected when resolved.
+            tail.addr = GuestAddress(p.addr.raw_value().saturating_add(left));
+            tail.len = p.len - left;
+            p.len = left;
+            rest.push(tail);
+            left = 0;
+        } else {
+            left -= p.len;
+        }
+    }
+    pieces.truncate(keep);
+    rest
+}
+
+/// Keeps at most `n` bytes of `pieces`; returns the kept length.
+pub(super) fn truncate_pieces(pieces: &mut Vec<Piece>, n: u64) -> u64 {
+    let mut total = 0;
+    let mut keep = 0;
+    for p in pieces.iter_mut() {
+        if total == n {
+            break;
+        }
+        p.len = p.len.min(n - total);
+        total += p.len;
+        keep += 1;
+    }
+    pieces.truncate(keep);
+    total
+}
+
+/// Copies exactly `buf.len()` bytes from the start of `pieces`.
+pub(super) fn copy_from_guest<G: GuestMemory + ?Sized>(
+    mem: &G,
+    pieces: &[Piece],
+    buf: &mut [u8],
+) -> Result<(), RequestError> {
+    let mut off = 0usize;
+    for p in pieces {
+        if off == buf.len() {
+            break;
+        }
+        let n = (buf.len() - off).min(usize::try_from(p.len).unwrap_or(usize::MAX));
+        if n == 0 {
+            continue; // empty descriptors may carry any address
+        }
+        p.addr
+            .raw_value()
+            .checked_add(n as u64)
+            .ok_or_else(|| p.out_of_memory())?;
+        mem.read_slice(&mut buf[off..off + n], p.addr)
+            .map_err(|_| p.out_of_memory())?;
+        off += n;
+    }
+    if off == buf.len() {
+        Ok(())
+    } else {
+        // Unreachable given the callers' length checks; fail safe anyway.
+        Err(RequestError::HeaderTooShort { len: off as u64 })
+    }
+}
