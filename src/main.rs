@@ -13,8 +13,8 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, ArgGroup, Args, Parser, Subcommand};
 
-use vhost_user_cow::format::disk::{create_cow, CreateOptions, DiskFormat};
 use vhost_user_cow::format::header::DEFAULT_ALIGNMENT;
+use vhost_user_cow::format::{create_cow, CreateOptions, DiskFormat};
 use vhost_user_cow::tools::check::check;
 use vhost_user_cow::tools::info::inspect;
 use vhost_user_cow::tools::merge::{merge, MergeOptions, MergeTarget};

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use common::*;
 use proptest::prelude::*;
-use vhost_user_cow::format::disk::{read_header, Disk, DiskOptions};
 use vhost_user_cow::format::error::DiskError;
 use vhost_user_cow::format::header::{CowHeader, HeaderLayout};
 use vhost_user_cow::format::lock::{lock_file, LockKind};
+use vhost_user_cow::format::open::{read_header, Disk, DiskOptions};
 
 /// A recognisable 512-byte sector: where it came from and its number.
 fn sector_data(tag: u8, s: u64) -> Vec<u8> {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use common::daemon::{Daemon, Image, Peer, ServeOptions};
 use common::Rng;
-use vhost_user_cow::format::disk::{Disk, DiskOptions};
+use vhost_user_cow::format::{Disk, DiskOptions};
 
 const SECTORS: u64 = 16 * 1024; // 8 MiB
 const THREADS: usize = 4;
@@ -222,11 +222,11 @@ fn stress_chunked(daemon_args: &[&str], chunk: u32) {
         image.extend_from_slice(&backing_sector(s));
     }
     std::fs::write(&base, &image).unwrap();
-    let opts = vhost_user_cow::format::disk::CreateOptions {
+    let opts = vhost_user_cow::format::CreateOptions {
         sectorsize: chunk,
         ..Default::default()
     };
-    vhost_user_cow::format::disk::create_cow(&cow, &base, &opts).unwrap();
+    vhost_user_cow::format::create_cow(&cow, &base, &opts).unwrap();
 
     let opts = ServeOptions {
         num_queues: THREADS as u16,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
-use vhost_user_cow::format::disk::{Disk, DiskOptions};
+use vhost_user_cow::format::{Disk, DiskOptions};
 
 fn run_in(cwd: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     let mut c = Command::new(bin());
@@ -62,7 +62,7 @@ fn tool(path: &Path, args: &[&dyn AsRef<std::ffi::OsStr>], cwd: &Path) {
 fn head_and_len(path: &Path) -> (Vec<u8>, u64) {
     let data = std::fs::read(path).unwrap();
     let len = data.len() as u64;
-    let h = vhost_user_cow::format::disk::read_header(&std::fs::File::open(path).unwrap(), path)
+    let h = vhost_user_cow::format::open::read_header(&std::fs::File::open(path).unwrap(), path)
         .unwrap();
     let off = h.geometry(path).unwrap().data_offset as usize;
     (data[..off].to_vec(), len)

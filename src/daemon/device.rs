@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::daemon::scheduler::{CowLayout, Scheduler};
-use crate::format::disk::{Disk, DiskFormat, DiskOptions};
 use crate::format::error::{DiskError, Result};
 use crate::format::header::SECTOR_SIZE;
+use crate::format::{Disk, DiskFormat, DiskOptions};
 use crate::virtio::request::Limits;
 
 /// Cache mode of the data files.

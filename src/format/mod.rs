@@ -3,7 +3,12 @@
 //! the synchronous sector API of the tools, the locks, and the errors.
 
 pub mod bitmap;
-pub mod disk;
+pub mod create;
 pub mod error;
 pub mod header;
 pub mod lock;
+pub mod open;
+mod sectors;
+
+pub use create::{create_cow, CreateOptions};
+pub use open::{CowParts, Disk, DiskFormat, DiskOptions};

@@ -1,3 +1,4 @@
 //! Small helpers below the format: aligned buffers and filesystem calls.
 
 pub mod aligned;
+pub mod files;

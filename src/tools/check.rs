@@ -18,8 +18,8 @@
 
 use std::path::Path;
 
+use super::inspect::{open_for_inspection, scan_bitmap, BackingInfo, Inspected};
 use crate::format::error::DiskError;
-use crate::tools::info::{open_for_inspection, scan_bitmap, BackingInfo, Inspected};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -17,12 +17,11 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use thiserror::Error;
 
-use crate::format::disk::{
-    check_usable, read_full_at, rename_noreplace, tmp_name, CowParts, Disk, DiskOptions,
-};
 use crate::format::error::DiskError;
 use crate::format::header::SECTOR_SIZE;
 use crate::format::lock::{lock_file, LockKind};
+use crate::format::open::{check_usable, read_full_at, CowParts, Disk, DiskOptions};
+use crate::fsutil::files::NewFile;
 
 /// Bytes moved per read: large enough that syscalls do not dominate.
 const STEP: u64 = 4 << 20;
@@ -148,47 +147,21 @@ fn merge_into(cow: &Path, out: &Path, opts: &MergeOptions) -> Result<MergeSummar
     }
 
     let size = parts.header.size;
-    let tmp = tmp_name(out);
-    let result = (|| -> Result<u64, DiskError> {
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(DiskError::io(out, "create"))?;
-        let cow_bytes = copy_all(&disk, &f, &tmp, size, opts.progress)?;
-        // The length is set explicitly: trailing holes are never written.
-        f.set_len(size).map_err(DiskError::io(&tmp, "set length"))?;
-        f.sync_all().map_err(DiskError::io(&tmp, "fsync"))?;
-        Ok(cow_bytes)
-    })();
-    let cow_bytes = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.into());
-        }
-    };
-    let renamed = if opts.force {
-        std::fs::rename(&tmp, out)
-    } else {
-        rename_noreplace(&tmp, out)
-    };
-    if let Err(e) = renamed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(if e.kind() == io::ErrorKind::AlreadyExists {
+    let new = NewFile::create(out).map_err(DiskError::io(out, "create"))?;
+    let tmp = new.tmp_path().to_owned();
+    let f = new.file();
+    let cow_bytes = copy_all(&disk, f, &tmp, size, opts.progress)?;
+    // The length is set explicitly: trailing holes are never written.
+    f.set_len(size).map_err(DiskError::io(&tmp, "set length"))?;
+    new.persist(opts.force).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
             DiskError::AlreadyExists {
                 path: out.to_owned(),
             }
         } else {
-            DiskError::io(out, "rename into place")(e)
+            DiskError::io(out, "move into place")(e)
         }
-        .into());
-    }
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
+    })?;
     Ok(MergeSummary {
         output: out.to_owned(),
         size,

@@ -1,5 +1,7 @@
-//! The image tools: `info`, `check` and `merge`.
+//! The image tools: `info`, `check` and `merge`, and the inspection that
+//! `info` and `check` share.
 
 pub mod check;
 pub mod info;
+pub mod inspect;
 pub mod merge;

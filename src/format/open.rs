@@ -1,24 +1,24 @@
-//! An open disk: a raw image, or a COW file over its backing file with the
-//! whole bitmap in memory. Creating COW files, the backing checks, and the
-//! locks that keep two users off the same files.
+//! Opening a disk: a raw image, or a COW file over its backing file with
+//! the whole bitmap in memory; the checks of the backing file against the
+//! header, and the locks that keep two users off the same files.
 //!
-//! The synchronous sector API here serves the image tools and tests; the
-//! daemon's asynchronous write path goes through `bitmap_sched`.
+//! The daemon's asynchronous write path takes the open disk apart
+//! (`daemon::device`); the tools use the synchronous API in `sectors.rs`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::format::bitmap::{Bitmap, Extent};
-use crate::format::error::{DiskError, Result};
-use crate::format::header::{
-    has_cow_magic, CowHeader, Geometry, HeaderLayout, DEFAULT_ALIGNMENT, MAX_HEADER_LEN,
-    SECTOR_SIZE,
+use super::bitmap::Bitmap;
+use super::error::{DiskError, Result};
+use super::header::{
+    has_cow_magic, CowHeader, Geometry, HeaderLayout, MAX_HEADER_LEN, SECTOR_SIZE,
 };
-use crate::format::lock::{lock_file, LockKind};
+use super::lock::{lock_file, LockKind};
+use crate::fsutil::files::{file_kind, mtime32, size_of, usable};
 
 /// The on-disk format of a served file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,38 +85,14 @@ pub struct Disk {
     pub format_guessed: bool,
 }
 
-/// What kind of file a path names, for messages.
-pub fn file_kind(ft: std::fs::FileType) -> &'static str {
-    if ft.is_dir() {
-        "a directory"
-    } else if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_socket() {
-        "a socket"
-    } else if ft.is_char_device() {
-        "a character device"
-    } else if ft.is_symlink() {
-        "a dangling symlink"
-    } else {
-        "not a regular file"
-    }
-}
-
-/// Regular files and block devices can hold disk data; anything else (a
-/// FIFO would even block the open) is refused before it is opened.
-pub fn usable(ft: std::fs::FileType) -> bool {
-    ft.is_file() || ft.is_block_device()
-}
-
-/// Size of a regular file or block device.
+/// Size of a regular file or block device, errors naming `path`.
 pub fn file_size(file: &File, path: &Path) -> Result<u64> {
-    let meta = file.metadata().map_err(DiskError::io(path, "stat"))?;
-    if meta.file_type().is_block_device() {
-        let mut f = file;
-        io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(DiskError::io(path, "seek"))
-    } else {
-        Ok(meta.len())
-    }
+    size_of(file).map_err(DiskError::io(path, "stat"))
+}
+
+/// [`crate::fsutil::files::read_full_at`], errors naming `path`.
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
+    crate::fsutil::files::read_full_at(file, buf, offset).map_err(DiskError::io(path, "read"))
 }
 
 /// An absolute path as `uml_mkcow` records it: the directory resolved, the
@@ -138,11 +114,6 @@ pub fn absolute_backing_path(path: &Path) -> Result<PathBuf> {
         .canonicalize()
         .map_err(DiskError::io(&parent, "resolve directory"))?;
     Ok(dir.join(name))
-}
-
-pub fn mtime32(meta: &std::fs::Metadata) -> u32 {
-    // The header keeps the low 32 bits of the seconds, like UML.
-    meta.mtime() as u32
 }
 
 /// Opens the backing file and checks it against the header.
@@ -205,24 +176,6 @@ fn read_head(file: &File, path: &Path) -> Result<Vec<u8>> {
     }
     buf.truncate(got);
     Ok(buf)
-}
-
-/// Reads exactly `buf.len()` bytes at `offset`; bytes past end of file read
-/// as zeros (a COW file is sparse, a backing file may end mid-sector).
-pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => {
-                buf[got..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(DiskError::io(path, "read")(e)),
-        }
-    }
-    Ok(())
 }
 
 /// Parses the header of a COW file without opening its backing file.
@@ -415,263 +368,6 @@ impl Disk {
                 storable_chunks,
             }),
         })
-    }
-
-    pub fn sectors(&self) -> u64 {
-        self.size / SECTOR_SIZE
-    }
-
-    fn check_range(&self, sector: u64, count: u64) -> Result<()> {
-        match sector.checked_add(count) {
-            Some(end) if end <= self.sectors() => Ok(()),
-            _ => Err(DiskError::OutOfRange {
-                path: self.path.clone(),
-                sector,
-                count,
-                sectors: self.sectors(),
-            }),
-        }
-    }
-
-    /// Splits a sector range into backing and COW runs (a raw image is one
-    /// "COW" run: all sectors live in the served file).
-    pub fn extents(&self, sector: u64, count: u64) -> Vec<Extent> {
-        match &self.cow {
-            Some(c) => c.bitmap.map(sector, count).collect(),
-            None => vec![Extent {
-                sector,
-                count,
-                in_cow: true,
-            }],
-        }
-    }
-
-    /// Reads whole sectors synchronously (tools and tests).
-    pub fn read_sectors(&self, sector: u64, buf: &mut [u8]) -> Result<()> {
-        let count = buf.len() as u64 / SECTOR_SIZE;
-        assert_eq!(buf.len() as u64 % SECTOR_SIZE, 0);
-        self.check_range(sector, count)?;
-        let mut done = 0usize;
-        for e in self.extents(sector, count) {
-            let len = (e.count * SECTOR_SIZE) as usize;
-            let dst = &mut buf[done..done + len];
-            let (file, path, off) = self.locate(e);
-            read_full_at(file, dst, off, path)?;
-            done += len;
-        }
-        Ok(())
-    }
-
-    /// Where an extent's bytes are: file, its path, byte offset.
-    pub fn locate(&self, e: Extent) -> (&File, &Path, u64) {
-        match &self.cow {
-            Some(c) if e.in_cow => (
-                &self.file,
-                &self.path,
-                c.geometry.data_offset + e.sector * SECTOR_SIZE,
-            ),
-            Some(c) => (&c.backing, &c.backing_path, e.sector * SECTOR_SIZE),
-            None => (&self.file, &self.path, e.sector * SECTOR_SIZE),
-        }
-    }
-
-    /// Writes whole sectors synchronously, in the order the write path
-    /// uses: data (with copy-up of partial chunks), then bits, then the
-    /// bitmap bytes.
-    pub fn write_sectors(&mut self, sector: u64, buf: &[u8]) -> Result<()> {
-        let count = buf.len() as u64 / SECTOR_SIZE;
-        assert_eq!(buf.len() as u64 % SECTOR_SIZE, 0);
-        if self.read_only {
-            return Err(DiskError::ReadOnly {
-                path: self.path.clone(),
-            });
-        }
-        self.check_range(sector, count)?;
-        let Some(cow) = &mut self.cow else {
-            return self
-                .file
-                .write_all_at(buf, sector * SECTOR_SIZE)
-                .map_err(DiskError::io(&self.path, "write"));
-        };
-        let spc = cow.bitmap.sectors_per_chunk();
-        let (first, nchunks) = cow.bitmap.chunk_range(sector, count);
-        if first + nchunks > cow.storable_chunks {
-            return Err(DiskError::OutOfRange {
-                path: self.path.clone(),
-                sector,
-                count,
-                sectors: cow.storable_chunks * spc,
-            });
-        }
-        // Copy-up: an unset chunk only partly covered gets the rest of its
-        // sectors from the backing file first.
-        let mut chunk_buf = vec![0u8; (spc * SECTOR_SIZE) as usize];
-        for chunk in first..first + nchunks {
-            let c_start = chunk * spc;
-            let c_end = c_start + spc;
-            let covered = sector <= c_start && sector + count >= c_end;
-            if covered || cow.bitmap.get(chunk) {
-                continue;
-            }
-            read_full_at(
-                &cow.backing,
-                &mut chunk_buf,
-                c_start * SECTOR_SIZE,
-                &cow.backing_path,
-            )?;
-            self.file
-                .write_all_at(&chunk_buf, cow.geometry.data_offset + c_start * SECTOR_SIZE)
-                .map_err(DiskError::io(&self.path, "copy-up write"))?;
-        }
-        self.file
-            .write_all_at(buf, cow.geometry.data_offset + sector * SECTOR_SIZE)
-            .map_err(DiskError::io(&self.path, "write"))?;
-        if cow.bitmap.next_change(first, first + nchunks, true) == first + nchunks {
-            return Ok(());
-        }
-        cow.bitmap.set_range(first, nchunks);
-        let b0 = (first / 8) as usize;
-        let b1 = (first + nchunks).div_ceil(8) as usize;
-        self.file
-            .write_all_at(
-                &cow.bitmap.as_bytes()[b0..b1],
-                cow.geometry.bitmap_offset + b0 as u64,
-            )
-            .map_err(DiskError::io(&self.path, "bitmap write"))
-    }
-
-    pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(DiskError::io(&self.path, "fdatasync"))
-    }
-}
-
-/// Options of `create`.
-#[derive(Debug, Clone)]
-pub struct CreateOptions {
-    pub sectorsize: u32,
-    pub alignment: u32,
-    pub force: bool,
-}
-
-impl Default for CreateOptions {
-    fn default() -> Self {
-        CreateOptions {
-            sectorsize: SECTOR_SIZE as u32,
-            alignment: DEFAULT_ALIGNMENT,
-            force: false,
-        }
-    }
-}
-
-/// A hidden temporary name next to `path`, for create-then-rename.
-pub fn tmp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    let mut tmp = std::ffi::OsString::from(".");
-    tmp.push(name);
-    tmp.push(format!(".tmp{}", std::process::id()));
-    path.with_file_name(tmp)
-}
-
-/// Creates a COW file over `backing`, byte for byte as `uml_mkcow` does:
-/// the v3 header, then a sparse file of full length. It is written under a
-/// temporary name and renamed into place, so a crash never leaves a
-/// half-made COW file, and an existing file is replaced only with `force`.
-pub fn create_cow(cow: &Path, backing: &Path, opts: &CreateOptions) -> Result<CowHeader> {
-    let abs = absolute_backing_path(backing)?;
-    let meta = std::fs::metadata(&abs).map_err(|source| DiskError::BackingOpen {
-        cow: cow.to_owned(),
-        backing: abs.clone(),
-        source,
-    })?;
-    if !usable(meta.file_type()) {
-        return Err(DiskError::BackingNotRegular {
-            cow: cow.to_owned(),
-            backing: abs,
-            kind: file_kind(meta.file_type()),
-        });
-    }
-    let bf = File::open(&abs).map_err(|source| DiskError::BackingOpen {
-        cow: cow.to_owned(),
-        backing: abs.clone(),
-        source,
-    })?;
-    let size = file_size(&bf, &abs)?;
-    if size == 0 {
-        return Err(DiskError::EmptyImage { path: abs });
-    }
-    if !opts.force && std::fs::symlink_metadata(cow).is_ok() {
-        return Err(DiskError::AlreadyExists {
-            path: cow.to_owned(),
-        });
-    }
-    let header = CowHeader::new_v3(
-        abs.as_os_str().as_bytes().to_vec(),
-        mtime32(&meta),
-        size,
-        opts.sectorsize,
-        opts.alignment,
-    );
-    let geometry = header.geometry(cow)?;
-    let bytes = header.to_v3_bytes(cow)?;
-
-    let tmp = tmp_name(cow);
-    let result = (|| -> io::Result<()> {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.set_len(geometry.data_offset + size)?;
-        f.sync_all()?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(DiskError::io(cow, "create")(e));
-    }
-    let renamed = if opts.force {
-        std::fs::rename(&tmp, cow)
-    } else {
-        rename_noreplace(&tmp, cow)
-    };
-    if let Err(e) = renamed {
-        let _ = std::fs::remove_file(&tmp);
-        if e.kind() == io::ErrorKind::AlreadyExists {
-            return Err(DiskError::AlreadyExists {
-                path: cow.to_owned(),
-            });
-        }
-        return Err(DiskError::io(cow, "rename into place")(e));
-    }
-    // Make the rename itself durable.
-    if let Some(dir) = cow.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(header)
-}
-
-/// rename(2) that fails with `AlreadyExists` instead of replacing `to`.
-pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
-    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
-    // SAFETY: both are valid NUL-terminated strings.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
