@@ -2,7 +2,7 @@
 //! engine that completes every operation at once.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use vhost_user_cow::daemon::scheduler::{CowLayout, ReqKind, Request, Scheduler};
+use vhost_user_cow::daemon::scheduler::{CowLayout, ReqKind, DiskRequest, Scheduler};
 use vhost_user_cow::format::bitmap::Bitmap;
 
 const SECTORS: u64 = 1 << 21; // 1 GiB
@@ -23,9 +23,9 @@ fn scheduler(all_cow: bool) -> Scheduler {
 
 /// Submits one request and runs it to completion.
 fn run(s: &mut Scheduler, id: u64, kind: ReqKind, sector: u64) {
-    s.submit(Request {
+    s.submit(DiskRequest {
         id,
-        queue: 0,
+        thread: 0,
         kind,
         sector,
         count: 8,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
 use vhost_user_cow::daemon::scheduler::{
-    CowLayout, Done, Op, OpKind, QueueId, ReqKind, Request, Scheduler, Status, Target,
+    CowLayout, Done, Op, OpKind, ThreadId, ReqKind, DiskRequest, Scheduler, Status, Target,
 };
 use vhost_user_cow::format::bitmap::Bitmap;
 
@@ -37,7 +37,7 @@ struct InFlight {
 
 #[derive(Clone, Debug)]
 struct ReqModel {
-    req: Request,
+    req: DiskRequest,
     /// Read: values seen per sector. Write: its tag.
     seen: Vec<u64>,
     /// Read: tags acceptable per sector (grows while the read is in flight).
@@ -76,7 +76,7 @@ struct Harness {
     spc: u64,
     /// Copy-up bounce buffers: what the fake engine read into them.
     bounces: HashMap<u64, Vec<u64>>,
-    /// Per queue: an issue was refused and no completion has freed room since.
+    /// Per thread: an issue was refused and no completion has freed room since.
     refused: [bool; QUEUES],
     /// Issue every operation as soon as the engine has room (exhaustive
     /// runs branch only on submissions and completion order).
@@ -86,8 +86,8 @@ struct Harness {
 
 #[derive(Clone, Copy, Debug)]
 enum Action {
-    Submit(ReqKind, u64, u64, QueueId),
-    Issue(QueueId),
+    Submit(ReqKind, u64, u64, ThreadId),
+    Issue(ThreadId),
     Complete(usize),
     Fail(usize),
 }
@@ -140,12 +140,12 @@ impl Harness {
         bitmap[(c / 8) as usize] & (1 << (c % 8)) != 0
     }
 
-    fn submit(&mut self, kind: ReqKind, sector: u64, count: u64, queue: QueueId) {
+    fn submit(&mut self, kind: ReqKind, sector: u64, count: u64, thread: ThreadId) {
         let id = self.next_req;
         self.next_req += 1;
-        let req = Request {
+        let req = DiskRequest {
             id,
-            queue,
+            thread,
             kind,
             sector,
             count,
@@ -210,15 +210,15 @@ impl Harness {
             .collect()
     }
 
-    fn issue(&mut self, queue: QueueId) {
-        let Some(op) = self.sched.pop_op(queue) else {
+    fn issue(&mut self, thread: ThreadId) {
+        let Some(op) = self.sched.pop_op(thread) else {
             return;
         };
-        assert_eq!(op.queue, queue, "op handed to the wrong queue");
+        assert_eq!(op.thread, thread, "op handed to the wrong thread");
         if self.in_flight.len() >= self.capacity {
             // Rule 5: the engine is full.
             self.sched.op_refused(op);
-            self.refused[queue] = true;
+            self.refused[thread] = true;
             return;
         }
         let mut snapshot = Vec::new();
@@ -349,11 +349,11 @@ impl Harness {
         }
     }
 
-    fn on_done(&mut self, queue: QueueId, id: u64, status: Status) {
+    fn on_done(&mut self, thread: ThreadId, id: u64, status: Status) {
         let m = self.reqs.get_mut(&id).expect("done for unknown request");
-        // (c) exactly once, on the request's own queue.
+        // (c) exactly once, on the request's own thread.
         assert!(m.done.is_none(), "request {id} completed twice");
-        assert_eq!(m.req.queue, queue);
+        assert_eq!(m.req.thread, thread);
         m.done = Some(status);
         let req = m.req;
         match req.kind {
@@ -493,7 +493,7 @@ impl Harness {
         }
     }
 
-    fn actions(&self, script: &[(ReqKind, u64, u64, QueueId)], inject: bool) -> Vec<Action> {
+    fn actions(&self, script: &[(ReqKind, u64, u64, ThreadId)], inject: bool) -> Vec<Action> {
         let mut a = Vec::new();
         let submitted = (self.next_req - 1) as usize;
         if let Some(&(k, s, c, q)) = script.get(submitted) {
@@ -586,17 +586,17 @@ impl Harness {
 }
 
 /// Every interleaving of a script, depth first.
-fn explore(script: &[(ReqKind, u64, u64, QueueId)], capacity: usize, inject: bool) -> u64 {
+fn explore(script: &[(ReqKind, u64, u64, ThreadId)], capacity: usize, inject: bool) -> u64 {
     explore_chunked(script, capacity, inject, 1)
 }
 
 fn explore_chunked(
-    script: &[(ReqKind, u64, u64, QueueId)],
+    script: &[(ReqKind, u64, u64, ThreadId)],
     capacity: usize,
     inject: bool,
     spc: u64,
 ) -> u64 {
-    fn go(h: Harness, script: &[(ReqKind, u64, u64, QueueId)], inject: bool, paths: &mut u64) {
+    fn go(h: Harness, script: &[(ReqKind, u64, u64, ThreadId)], inject: bool, paths: &mut u64) {
         let actions = h.actions(script, inject);
         if actions.is_empty() {
             let mut h = h;
@@ -785,9 +785,9 @@ fn queued_write_waits_for_copy_up_and_reads_of_old_data() {
     };
     let bitmap = Bitmap::new(SECTORS / spc, 512 * spc);
     let mut s = Scheduler::new_cow(SECTORS, bitmap, layout, 1, false);
-    let req = |id, kind, sector, count| Request {
+    let req = |id, kind, sector, count| DiskRequest {
         id,
-        queue: 0,
+        thread: 0,
         kind,
         sector,
         count,
@@ -883,7 +883,7 @@ fn queued_write_waits_for_copy_up_and_reads_of_old_data() {
     assert!(s.is_idle());
 }
 
-fn arb_request() -> impl Strategy<Value = (ReqKind, u64, u64, QueueId)> {
+fn arb_request() -> impl Strategy<Value = (ReqKind, u64, u64, ThreadId)> {
     (0u8..10, 0..SECTORS, 1u64..6, 0..QUEUES).prop_map(|(k, s, c, q)| {
         let kind = match k {
             0..=3 => Write,
@@ -937,9 +937,9 @@ static RANDOM_STEPS: AtomicU64 = AtomicU64::new(0);
 fn raw_disk_requests_are_single_operations() {
     let mut s = Scheduler::new_raw(SECTORS, 1, false);
     for (id, kind) in [(1, Write), (2, Read), (3, Zero), (4, Flush)] {
-        s.submit(Request {
+        s.submit(DiskRequest {
             id,
-            queue: 0,
+            thread: 0,
             kind,
             sector: 8,
             count: if kind == Flush { 0 } else { 4 },

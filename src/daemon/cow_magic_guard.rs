@@ -14,7 +14,7 @@
 
 use crate::format::header::{has_cow_magic, SECTOR_SIZE};
 use crate::fsutil::aligned::AlignedBuf;
-use crate::virtio::request::{Request, Segment};
+use crate::virtio::request::{BlkRequest, Segment};
 
 /// What became of a write to sector 0.
 pub enum FirstSector {
@@ -28,7 +28,7 @@ pub enum FirstSector {
 /// Copies the first sector of write `req` (which starts at sector 0 and
 /// carries at least one sector) out of guest memory, checks it, and makes
 /// the request's data start with the copy.
-pub fn pin_first_sector(req: &mut Request) -> FirstSector {
+pub fn pin_first_sector(req: &mut BlkRequest) -> FirstSector {
     let len = SECTOR_SIZE as usize;
     let copy = AlignedBuf::zeroed(len);
     let mut got = 0;

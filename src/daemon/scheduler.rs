@@ -4,9 +4,9 @@
 //! Callers hand it guest requests (`submit`), take the operations it wants
 //! issued (`pop_op`), report what the I/O engine did with them
 //! (`op_done`, `op_refused`), and take finished requests (`pop_done`).
-//! Every operation and every finished request belongs to a queue, so a
-//! queue thread only ever issues I/O on its own engine and completes
-//! requests on its own ring; `take_kicks` says which other queues gained
+//! Every operation and every finished request belongs to a thread, so a
+//! thread only ever issues I/O on its own engine and completes
+//! requests on its own ring; `take_kicks` says which other threads gained
 //! work from a call.
 //!
 //! Bitmap writes go out straight from the in-memory bitmap. The byte range
@@ -24,7 +24,7 @@ use crate::format::header::SECTOR_SIZE;
 
 pub type ReqId = u64;
 pub type OpId = u64;
-pub type QueueId = usize;
+pub type ThreadId = usize;
 
 /// The status the guest gets; mapped to VIRTIO_BLK_S_* by the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,9 +43,9 @@ pub enum ReqKind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
+pub struct DiskRequest {
     pub id: ReqId,
-    pub queue: QueueId,
+    pub thread: ThreadId,
     pub kind: ReqKind,
     pub sector: u64,
     pub count: u64,
@@ -92,7 +92,7 @@ pub enum OpKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Op {
     pub id: OpId,
-    pub queue: QueueId,
+    pub thread: ThreadId,
     /// The guest request this data operation serves (None for bitmap writes).
     pub req: Option<ReqId>,
     pub kind: OpKind,
@@ -157,7 +157,7 @@ enum Phase {
 
 #[derive(Debug, Clone)]
 struct ReqState {
-    req: Request,
+    req: DiskRequest,
     phase: Phase,
     ops_left: u32,
     failed: bool,
@@ -187,7 +187,7 @@ struct ChunkRecord {
 #[derive(Debug, Clone)]
 struct BitmapWrite {
     op: OpId,
-    queue: QueueId,
+    thread: ThreadId,
     range: Range<u64>,
     reqs: Vec<ReqId>,
 }
@@ -245,8 +245,8 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// A scheduler for a raw image of `sectors` sectors.
-    pub fn new_raw(sectors: u64, queues: usize, read_only: bool) -> Scheduler {
-        Scheduler::new(sectors, None, queues, read_only)
+    pub fn new_raw(sectors: u64, threads: usize, read_only: bool) -> Scheduler {
+        Scheduler::new(sectors, None, threads, read_only)
     }
 
     /// A scheduler for a COW disk; it owns the in-memory bitmap.
@@ -254,20 +254,20 @@ impl Scheduler {
         sectors: u64,
         bitmap: Bitmap,
         layout: CowLayout,
-        queues: usize,
+        threads: usize,
         read_only: bool,
     ) -> Scheduler {
         assert!(layout.bitmap_block.is_power_of_two());
-        Scheduler::new(sectors, Some((bitmap, layout)), queues, read_only)
+        Scheduler::new(sectors, Some((bitmap, layout)), threads, read_only)
     }
 
     fn new(
         sectors: u64,
         cow: Option<(Bitmap, CowLayout)>,
-        queues: usize,
+        threads: usize,
         read_only: bool,
     ) -> Scheduler {
-        let queues = queues.max(1);
+        let threads = threads.max(1);
         Scheduler {
             sectors,
             cow,
@@ -283,10 +283,10 @@ impl Scheduler {
             barriers: Vec::new(),
             records: FxHashMap::default(),
             next_bounce: 1,
-            ready: (0..queues).map(|_| VecDeque::new()).collect(),
-            parked: (0..queues).map(|_| VecDeque::new()).collect(),
-            done: (0..queues).map(|_| VecDeque::new()).collect(),
-            kicks: vec![false; queues],
+            ready: (0..threads).map(|_| VecDeque::new()).collect(),
+            parked: (0..threads).map(|_| VecDeque::new()).collect(),
+            done: (0..threads).map(|_| VecDeque::new()).collect(),
+            kicks: vec![false; threads],
             failure: None,
             stats: Stats::default(),
         }
@@ -324,25 +324,25 @@ impl Scheduler {
             && self.parked.iter().all(VecDeque::is_empty)
     }
 
-    /// The next operation for `queue`'s engine: parked work first (rule 5).
-    pub fn pop_op(&mut self, queue: QueueId) -> Option<Op> {
-        self.parked[queue]
+    /// The next operation for `thread`'s engine: parked work first (rule 5).
+    pub fn pop_op(&mut self, thread: ThreadId) -> Option<Op> {
+        self.parked[thread]
             .pop_front()
-            .or_else(|| self.ready[queue].pop_front())
+            .or_else(|| self.ready[thread].pop_front())
     }
 
-    /// Whether `queue` has operations to issue.
-    pub fn has_ops(&self, queue: QueueId) -> bool {
-        !self.parked[queue].is_empty() || !self.ready[queue].is_empty()
+    /// Whether `thread` has operations to issue.
+    pub fn has_ops(&self, thread: ThreadId) -> bool {
+        !self.parked[thread].is_empty() || !self.ready[thread].is_empty()
     }
 
-    pub fn pop_done(&mut self, queue: QueueId) -> Option<Done> {
-        self.done[queue].pop_front()
+    pub fn pop_done(&mut self, thread: ThreadId) -> Option<Done> {
+        self.done[thread].pop_front()
     }
 
     /// Queues other than the caller's that gained operations or finished
     /// requests since the last call; their threads need a wake-up.
-    pub fn take_kicks(&mut self, me: QueueId) -> Vec<QueueId> {
+    pub fn take_kicks(&mut self, me: ThreadId) -> Vec<ThreadId> {
         let mut out = Vec::new();
         for (q, k) in self.kicks.iter_mut().enumerate() {
             if *k && q != me {
@@ -359,9 +359,9 @@ impl Scheduler {
     pub fn op_refused(&mut self, op: Op) {
         if matches!(op.kind, OpKind::BitmapWrite { .. }) {
             self.stats.bitmap_writes_parked += 1;
-            self.parked[op.queue].push_back(op);
+            self.parked[op.thread].push_back(op);
         } else {
-            self.ready[op.queue].push_front(op);
+            self.ready[op.thread].push_front(op);
         }
     }
 
@@ -370,8 +370,8 @@ impl Scheduler {
         if status != Status::Ok {
             self.stats.errors += 1;
         }
-        self.done[st.req.queue].push_back(Done { id, status });
-        self.kicks[st.req.queue] = true;
+        self.done[st.req.thread].push_back(Done { id, status });
+        self.kicks[st.req.thread] = true;
         for c in st.counted_on {
             if let Some(r) = self.records.get_mut(&c) {
                 r.reads -= 1;
@@ -424,29 +424,29 @@ impl Scheduler {
         }
     }
 
-    fn emit(&mut self, queue: QueueId, req: Option<ReqId>, kind: OpKind, owner: OpOwner) -> OpId {
+    fn emit(&mut self, thread: ThreadId, req: Option<ReqId>, kind: OpKind, owner: OpOwner) -> OpId {
         let id = self.next_op;
         self.next_op += 1;
         self.ops.insert(id, owner);
-        self.ready[queue].push_back(Op {
+        self.ready[thread].push_back(Op {
             id,
-            queue,
+            thread,
             req,
             kind,
         });
-        self.kicks[queue] = true;
+        self.kicks[thread] = true;
         id
     }
 
     fn emit_data(&mut self, id: ReqId, kind: OpKind) {
-        let queue = self.reqs[&id].req.queue;
-        self.emit(queue, Some(id), kind, OpOwner::Data(id));
+        let thread = self.reqs[&id].req.thread;
+        self.emit(thread, Some(id), kind, OpOwner::Data(id));
         self.reqs.get_mut(&id).unwrap().ops_left += 1;
     }
 
     /// Accepts a guest request. The caller has validated it against the
     /// disk size; anything out of range here is still answered IOERR.
-    pub fn submit(&mut self, req: Request) {
+    pub fn submit(&mut self, req: DiskRequest) {
         assert!(
             !self.reqs.contains_key(&req.id),
             "request id {} reused while in flight",
@@ -653,7 +653,7 @@ impl Scheduler {
         );
         let st = self.reqs.get_mut(&id).unwrap();
         st.copies.push(chunk);
-        let queue = st.req.queue;
+        let thread = st.req.thread;
         if !partial {
             return;
         }
@@ -676,7 +676,7 @@ impl Scheduler {
                 len,
                 bounce,
             };
-            self.emit(queue, Some(id), kind, owner);
+            self.emit(thread, Some(id), kind, owner);
             self.reqs.get_mut(&id).unwrap().ops_left += 1;
         }
     }
@@ -739,9 +739,9 @@ impl Scheduler {
             };
             if oldest >= b {
                 self.barriers.swap_remove(i);
-                let queue = self.reqs[&id].req.queue;
+                let thread = self.reqs[&id].req.thread;
                 self.reqs.get_mut(&id).unwrap().phase = Phase::Syncing;
-                self.emit(queue, Some(id), OpKind::Sync, OpOwner::Sync(id));
+                self.emit(thread, Some(id), OpKind::Sync, OpOwner::Sync(id));
             } else {
                 i += 1;
             }
@@ -763,14 +763,14 @@ impl Scheduler {
                 if result.is_err() {
                     return self.data_done(req, result);
                 }
-                let queue = self.reqs[&req].req.queue;
+                let thread = self.reqs[&req].req.thread;
                 let kind = OpKind::CopyWrite {
                     offset: cow_offset,
                     len,
                     bounce,
                 };
                 // Counted once with its read: ops_left is unchanged.
-                self.emit(queue, Some(req), kind, OpOwner::Data(req));
+                self.emit(thread, Some(req), kind, OpOwner::Data(req));
             }
             OpOwner::Bitmap => self.bitmap_write_done(op, result),
             OpOwner::Sync(id) => {
@@ -833,7 +833,7 @@ impl Scheduler {
         self.close_bitmap_write(op);
     }
 
-    fn all_set(&self, req: &Request) -> bool {
+    fn all_set(&self, req: &DiskRequest) -> bool {
         let (bitmap, _) = self.cow.as_ref().unwrap();
         bitmap.all_cow(req.sector, req.count)
     }
@@ -847,14 +847,14 @@ impl Scheduler {
     /// Starts a bitmap write for `id` over `range`; more requests may join
     /// it before `close_bitmap_write` sets the bits and issues it.
     fn open_bitmap_write(&mut self, id: ReqId, range: Range<u64>) -> OpId {
-        let queue = self.reqs[&id].req.queue;
+        let thread = self.reqs[&id].req.thread;
         let op = self.next_op;
         self.next_op += 1;
         self.ops.insert(op, OpOwner::Bitmap);
         self.reqs.get_mut(&id).unwrap().phase = Phase::Pending;
         self.pending.push(BitmapWrite {
             op,
-            queue,
+            thread,
             range,
             reqs: vec![id],
         });
@@ -863,8 +863,8 @@ impl Scheduler {
 
     fn close_bitmap_write(&mut self, op: OpId) {
         let w = self.pending.iter().find(|w| w.op == op).unwrap();
-        let (queue, range) = (w.queue, w.range.clone());
-        let reqs: Vec<Request> = w.reqs.iter().map(|id| self.reqs[id].req).collect();
+        let (thread, range) = (w.thread, w.range.clone());
+        let reqs: Vec<DiskRequest> = w.reqs.iter().map(|id| self.reqs[id].req).collect();
         let (bitmap, layout) = self.cow.as_mut().unwrap();
         for r in &reqs {
             let (first, n) = bitmap.chunk_range(r.sector, r.count);
@@ -876,13 +876,13 @@ impl Scheduler {
             len: range.end - range.start,
         };
         self.stats.bitmap_writes_issued += 1;
-        self.ready[queue].push_back(Op {
+        self.ready[thread].push_back(Op {
             id: op,
-            queue,
+            thread,
             req: None,
             kind,
         });
-        self.kicks[queue] = true;
+        self.kicks[thread] = true;
     }
 
     fn bitmap_write_done(&mut self, op: OpId, result: Result<(), i32>) {

@@ -15,13 +15,13 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, Gues
 use crate::daemon::cow_magic_guard::{pin_first_sector, FirstSector};
 use crate::daemon::device::Device;
 use crate::daemon::scheduler::{
-    Done, Op, OpId, OpKind, ReqId, ReqKind, Request, Scheduler, Status, Target,
+    Done, Op, OpId, OpKind, ReqId, ReqKind, DiskRequest, Scheduler, Status, Target,
 };
 use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
 use crate::virtio::parse_request;
 use crate::virtio::request::{
-    write_status, Request as BlkRequest, RequestType, Segment, SECTOR_SHIFT, STATUS_IOERR,
+    write_status, BlkRequest, RequestType, Segment, SECTOR_SHIFT, STATUS_IOERR,
     STATUS_OK,
 };
 
@@ -81,7 +81,7 @@ pub struct Worker {
     completions: Vec<Completion>,
     done: Vec<Done>,
     /// Scratch, kept to avoid an allocation per request / per batch.
-    parts: Vec<Request>,
+    parts: Vec<DiskRequest>,
     touched: Vec<bool>,
     /// Requests taken off the rings at most (backpressure beyond this
     /// leaves descriptors in the avail ring).
@@ -298,9 +298,9 @@ impl Worker {
         parts.clear();
         let slot = self.inflight.vacant_key();
         match kind {
-            Some(kind) if kind == ReqKind::Flush || count > 0 => parts.push(Request {
+            Some(kind) if kind == ReqKind::Flush || count > 0 => parts.push(DiskRequest {
                 id: self.req_id(slot, 0),
-                queue: self.thread,
+                thread: self.thread,
                 kind,
                 sector,
                 count,
@@ -321,9 +321,9 @@ impl Worker {
                 }
                 RequestType::Discard | RequestType::WriteZeroes => {
                     for (i, r) in req.ranges.iter().filter(|r| r.num_sectors > 0).enumerate() {
-                        parts.push(Request {
+                        parts.push(DiskRequest {
                             id: self.req_id(slot, i),
-                            queue: self.thread,
+                            thread: self.thread,
                             kind: ReqKind::Zero,
                             sector: r.sector,
                             count: u64::from(r.num_sectors),
@@ -608,9 +608,9 @@ impl Worker {
         if !flushes.is_empty() {
             let mut sched = dev.sched();
             for slot in flushes {
-                sched.submit(Request {
+                sched.submit(DiskRequest {
                     id: self.req_id(slot, 0),
-                    queue: self.thread,
+                    thread: self.thread,
                     kind: ReqKind::Flush,
                     sector: 0,
                     count: 0,

@@ -1,7 +1,7 @@
 //! Per-type decoding of a framed virtio-blk request: IN/OUT data checked
 //! against the limits and resolved to host memory, GET_ID's buffer,
 //! DISCARD / WRITE_ZEROES ranges. [`parse_request`] is the entry point:
-//! it returns either a [`Request`] whose data buffers are resolved to host
+//! it returns either a [`BlkRequest`] whose data buffers are resolved to host
 //! pointers and verified to lie inside guest memory, or a
 //! [`RequestFailure`] that says which status (if any) to write and where.
 
@@ -22,7 +22,7 @@ use super::request::*;
 pub fn parse_request<M>(
     chain: &DescriptorChain<M>,
     limits: &Limits,
-) -> Result<Request, RequestFailure>
+) -> Result<BlkRequest, RequestFailure>
 where
     M: Deref + Clone,
     M::Target: GuestMemory,
@@ -40,13 +40,13 @@ fn decode<G: GuestMemory + ?Sized>(
     mem: &G,
     frame: Frame,
     limits: &Limits,
-) -> Result<Request, RequestError> {
+) -> Result<BlkRequest, RequestError> {
     let h = &frame.header;
     let raw_type = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
     let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
     let req_type = RequestType::from(raw_type);
     check_type(req_type, raw_type, limits)?;
-    let mut req = Request {
+    let mut req = BlkRequest {
         req_type,
         sector,
         data: Vec::new(),
@@ -111,7 +111,7 @@ fn no_data(req_type: RequestType, pieces: &[Piece]) -> Result<(), RequestError> 
 /// inside guest memory.
 fn decode_data<G: GuestMemory + ?Sized>(
     mem: &G,
-    req: &mut Request,
+    req: &mut BlkRequest,
     data: &[Piece],
     perm: Permissions,
     limits: &Limits,
@@ -143,7 +143,7 @@ fn decode_data<G: GuestMemory + ?Sized>(
 /// status written; readable extras are ignored (QEMU ignores them too).
 fn decode_get_id<G: GuestMemory + ?Sized>(
     mem: &G,
-    req: &mut Request,
+    req: &mut BlkRequest,
     mut data: Vec<Piece>,
 ) -> Result<(), RequestError> {
     let len = truncate_pieces(&mut data, ID_BYTES as u64);

@@ -192,7 +192,7 @@ pub struct DiscardRange {
 
 /// A validated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
+pub struct BlkRequest {
     pub req_type: RequestType,
     /// Header sector (meaningful for IN/OUT).
     pub sector: u64,
@@ -211,7 +211,7 @@ pub struct Request {
     pub writable_len: u32,
 }
 
-impl Request {
+impl BlkRequest {
     /// The used length to put in the used ring once `status` is written.
     /// On failure only the status byte is known to be written; reporting
     /// less than was written is allowed (the driver must not rely on more).

@@ -102,7 +102,7 @@ fn header(m: &Mem, addr: u64, t: u32, sector: u64) {
     m.write_slice(&h, GuestAddress(addr)).unwrap();
 }
 
-fn parse(m: &Mem, descs: &[(u64, u32, bool)], l: &Limits) -> Result<Request, RequestFailure> {
+fn parse(m: &Mem, descs: &[(u64, u32, bool)], l: &Limits) -> Result<BlkRequest, RequestFailure> {
     parse_request(&chain(m, descs), l)
 }
 
@@ -112,7 +112,7 @@ fn host(m: &Mem, addr: u64) -> *mut u8 {
 
 /// Asserts the failure, its status and that a status address exists
 /// exactly when a status is reported.
-fn expect_err(r: Result<Request, RequestFailure>, err: RequestError, status: Option<u8>) {
+fn expect_err(r: Result<BlkRequest, RequestFailure>, err: RequestError, status: Option<u8>) {
     let f = r.expect_err("request should fail");
     assert_eq!(f.error, err);
     assert_eq!(f.error.status(), status);
@@ -122,7 +122,7 @@ fn expect_err(r: Result<Request, RequestFailure>, err: RequestError, status: Opt
     assert!(!f.to_string().is_empty());
 }
 
-fn expect_status_err(r: Result<Request, RequestFailure>, err: RequestError, status: u8) {
+fn expect_status_err(r: Result<BlkRequest, RequestFailure>, err: RequestError, status: u8) {
     let f = r.clone().expect_err("request should fail");
     assert_eq!(f.status(), Some((GuestAddress(STATUS), status)));
     expect_err(r, err, Some(status));
@@ -1211,7 +1211,7 @@ fn check_segment(m: &Mem, s: &Segment) {
     assert_eq!(s.ptr(), m.get_host_address(s.guest_addr()).unwrap());
 }
 
-fn check_outcome(m: &Mem, res: Result<Request, RequestFailure>, cap: u64) -> bool {
+fn check_outcome(m: &Mem, res: Result<BlkRequest, RequestFailure>, cap: u64) -> bool {
     match res {
         Ok(r) => {
             let sum: u64 = r.data.iter().map(|s| s.len() as u64).sum();
