@@ -2,7 +2,7 @@
 //! engine that completes every operation at once.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use vhost_user_cow::daemon::scheduler::{CowLayout, ReqKind, DiskRequest, Scheduler};
+use vhost_user_cow::daemon::scheduler::{CowLayout, DiskRequest, ReqKind, Scheduler};
 use vhost_user_cow::format::bitmap::Bitmap;
 
 const SECTORS: u64 = 1 << 21; // 1 GiB

@@ -94,11 +94,11 @@ struct ServeArgs {
     read_only: bool,
     /// Queues offered to the frontend. QEMU's vhost-user-blk-pci asks for
     /// one per vCPU and refuses a backend offering fewer.
-    #[arg(long, default_value_t = 16)]
-    num_queues: usize,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    num_queues: u16,
     /// Maximum virtqueue size.
-    #[arg(long, default_value_t = 1024)]
-    queue_size: usize,
+    #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    queue_size: u16,
     /// Worker threads (default: one per CPU, at most one per queue).
     #[arg(long)]
     threads: Option<usize>,
@@ -129,6 +129,13 @@ struct ServeArgs {
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    s.parse::<u16>()
+        .ok()
+        .filter(|n| n.is_power_of_two() && *n <= 32768)
+        .ok_or_else(|| format!("{s:?} is not a power of two from 1 to 32768"))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -239,9 +246,10 @@ fn cmd_check(a: CheckArgs) -> CmdResult {
 }
 
 fn cmd_serve(a: ServeArgs) -> CmdResult {
-    use vhost_user_cow::daemon::backend::BackendOptions;
     use vhost_user_cow::daemon::device::{CacheMode, DeviceOptions};
+    use vhost_user_cow::daemon::protocol::ProtocolOptions;
     use vhost_user_cow::daemon::serve::{serve, ServeOptions, SocketSource};
+    use vhost_user_cow::daemon::worker_thread::WorkerOptions;
     use vhost_user_cow::io_engine::EngineKind;
 
     if a.print_capabilities {
@@ -261,9 +269,6 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
         let backing = a.backing.as_deref().ok_or("--create needs --backing")?;
         create_cow(&disk, backing, &CreateOptions::default())?;
         log::info!("{}: created over {}", disk.display(), backing.display());
-    }
-    if a.num_queues == 0 || a.num_queues > 64 {
-        return Err("--num-queues must be between 1 and 64".into());
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cache = if a.direct {
@@ -286,12 +291,13 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
             },
             read_only: a.read_only,
             cache,
-            queues: a.threads.unwrap_or(cpus).clamp(1, a.num_queues),
             serial: a.serial,
         },
-        backend: BackendOptions {
+        protocol: ProtocolOptions {
             num_queues: a.num_queues,
-            queue_size: a.queue_size,
+            max_queue_size: a.queue_size,
+        },
+        workers: WorkerOptions {
             threads: a.threads.unwrap_or(cpus),
             engine: match a.io_engine {
                 EngineArg::IoUring => EngineKind::IoUring,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
 use vhost_user_cow::daemon::scheduler::{
-    CowLayout, Done, Op, OpKind, ThreadId, ReqKind, DiskRequest, Scheduler, Status, Target,
+    CowLayout, DiskRequest, Done, Op, OpKind, ReqKind, Scheduler, Status, Target, ThreadId,
 };
 use vhost_user_cow::format::bitmap::Bitmap;
 

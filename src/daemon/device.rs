@@ -51,7 +51,6 @@ pub struct DeviceOptions {
     pub format: Option<DiskFormat>,
     pub read_only: bool,
     pub cache: CacheMode,
-    pub queues: usize,
     pub serial: Option<String>,
 }
 
@@ -96,7 +95,9 @@ fn default_serial(path: &std::path::Path) -> Vec<u8> {
 }
 
 impl Device {
-    pub fn open(opts: &DeviceOptions) -> Result<Device> {
+    /// Opens the disk for `threads` worker threads (the scheduler keeps
+    /// one operation queue per thread).
+    pub fn open(opts: &DeviceOptions, threads: usize) -> Result<Device> {
         let disk = Disk::open(
             &opts.disk,
             &DiskOptions {
@@ -122,7 +123,7 @@ impl Device {
         let mut block_size = SECTOR_SIZE as u32;
         let (sched, backing, backing_path, description) = match cow {
             None => (
-                Scheduler::new_raw(sectors, opts.queues, opts.read_only),
+                Scheduler::new_raw(sectors, threads, opts.read_only),
                 None,
                 None,
                 format!("raw image, {} sectors", sectors),
@@ -161,7 +162,7 @@ impl Device {
                     storable_chunks: c.storable_chunks,
                 };
                 (
-                    Scheduler::new_cow(sectors, c.bitmap, layout, opts.queues, opts.read_only),
+                    Scheduler::new_cow(sectors, c.bitmap, layout, threads, opts.read_only),
                     Some(c.backing),
                     Some(c.backing_path),
                     description,

@@ -1,10 +1,13 @@
 //! The daemon: the write-path scheduler (a pure state machine), the served
-//! device, the queue threads that drive the engines, and the vhost-user
+//! device, the worker threads that drive the engines, and the vhost-user
 //! protocol and life cycle.
 
-pub mod backend;
 pub mod cow_magic_guard;
 pub mod device;
+pub mod guest_memory;
+pub mod protocol;
 pub mod scheduler;
 pub mod serve;
+pub mod virtqueue;
 pub mod worker;
+pub mod worker_thread;

@@ -6,18 +6,15 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::GuestMemoryAtomic;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
+use vhost::vhost_user::BackendReqHandler;
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::daemon::backend::{BackendOptions, CowBackend};
-use crate::daemon::device::{Device, DeviceOptions};
-use crate::daemon::worker::Memory;
+use super::device::{Device, DeviceOptions};
+use super::protocol::{FrontendHandler, ProtocolOptions};
+use super::worker_thread::{WorkerOptions, WorkerPool};
 use crate::format::error::DiskError;
 use crate::io_engine::EngineError;
 
@@ -46,8 +43,10 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error("signal handling: {0}")]
     Signals(#[source] std::io::Error),
-    #[error("vhost-user: {0}")]
-    VhostUser(String),
+    #[error("{0}: accept: {1}")]
+    Accept(String, #[source] std::io::Error),
+    #[error("virtqueue: {0}")]
+    Virtqueue(String),
 }
 
 pub enum SocketSource {
@@ -61,7 +60,8 @@ pub enum SocketSource {
 
 pub struct ServeOptions {
     pub device: DeviceOptions,
-    pub backend: BackendOptions,
+    pub workers: WorkerOptions,
+    pub protocol: ProtocolOptions,
     pub socket: SocketSource,
 }
 
@@ -107,12 +107,12 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Waits until the listener has a connection or a signal arrived.
-/// Returns false on shutdown.
-fn wait_for_connection(listener: RawFd, shutdown: RawFd) -> bool {
+/// Waits until `fd` is readable or a signal arrived. Returns false on
+/// shutdown.
+fn wait_readable(fd: RawFd, shutdown: RawFd) -> bool {
     let mut fds = [
         libc::pollfd {
-            fd: listener,
+            fd,
             events: libc::POLLIN,
             revents: 0,
         },
@@ -140,38 +140,41 @@ fn wait_for_connection(listener: RawFd, shutdown: RawFd) -> bool {
     }
 }
 
+/// Serves the device until SIGINT or SIGTERM. Every path out after the
+/// socket is bound goes through the same cleanup: workers finish their
+/// I/O, the files are synced, the socket is removed, the counters are
+/// logged.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // First of all, so that a signal during start-up is not fatal.
-    // Signals: stop accepting, cut the connection, then drain and exit.
-    let (shutdown_c, shutdown_n) =
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-            .map_err(ServeError::Signals)?;
-    let stopping = Arc::new(AtomicBool::new(false));
-    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    let shutdown = Arc::new(
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServeError::Signals)?,
+    );
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .map_err(ServeError::Signals)?;
     {
-        let stopping = stopping.clone();
-        let current = current.clone();
+        let shutdown = shutdown.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 if let Some(sig) = signals.forever().next() {
                     log::info!("signal {sig}: finishing in-flight I/O and exiting");
-                    stopping.store(true, Ordering::SeqCst);
-                    let _ = shutdown_n.notify();
-                    if let Some(h) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                        h.shutdown();
-                    }
+                    let _ = shutdown.write(1);
                 }
             })
             .map_err(ServeError::Signals)?;
     }
 
-    let dev = Arc::new(Device::open(&opts.device)?);
+    // The one place the thread count is decided: a thread without a
+    // virtqueue would only idle, and the scheduler keeps one queue per
+    // thread.
+    let mut workers = opts.workers.clone();
+    workers.threads = workers
+        .threads
+        .clamp(1, usize::from(opts.protocol.num_queues.max(1)));
+    let dev = Arc::new(Device::open(&opts.device, workers.threads)?);
     if dev.format_guessed {
         let format = if dev.is_cow() { "cow" } else { "raw" };
         log::warn!(
@@ -185,7 +188,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             }
         );
     }
-
+    let pool = Arc::new(WorkerPool::start(dev.clone(), &workers)?);
     let (listener, socket_path) = match &opts.socket {
         SocketSource::Path { path, mode } => (bind(path, *mode)?, Some(path.clone())),
         SocketSource::Fd(fd) => {
@@ -196,99 +199,31 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             (l, None)
         }
     };
-    let listener_fd = listener.as_raw_fd();
-    let mut vhost_listener = Listener::from(listener);
+    let name = socket_path.as_ref().map_or_else(
+        || format!("fd {}", listener.as_raw_fd()),
+        |p| p.display().to_string(),
+    );
+    log::info!(
+        "serving {} ({}) on {name}: {} queues on {} threads, engine {}{}, queue depth {}, cache {}{}",
+        dev.path.display(),
+        dev.description,
+        opts.protocol.num_queues,
+        pool.threads(),
+        pool.engine_name(),
+        if pool.inline_writes() { " (writes inline)" } else { "" },
+        opts.workers.queue_depth,
+        dev.cache.name(),
+        if dev.read_only { ", read-only" } else { "" },
+    );
 
-    let mut first = true;
-    let result = loop {
-        let backend = CowBackend::new(dev.clone(), opts.backend.clone())?;
-        if first {
-            log::info!(
-                "serving {} ({}) on {}: {} queues on {} threads, engine {}{}, queue depth {}, cache {}{}",
-                dev.path.display(),
-                dev.description,
-                socket_path
-                    .as_ref()
-                    .map_or_else(|| format!("fd {listener_fd}"), |p| p.display().to_string()),
-                opts.backend.num_queues,
-                backend.num_threads(),
-                backend.engine_name(),
-                if backend.inline_writes() { " (writes inline)" } else { "" },
-                opts.backend.queue_depth,
-                dev.cache.name(),
-                if dev.read_only { ", read-only" } else { "" },
-            );
-            first = false;
-        }
-        if !wait_for_connection(listener_fd, shutdown_c.as_raw_fd())
-            || stopping.load(Ordering::SeqCst)
-        {
-            break Ok(());
-        }
-        let mut daemon = match VhostUserDaemon::new(
-            "vhost-user-cow".into(),
-            backend.clone(),
-            GuestMemoryAtomic::new(Memory::new()),
-        ) {
-            Ok(d) => d,
-            Err(e) => break Err(ServeError::VhostUser(e.to_string())),
-        };
-        let handlers = daemon.get_epoll_handlers();
-        for (t, h) in handlers.iter().enumerate() {
-            let (engine_fd, wake_fd) = backend.thread_fds(t);
-            let reg = h
-                .register_listener(
-                    engine_fd,
-                    vmm_sys_util::epoll::EventSet::IN,
-                    backend.engine_event(),
-                )
-                .and_then(|_| {
-                    h.register_listener(
-                        wake_fd,
-                        vmm_sys_util::epoll::EventSet::IN,
-                        backend.wake_event(),
-                    )
-                });
-            if let Err(e) = reg {
-                return Err(ServeError::VhostUser(format!("register event: {e}")));
-            }
-        }
-        if let Err(e) = daemon.start(&mut vhost_listener) {
-            log::warn!("connection failed: {e}");
-            backend.drain();
-            continue;
-        }
-        log::info!("frontend connected");
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
-        if stopping.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
-        }
-        let outcome = daemon.wait();
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        backend.drain();
-        let clean = matches!(
-            outcome,
-            Ok(())
-                | Err(vhost_user_backend::Error::HandleRequest(
-                    vhost::vhost_user::Error::Disconnected
-                        | vhost::vhost_user::Error::PartialMessage,
-                ))
-        );
-        match outcome {
-            Err(e) if !clean => log::warn!("frontend connection ended: {e}"),
-            _ if backend.acked_features_bits() == 0 => log::info!(
-                "frontend disconnected before negotiating (QEMU does that when its \
-                 num-queues, by default one per vCPU, exceeds the {} queues offered: \
-                 raise --num-queues)",
-                opts.backend.num_queues
-            ),
-            _ => log::info!("frontend disconnected"),
-        }
-        if stopping.load(Ordering::SeqCst) {
-            break Ok(());
-        }
-    };
+    let result = accept_loop(&dev, &pool, &opts, &listener, &name, &shutdown);
 
+    // Cleanup, whatever ended the loop.
+    drop(listener);
+    match Arc::try_unwrap(pool) {
+        Ok(mut pool) => pool.shutdown(),
+        Err(_) => log::error!("worker threads still referenced at exit"),
+    }
     let sched_stats = dev.sched().stats().clone();
     if let Err(e) = dev.sync() {
         log::error!("{e}");
@@ -304,4 +239,71 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         log::error!("the disk stopped accepting writes: {why}");
     }
     result
+}
+
+/// One frontend connection after another, until a signal.
+fn accept_loop(
+    dev: &Arc<Device>,
+    pool: &Arc<WorkerPool>,
+    opts: &ServeOptions,
+    listener: &UnixListener,
+    name: &str,
+    shutdown: &EventFd,
+) -> Result<(), ServeError> {
+    loop {
+        if !wait_readable(listener.as_raw_fd(), shutdown.as_raw_fd()) {
+            return Ok(());
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ServeError::Accept(name.to_owned(), e)),
+        };
+        let handler = FrontendHandler::new(dev.clone(), pool.clone(), opts.protocol)
+            .map_err(|e| ServeError::Virtqueue(e.to_string()))?;
+        let handler = Arc::new(Mutex::new(handler));
+        log::info!("frontend connected");
+        let stopped = serve_connection(stream, &handler, shutdown);
+        let mut h = handler.lock().unwrap_or_else(|p| p.into_inner());
+        h.disconnect();
+        if h.acked_features() == 0 && !stopped {
+            log::info!(
+                "frontend disconnected before negotiating (QEMU does that when its \
+                 num-queues, by default one per vCPU, exceeds the {} queues offered: \
+                 raise --num-queues)",
+                opts.protocol.num_queues
+            );
+        } else {
+            log::info!("frontend disconnected");
+        }
+        if stopped {
+            return Ok(());
+        }
+    }
+}
+
+/// Handles one connection's messages until it ends. Returns true when a
+/// signal ended it.
+fn serve_connection(
+    stream: UnixStream,
+    handler: &Arc<Mutex<FrontendHandler>>,
+    shutdown: &EventFd,
+) -> bool {
+    let fd = stream.as_raw_fd();
+    let mut req = BackendReqHandler::from_stream(stream, handler.clone());
+    loop {
+        if !wait_readable(fd, shutdown.as_raw_fd()) {
+            return true;
+        }
+        match req.handle_request() {
+            Ok(()) => {}
+            Err(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            ) => return false,
+            Err(e) => {
+                log::warn!("frontend connection ended: {e}");
+                return false;
+            }
+        }
+    }
 }

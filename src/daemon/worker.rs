@@ -1,33 +1,34 @@
-//! One queue thread's work: take requests off its virtqueues, hand them to
-//! the scheduler, issue the scheduler's operations on this thread's own I/O
-//! engine, and put finished requests on the used rings.
+//! The steps of one worker thread: take requests off its virtqueues,
+//! hand them to the scheduler, issue the scheduler's operations on the
+//! thread's own I/O engine, and publish finished requests on the used
+//! rings. The loop that runs these steps is `worker_thread.rs`.
 //!
-//! Lock order: a vring's lock may be held while taking the scheduler's,
-//! never the other way round.
+//! Locks: no step takes the scheduler's mutex; the loop takes it at most
+//! once per iteration and passes `&mut Scheduler` to
+//! [`Worker::sched_step`]. A virtqueue's mutex is taken in
+//! [`Worker::take_requests`] and [`Worker::publish`], never while the
+//! scheduler's is held.
+
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
-
 use slab::Slab;
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::daemon::cow_magic_guard::{pin_first_sector, FirstSector};
-use crate::daemon::device::Device;
-use crate::daemon::scheduler::{
-    Done, Op, OpId, OpKind, ReqId, ReqKind, DiskRequest, Scheduler, Status, Target,
+use super::cow_magic_guard::{pin_first_sector, FirstSector};
+use super::device::Device;
+use super::guest_memory::{Memory, MemoryGuard};
+use super::scheduler::{
+    DiskRequest, Done, Op, OpId, OpKind, ReqId, ReqKind, Scheduler, Status, Target, ThreadId,
 };
+use super::virtqueue::Virtqueue;
 use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
 use crate::virtio::parse_request;
 use crate::virtio::request::{
-    write_status, BlkRequest, RequestType, Segment, SECTOR_SHIFT, STATUS_IOERR,
-    STATUS_OK,
+    write_status, BlkRequest, RequestType, Segment, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK,
 };
-
-pub type Memory = GuestMemoryMmap<()>;
-pub type MemoryGuard = GuestMemoryLoadGuard<Memory>;
-pub type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
 
 /// Bits of a scheduler request id: thread, slot, part (discard ranges).
 const PART_BITS: u32 = 8;
@@ -41,9 +42,10 @@ pub fn guest_status(status: Status) -> u8 {
     }
 }
 
+/// A guest request taken off a ring and not yet published.
 struct InFlight {
-    /// Index of the vring among this thread's vrings.
-    vring: usize,
+    /// Its virtqueue's index.
+    ring: u16,
     head: u16,
     req: BlkRequest,
     /// Keeps the guest memory the request's buffers live in mapped.
@@ -56,35 +58,51 @@ struct InFlight {
     _first_sector: Option<AlignedBuf>,
 }
 
-/// A read in flight: where its bytes go, to zero-fill a short read.
-enum ReadOp {
-    Guest {
+/// What an engine operation in flight needs at its completion.
+enum Tracked {
+    /// A read into guest buffers: zero-fill a short read.
+    GuestRead {
         slot: usize,
         buf_offset: u64,
         len: u64,
     },
-    Bounce {
-        bounce: u64,
-        len: u64,
-    },
+    /// A copy-up read into a bounce buffer: zero-fill, free on error.
+    CopyRead { bounce: u64, len: u64 },
+    /// A copy-up write from a bounce buffer: free it.
+    CopyWrite { bounce: u64 },
+    /// Nothing to do but report it.
+    Plain,
+}
+
+/// Per-connection settings the steps need.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RingMode {
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    pub event_idx: bool,
+    /// The guest turned the write cache off: writes are flushed before
+    /// they complete.
+    pub writethrough: bool,
 }
 
 pub struct Worker {
-    thread: usize,
+    thread: ThreadId,
     engine: Box<dyn IoEngine>,
     inflight: Slab<InFlight>,
-    reads: FxHashMap<OpId, ReadOp>,
+    /// Engine operations in flight, by user data (the scheduler's op id).
+    ops: FxHashMap<OpId, Tracked>,
     /// Copy-up bounce buffers, from CopyRead issue to CopyWrite completion.
     bounces: FxHashMap<u64, AlignedBuf>,
-    /// CopyWrite ops in flight, to free their buffer.
-    copy_writes: FxHashMap<OpId, u64>,
     completions: Vec<Completion>,
+    /// Finished requests not yet published.
     done: Vec<Done>,
-    /// Scratch, kept to avoid an allocation per request / per batch.
-    parts: Vec<DiskRequest>,
-    touched: Vec<bool>,
+    /// Parts of requests taken this iteration, for the scheduler.
+    to_submit: Vec<DiskRequest>,
+    /// Threads the scheduler gave work to.
+    kicks: Vec<ThreadId>,
+    /// Per ring published to in this batch: a memory guard to notify with.
+    touched: Vec<Option<MemoryGuard>>,
     /// Requests taken off the rings at most (backpressure beyond this
-    /// leaves descriptors in the avail ring).
+    /// leaves descriptors in the avail ring, rule 5).
     max_inflight: usize,
     /// A ring was left with descriptors because of backpressure: it must
     /// be looked at again when requests finish, as no kick will come.
@@ -122,28 +140,22 @@ fn zero_fill(segments: &[Segment], offset: u64, len: u64) {
 }
 
 impl Worker {
-    pub fn new(thread: usize, engine: Box<dyn IoEngine>) -> Worker {
+    pub fn new(thread: ThreadId, engine: Box<dyn IoEngine>) -> Worker {
         let max_inflight = engine.capacity() * 2;
         Worker {
             thread,
             engine,
             inflight: Slab::new(),
-            reads: FxHashMap::default(),
+            ops: FxHashMap::default(),
             bounces: FxHashMap::default(),
-            copy_writes: FxHashMap::default(),
             completions: Vec::new(),
             done: Vec::new(),
-            parts: Vec::new(),
+            to_submit: Vec::new(),
+            kicks: Vec::new(),
             touched: Vec::new(),
             max_inflight,
             throttled: false,
         }
-    }
-
-    /// Whether rings were left unread for backpressure and there is room
-    /// again to read them.
-    pub fn should_retake(&self) -> bool {
-        self.throttled && self.inflight.len() < self.max_inflight
     }
 
     pub fn engine_fd(&self) -> i32 {
@@ -154,19 +166,44 @@ impl Worker {
         self.engine.name()
     }
 
-    /// Whether there is something to do without waiting for I/O.
-    pub fn has_work(&self, dev: &Device) -> bool {
+    /// Guest requests taken and not yet published.
+    pub fn requests_in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    pub fn has_requests_on(&self, ring: u16) -> bool {
+        self.inflight.iter().any(|(_, f)| f.ring == ring)
+    }
+
+    /// Engine operations in flight.
+    pub fn ops_in_flight(&self) -> usize {
+        self.engine.in_flight()
+    }
+
+    /// Copy-up bounce buffers held.
+    pub fn bounce_buffers(&self) -> usize {
+        self.bounces.len()
+    }
+
+    /// Rings were left unread for backpressure and there is room again.
+    pub fn should_retake(&self) -> bool {
+        self.throttled && self.inflight.len() < self.max_inflight
+    }
+
+    /// Work for the scheduler is waiting: parts to submit or completions
+    /// to report.
+    pub fn has_sched_input(&self) -> bool {
+        !self.to_submit.is_empty() || !self.completions.is_empty()
+    }
+
+    /// Finished requests are waiting to be published.
+    pub fn has_done(&self) -> bool {
         !self.done.is_empty()
-            || (self.engine.in_flight() < self.engine.capacity()
-                && dev.sched().has_ops(self.thread))
     }
 
-    pub fn has_inflight(&self) -> bool {
-        !self.inflight.is_empty()
-    }
-
-    pub fn has_inflight_on(&self, vring: usize) -> bool {
-        self.inflight.iter().any(|(_, f)| f.vring == vring)
+    /// The other threads the last scheduler step gave work to.
+    pub fn take_kicks(&mut self) -> Vec<ThreadId> {
+        std::mem::take(&mut self.kicks)
     }
 
     fn req_id(&self, slot: usize, part: usize) -> ReqId {
@@ -179,94 +216,98 @@ impl Worker {
         ((id >> PART_BITS) & ((1 << SLOT_BITS) - 1)) as usize
     }
 
-    /// Takes requests off `vrings[local]` until it is empty or backpressure
-    /// stops us. Returns the requests that finished without any I/O.
+    fn part_of(id: ReqId) -> usize {
+        (id & ((1 << PART_BITS) - 1)) as usize
+    }
+
+    /// Takes requests off every ready ring until each is empty or
+    /// backpressure stops us. Requests that need no I/O finish at once
+    /// (into `done`); the others' parts wait for the scheduler step.
+    /// Only a sweep of all rings may forget that one was left unread.
     pub fn take_requests(
         &mut self,
         dev: &Device,
-        vrings: &[Vring],
-        local: usize,
+        rings: &[Arc<Virtqueue>],
         mem: &GuestMemoryAtomic<Memory>,
-        event_idx: bool,
+        mode: RingMode,
     ) {
-        let vring = &vrings[local];
+        self.throttled = false;
+        for ring in rings {
+            self.take_from(dev, ring, mem, mode);
+        }
+    }
+
+    fn take_from(
+        &mut self,
+        dev: &Device,
+        ring: &Virtqueue,
+        mem: &GuestMemoryAtomic<Memory>,
+        mode: RingMode,
+    ) {
         let mut refused = false;
+        // One load of the memory map per sweep, a cheap clone per request.
+        let guard = mem.memory();
+        let mut vq = ring.lock();
+        if !vq.started {
+            return;
+        }
         loop {
-            let mut state = vring.get_mut();
-            if event_idx {
-                let _ = state.disable_notification();
+            if mode.event_idx {
+                let _ = vq.queue.disable_notification(&*guard);
             }
-            // One load of the memory map per sweep, a cheap clone per request.
-            let guard = mem.memory();
             while self.inflight.len() < self.max_inflight {
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(guard.clone()) else {
+                let chain = match vq.queue.iter(guard.clone()) {
+                    Ok(mut it) => it.next(),
+                    Err(virtio_queue::Error::QueueNotReady) => return,
+                    Err(e) => {
+                        // The avail index ran more than the queue size
+                        // ahead: the ring is broken until set up anew.
+                        log::error!(
+                            "queue {}: {e}; not served until the frontend sets it up again",
+                            ring.index
+                        );
+                        vq.broken = true;
+                        vq.started = false;
+                        return;
+                    }
+                };
+                let Some(chain) = chain else {
                     break;
                 };
                 let head = chain.head_index();
                 match parse_request(&chain, &dev.limits) {
-                    Ok(req) => self.start(dev, local, head, req, guard.clone()),
+                    Ok(req) => self.start(dev, ring.index, head, req, guard.clone()),
                     Err(failure) => {
-                        log::debug!("queue {}: request {head} refused: {}", local, failure.error);
+                        log::debug!(
+                            "queue {}: request {head} refused: {}",
+                            ring.index,
+                            failure.error
+                        );
                         if let Some((addr, status)) = failure.status() {
                             write_status(&*guard, addr, status);
                         }
-                        if state.add_used(head, failure.used_len()).is_ok() {
+                        if vq.queue.add_used(&*guard, head, failure.used_len()).is_ok() {
                             refused = true;
                         }
                     }
                 }
             }
-            drop(state);
-            if std::mem::take(&mut refused) && vring.needs_notification().unwrap_or(true) {
-                let _ = vring.signal_used_queue();
-            }
             if self.inflight.len() >= self.max_inflight {
                 self.throttled = true;
             }
-            self.publish_immediate(dev, vrings);
-            let more = if event_idx && self.inflight.len() < self.max_inflight {
-                vring.get_mut().enable_notification().unwrap_or(false)
-            } else {
-                false
-            };
+            let more = mode.event_idx
+                && self.inflight.len() < self.max_inflight
+                && vq.queue.enable_notification(&*guard).unwrap_or(false);
             if !more {
                 break;
             }
         }
-    }
-
-    /// Takes requests off every ready ring. Only a sweep of all rings may
-    /// forget that one was left unread for backpressure.
-    pub fn take_all(
-        &mut self,
-        dev: &Device,
-        vrings: &[Vring],
-        mem: &GuestMemoryAtomic<Memory>,
-        event_idx: bool,
-    ) {
-        self.throttled = false;
-        for local in 0..vrings.len() {
-            if vrings[local].get_ref().get_queue().ready() {
-                self.take_requests(dev, vrings, local, mem, event_idx);
-            }
+        if refused && vq.queue.needs_notification(&*guard).unwrap_or(true) {
+            vq.signal_used();
         }
     }
 
-    /// Requests that finished before any I/O (GET_ID, empty requests).
-    fn publish_immediate(&mut self, dev: &Device, vrings: &[Vring]) {
-        if !self.done.is_empty() {
-            self.complete(dev, vrings, false);
-        }
-    }
-
-    fn start(
-        &mut self,
-        dev: &Device,
-        vring: usize,
-        head: u16,
-        mut req: BlkRequest,
-        mem: MemoryGuard,
-    ) {
+    fn start(&mut self, dev: &Device, ring: u16, head: u16, mut req: BlkRequest, mem: MemoryGuard) {
         let sector = req.sector;
         let mut first_sector = None;
         if dev.guards_cow_magic
@@ -282,23 +323,26 @@ impl Worker {
                          (its format was guessed; serve it with --format raw to allow it)",
                         dev.path.display()
                     );
-                    self.finish_now(vring, head, req, mem, Status::IoErr);
+                    let slot = self.insert(ring, head, req, mem, 0, None);
+                    self.done.push(Done {
+                        id: self.req_id(slot, 0),
+                        status: Status::IoErr,
+                    });
                     return;
                 }
             }
         }
         let count = req.data_len >> SECTOR_SHIFT;
+        let slot = self.inflight.vacant_key();
+        let first_part = self.to_submit.len();
         let kind = match req.req_type {
             RequestType::In => Some(ReqKind::Read),
             RequestType::Out => Some(ReqKind::Write),
             RequestType::Flush => Some(ReqKind::Flush),
             _ => None,
         };
-        let mut parts = std::mem::take(&mut self.parts);
-        parts.clear();
-        let slot = self.inflight.vacant_key();
         match kind {
-            Some(kind) if kind == ReqKind::Flush || count > 0 => parts.push(DiskRequest {
+            Some(kind) if kind == ReqKind::Flush || count > 0 => self.to_submit.push(DiskRequest {
                 id: self.req_id(slot, 0),
                 thread: self.thread,
                 kind,
@@ -320,70 +364,165 @@ impl Worker {
                     }
                 }
                 RequestType::Discard | RequestType::WriteZeroes => {
-                    for (i, r) in req.ranges.iter().filter(|r| r.num_sectors > 0).enumerate() {
-                        parts.push(DiskRequest {
-                            id: self.req_id(slot, i),
-                            thread: self.thread,
-                            kind: ReqKind::Zero,
-                            sector: r.sector,
-                            count: u64::from(r.num_sectors),
-                        });
+                    // The part number is the range's index, so that each
+                    // zeroing op finds its own range's flags.
+                    for (i, r) in req.ranges.iter().enumerate() {
+                        if r.num_sectors > 0 {
+                            self.to_submit.push(DiskRequest {
+                                id: self.req_id(slot, i),
+                                thread: self.thread,
+                                kind: ReqKind::Zero,
+                                sector: r.sector,
+                                count: u64::from(r.num_sectors),
+                            });
+                        }
                     }
                 }
                 _ => {}
             },
         }
-        let immediate = parts.is_empty();
-        self.inflight.insert(InFlight {
-            vring,
-            head,
-            req,
-            mem,
-            parts_left: parts.len() as u32,
-            status: STATUS_OK,
-            flushed: false,
-            _first_sector: first_sector,
-        });
-        if immediate {
+        let parts = (self.to_submit.len() - first_part) as u32;
+        let slot = self.insert(ring, head, req, mem, parts, first_sector);
+        if parts == 0 {
             self.done.push(Done {
                 id: self.req_id(slot, 0),
                 status: Status::Ok,
             });
-        } else {
-            let mut sched = dev.sched();
-            for p in parts.drain(..) {
-                sched.submit(p);
-            }
         }
-        self.parts = parts;
     }
 
-    /// Completes a request that needs no I/O with `status`.
-    fn finish_now(
+    fn insert(
         &mut self,
-        vring: usize,
+        ring: u16,
         head: u16,
         req: BlkRequest,
         mem: MemoryGuard,
-        status: Status,
-    ) {
-        let slot = self.inflight.insert(InFlight {
-            vring,
+        parts: u32,
+        first_sector: Option<AlignedBuf>,
+    ) -> usize {
+        self.inflight.insert(InFlight {
+            ring,
             head,
             req,
             mem,
-            parts_left: 0,
+            parts_left: parts,
             status: STATUS_OK,
             flushed: false,
-            _first_sector: None,
-        });
-        self.done.push(Done {
-            id: self.req_id(slot, 0),
-            status,
-        });
+            _first_sector: first_sector,
+        })
     }
 
-    fn io_op(&mut self, dev: &Device, sched: &Scheduler, op: &Op) -> IoOp {
+    /// Collects finished engine operations (no lock). Inline writes
+    /// complete inside `flush`, so this also reaps after a flush.
+    pub fn reap(&mut self) {
+        self.engine.reap(&mut self.completions);
+    }
+
+    /// The one step under the scheduler's lock: submit the parts taken,
+    /// report completions, issue this thread's ready operations, collect
+    /// its finished requests and the threads to wake.
+    pub fn sched_step(&mut self, dev: &Device, sched: &mut Scheduler) {
+        for p in self.to_submit.drain(..) {
+            sched.submit(p);
+        }
+        let mut completions = std::mem::take(&mut self.completions);
+        for c in completions.drain(..) {
+            self.finish_op(&c);
+            sched.op_done(c.user_data, c.result.map(|_| ()));
+        }
+        self.completions = completions;
+        // No capacity check here: a full engine says so, and the refused
+        // operation goes back to the scheduler (rule 5).
+        while let Some(op) = sched.pop_op(self.thread) {
+            let (io, tracked) = self.io_op(dev, sched, &op);
+            // SAFETY: request buffers stay mapped (memory guard) and are not
+            // touched until completion; bounce buffers stay in `bounces`
+            // until their op is done; bitmap bytes under a pending write
+            // are left alone by the scheduler (rule 2).
+            match unsafe { self.engine.submit(io, op.id) } {
+                Ok(()) => {
+                    self.ops.insert(op.id, tracked);
+                }
+                Err(SubmitError::Full(_)) => {
+                    // Rule 5: keep it for when completions free room.
+                    sched.op_refused(op);
+                    break;
+                }
+                Err(e) => {
+                    log::error!("cannot issue {:?}: {e}", op.kind);
+                    self.forget(tracked);
+                    sched.op_done(op.id, Err(libc::EIO));
+                }
+            }
+        }
+        while let Some(d) = sched.pop_done(self.thread) {
+            self.done.push(d);
+        }
+        self.kicks = sched.take_kicks(self.thread);
+    }
+
+    /// Hands queued operations to the kernel; inline writes run here,
+    /// outside the scheduler's lock.
+    pub fn flush_engine(&mut self) {
+        if let Err(e) = self.engine.flush() {
+            log::error!("I/O engine submit failed: {e}");
+        }
+    }
+
+    /// Blocks until some I/O completes (the loop's wait when only the
+    /// engine can make progress).
+    pub fn wait_engine(&mut self) {
+        if self.engine.in_flight() > 0 {
+            let _ = self.engine.wait(1);
+        }
+    }
+
+    /// Frees what an operation that never reached the engine held.
+    fn forget(&mut self, tracked: Tracked) {
+        match tracked {
+            Tracked::CopyRead { bounce, .. } | Tracked::CopyWrite { bounce } => {
+                self.bounces.remove(&bounce);
+            }
+            Tracked::GuestRead { .. } | Tracked::Plain => {}
+        }
+    }
+
+    /// What a completion means for buffers: zero-fill short reads (the end
+    /// of a backing file whose size is not a multiple of 512 reads as
+    /// zeros), free bounce buffers that are done.
+    fn finish_op(&mut self, c: &Completion) {
+        match (self.ops.remove(&c.user_data), c.result) {
+            (
+                Some(Tracked::GuestRead {
+                    slot,
+                    buf_offset,
+                    len,
+                }),
+                Ok(n),
+            ) if n < len => {
+                if let Some(f) = self.inflight.get(slot) {
+                    zero_fill(&f.req.data, buf_offset + n, len - n);
+                }
+            }
+            (Some(Tracked::CopyRead { bounce, len }), Ok(n)) if n < len => {
+                if let Some(b) = self.bounces.get_mut(&bounce) {
+                    b.as_mut_slice()[n as usize..len as usize].fill(0);
+                }
+            }
+            (Some(Tracked::CopyRead { bounce, .. }), Err(_))
+            | (Some(Tracked::CopyWrite { bounce }), _) => {
+                self.bounces.remove(&bounce);
+            }
+            _ => {}
+        }
+    }
+
+    fn io_op(&mut self, dev: &Device, sched: &Scheduler, op: &Op) -> (IoOp, Tracked) {
+        fn segments(inflight: &Slab<InFlight>, id: ReqId) -> &[Segment] {
+            inflight
+                .get(Worker::slot_of(id))
+                .map_or(&[][..], |f| &f.req.data[..])
+        }
         match op.kind {
             OpKind::CopyRead {
                 offset,
@@ -394,186 +533,121 @@ impl Worker {
                     .bounces
                     .entry(bounce)
                     .or_insert_with(|| AlignedBuf::zeroed(len as usize));
-                return IoOp::Readv {
-                    fd: dev.backing_fd(),
-                    offset,
-                    iov: IoVecs::single(buf.as_ptr(), len as usize),
-                };
+                (
+                    IoOp::Readv {
+                        fd: dev.backing_fd(),
+                        offset,
+                        iov: IoVecs::single(buf.as_ptr(), len as usize),
+                    },
+                    Tracked::CopyRead { bounce, len },
+                )
             }
             OpKind::CopyWrite {
                 offset,
                 len,
                 bounce,
             } => {
-                let buf = self.bounces.get(&bounce).expect("copy-up buffer");
-                return IoOp::Writev {
-                    fd: dev.cow_fd(),
-                    offset,
-                    iov: IoVecs::single(buf.as_ptr(), len as usize),
-                };
+                // The scheduler issues a CopyWrite only after its CopyRead
+                // succeeded, which keeps the buffer.
+                let buf = self
+                    .bounces
+                    .entry(bounce)
+                    .or_insert_with(|| AlignedBuf::zeroed(len as usize));
+                (
+                    IoOp::Writev {
+                        fd: dev.cow_fd(),
+                        offset,
+                        iov: IoVecs::single(buf.as_ptr(), len as usize),
+                    },
+                    Tracked::CopyWrite { bounce },
+                )
             }
-            _ => {}
-        }
-        let segments = |id: ReqId| &self.inflight[Self::slot_of(id)].req.data;
-        match op.kind {
             OpKind::Read {
                 target,
                 offset,
                 len,
                 buf_offset,
-            } => IoOp::Readv {
-                fd: match target {
-                    Target::Backing => dev.backing_fd(),
-                    Target::Cow => dev.cow_fd(),
-                },
-                offset,
-                iov: iovecs(segments(op.req.unwrap()), buf_offset, len),
-            },
+            } => {
+                let id = op.req.expect("a read belongs to a request");
+                (
+                    IoOp::Readv {
+                        fd: match target {
+                            Target::Backing => dev.backing_fd(),
+                            Target::Cow => dev.cow_fd(),
+                        },
+                        offset,
+                        iov: iovecs(segments(&self.inflight, id), buf_offset, len),
+                    },
+                    Tracked::GuestRead {
+                        slot: Self::slot_of(id),
+                        buf_offset,
+                        len,
+                    },
+                )
+            }
             OpKind::Write {
                 offset,
                 len,
                 buf_offset,
-            } => IoOp::Writev {
-                fd: dev.cow_fd(),
-                offset,
-                iov: iovecs(segments(op.req.unwrap()), buf_offset, len),
-            },
+            } => {
+                let id = op.req.expect("a write belongs to a request");
+                (
+                    IoOp::Writev {
+                        fd: dev.cow_fd(),
+                        offset,
+                        iov: iovecs(segments(&self.inflight, id), buf_offset, len),
+                    },
+                    Tracked::Plain,
+                )
+            }
             OpKind::Zero { offset, len } => {
-                let f = &self.inflight[Self::slot_of(op.req.unwrap())];
-                let unmap = f.req.ranges.iter().any(|r| r.unmap);
+                let id = op.req.expect("zeroing belongs to a request");
+                let unmap = self.inflight.get(Self::slot_of(id)).is_some_and(|f| {
+                    f.req.req_type == RequestType::Discard
+                        || f.req.ranges.get(Self::part_of(id)).is_some_and(|r| r.unmap)
+                });
                 // A COW disk must read zeros afterwards, never backing data:
                 // a hole in the COW file does that. A raw image keeps its
-                // blocks for WRITE_ZEROES without the unmap flag.
-                let mode = if dev.is_cow() || f.req.req_type == RequestType::Discard || unmap {
+                // blocks for a WRITE_ZEROES range without the unmap flag.
+                let mode = if dev.is_cow() || unmap {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 };
-                IoOp::Fallocate {
-                    fd: dev.cow_fd(),
-                    mode,
-                    offset,
-                    len,
-                }
-            }
-            OpKind::BitmapWrite { offset, start, len } => IoOp::Writev {
-                fd: dev.cow_fd(),
-                offset,
-                iov: IoVecs::single(sched.bitmap_ptr(start) as *mut u8, len as usize),
-            },
-            OpKind::Sync => IoOp::Fdatasync { fd: dev.cow_fd() },
-            OpKind::CopyRead { .. } | OpKind::CopyWrite { .. } => unreachable!(),
-        }
-    }
-
-    /// Issues this thread's ready operations, collects its finished
-    /// requests, and returns the other threads that need a wake-up.
-    pub fn pump(&mut self, dev: &Device) -> Vec<usize> {
-        let mut sched = dev.sched();
-        // No capacity check here: a full engine says so, and the refused
-        // operation goes back to the scheduler (rule 5).
-        while let Some(op) = sched.pop_op(self.thread) {
-            let io = self.io_op(dev, &sched, &op);
-            // SAFETY: request buffers stay mapped (memory guard) and are not
-            // touched until completion; bitmap bytes under a pending write
-            // are left alone by the scheduler (rule 2).
-            match unsafe { self.engine.submit(io, op.id) } {
-                Ok(()) => match op.kind {
-                    OpKind::Read {
-                        len, buf_offset, ..
-                    } => {
-                        let slot = Self::slot_of(op.req.unwrap());
-                        self.reads.insert(
-                            op.id,
-                            ReadOp::Guest {
-                                slot,
-                                buf_offset,
-                                len,
-                            },
-                        );
-                    }
-                    OpKind::CopyRead { len, bounce, .. } => {
-                        self.reads.insert(op.id, ReadOp::Bounce { bounce, len });
-                    }
-                    OpKind::CopyWrite { bounce, .. } => {
-                        self.copy_writes.insert(op.id, bounce);
-                    }
-                    _ => {}
-                },
-                Err(SubmitError::Full(_)) => {
-                    // Rule 5: keep it for when completions free room.
-                    sched.op_refused(op);
-                    break;
-                }
-                Err(e) => {
-                    log::error!("cannot issue {:?}: {e}", op.kind);
-                    sched.op_done(op.id, Err(libc::EIO));
-                }
-            }
-        }
-        while let Some(d) = sched.pop_done(self.thread) {
-            self.done.push(d);
-        }
-        let kicks = sched.take_kicks(self.thread);
-        drop(sched);
-        if let Err(e) = self.engine.flush() {
-            log::error!("I/O engine submit failed: {e}");
-        }
-        kicks
-    }
-
-    /// Feeds finished I/O to the scheduler. Returns whether any finished.
-    pub fn reap(&mut self, dev: &Device) -> bool {
-        self.completions.clear();
-        self.engine.reap(&mut self.completions);
-        if self.completions.is_empty() {
-            return false;
-        }
-        let mut sched = dev.sched();
-        for c in &self.completions {
-            // A short read is the end of the backing file (its size need
-            // not be a multiple of 512): the rest reads as zeros.
-            match (self.reads.remove(&c.user_data), c.result) {
                 (
-                    Some(ReadOp::Guest {
-                        slot,
-                        buf_offset,
+                    IoOp::Fallocate {
+                        fd: dev.cow_fd(),
+                        mode,
+                        offset,
                         len,
-                    }),
-                    Ok(n),
-                ) if n < len => {
-                    zero_fill(&self.inflight[slot].req.data, buf_offset + n, len - n);
-                }
-                (Some(ReadOp::Bounce { bounce, len }), Ok(n)) if n < len => {
-                    if let Some(b) = self.bounces.get_mut(&bounce) {
-                        b.as_mut_slice()[n as usize..len as usize].fill(0);
-                    }
-                }
-                (Some(ReadOp::Bounce { bounce, .. }), Err(_)) => {
-                    self.bounces.remove(&bounce);
-                }
-                _ => {}
+                    },
+                    Tracked::Plain,
+                )
             }
-            if let Some(bounce) = self.copy_writes.remove(&c.user_data) {
-                self.bounces.remove(&bounce);
-            }
-            sched.op_done(c.user_data, c.result.map(|_| ()));
+            OpKind::BitmapWrite { offset, start, len } => (
+                IoOp::Writev {
+                    fd: dev.cow_fd(),
+                    offset,
+                    iov: IoVecs::single(sched.bitmap_ptr(start) as *mut u8, len as usize),
+                },
+                Tracked::Plain,
+            ),
+            OpKind::Sync => (IoOp::Fdatasync { fd: dev.cow_fd() }, Tracked::Plain),
         }
-        true
     }
 
-    /// Puts this thread's finished requests on their used rings.
-    /// With `writethrough` (the guest turned the write cache off), a write
-    /// is followed by a flush before the guest sees it complete.
-    pub fn complete(&mut self, dev: &Device, vrings: &[Vring], writethrough: bool) {
+    /// Puts finished requests on their used rings (rings gone since, as
+    /// after a disconnect, are skipped). In writethrough mode a write that
+    /// changed data (OUT, DISCARD, WRITE_ZEROES) is first followed by a
+    /// flush, submitted at the next scheduler step.
+    pub fn publish(&mut self, rings: &[Arc<Virtqueue>], mode: RingMode) {
         if self.done.is_empty() {
             return;
         }
         let mut done = std::mem::take(&mut self.done);
         let mut touched = std::mem::take(&mut self.touched);
         touched.clear();
-        touched.resize(vrings.len(), false);
-        let mut flushes = Vec::new();
+        touched.resize_with(rings.len(), || None);
         for d in done.drain(..) {
             let slot = Self::slot_of(d.id);
             let Some(f) = self.inflight.get_mut(slot) else {
@@ -587,56 +661,48 @@ impl Worker {
             if f.parts_left > 0 {
                 continue;
             }
-            if writethrough
-                && f.req.req_type == RequestType::Out
-                && f.status == STATUS_OK
-                && !f.flushed
-            {
+            let changes_data = matches!(
+                f.req.req_type,
+                RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+            );
+            if mode.writethrough && changes_data && f.status == STATUS_OK && !f.flushed {
                 f.flushed = true;
                 f.parts_left = 1;
-                flushes.push(slot);
-                continue;
-            }
-            let f = self.inflight.remove(slot);
-            write_status(&*f.mem, f.req.status_addr, f.status);
-            if let Some(v) = vrings.get(f.vring) {
-                if v.add_used(f.head, f.req.used_len(f.status)).is_ok() {
-                    touched[f.vring] = true;
-                }
-            }
-        }
-        if !flushes.is_empty() {
-            let mut sched = dev.sched();
-            for slot in flushes {
-                sched.submit(DiskRequest {
+                self.to_submit.push(DiskRequest {
                     id: self.req_id(slot, 0),
                     thread: self.thread,
                     kind: ReqKind::Flush,
                     sector: 0,
                     count: 0,
                 });
+                continue;
+            }
+            let f = self.inflight.remove(slot);
+            let Some(i) = rings.iter().position(|r| r.index == f.ring) else {
+                continue;
+            };
+            // The request's own memory guard: the map it was parsed with.
+            write_status(&*f.mem, f.req.status_addr, f.status);
+            let mut vq = rings[i].lock();
+            if vq
+                .queue
+                .add_used(&*f.mem, f.head, f.req.used_len(f.status))
+                .is_ok()
+            {
+                touched[i] = Some(f.mem);
             }
         }
-        for (v, _) in vrings.iter().zip(&touched).filter(|(_, t)| **t) {
-            if v.needs_notification().unwrap_or(true) {
-                let _ = v.signal_used_queue();
+        for (ring, mem) in rings.iter().zip(&mut touched) {
+            if let Some(mem) = mem.take() {
+                let mut vq = ring.lock();
+                if vq.queue.needs_notification(&*mem).unwrap_or(true) {
+                    vq.signal_used();
+                }
             }
         }
-        // Keep the buffers: no allocation per batch. Requests finished
-        // meanwhile (none today) would be in `self.done`.
+        // Keep the buffers: no allocation per batch.
         done.append(&mut self.done);
         self.done = done;
         self.touched = touched;
-    }
-
-    /// Blocks until some I/O of this thread completes (used when draining).
-    pub fn wait_engine(&mut self) {
-        if self.engine.in_flight() > 0 {
-            let _ = self.engine.wait(1);
-        }
-    }
-
-    pub fn engine_in_flight(&self) -> usize {
-        self.engine.in_flight()
     }
 }

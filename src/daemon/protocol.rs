@@ -1,0 +1,450 @@
+//! The vhost-user frontend protocol, on the `vhost` crate's backend
+//! request handler: that crate reads and writes the messages (and their
+//! file descriptors) and answers REPLY_ACK; this file gives each message
+//! its meaning for our device. One handler per frontend connection; the
+//! worker threads it hands rings to outlive it.
+//!
+//! Why our own code and not vhost-user-backend: docs/design.md, "The
+//! protocol layer".
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use vhost::vhost_user::{Error as VhostError, GpuBackend, Result as VhostResult};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::Device;
+use super::guest_memory::{GuestMemoryMap, MemoryError};
+use super::virtqueue::Virtqueue;
+use super::worker_thread::{Command, ConnectionShared, WorkerPool};
+use crate::virtio::config::{virtio_features, BlkConfig};
+
+/// Memory slots offered with CONFIGURE_MEM_SLOTS.
+const MAX_MEM_SLOTS: u64 = 509;
+
+/// The protocol features we offer; REPLY_ACK is the vhost crate's.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// What the frontend may set up.
+#[derive(Debug, Clone, Copy)]
+pub struct ProtocolOptions {
+    pub num_queues: u16,
+    /// Largest virtqueue size accepted (a power of two).
+    pub max_queue_size: u16,
+}
+
+/// One frontend connection's view of the device.
+pub struct FrontendHandler {
+    dev: Arc<Device>,
+    pool: Arc<WorkerPool>,
+    opts: ProtocolOptions,
+    config: BlkConfig,
+    memory: GuestMemoryMap,
+    conn: Arc<ConnectionShared>,
+    queues: Vec<Arc<Virtqueue>>,
+    acked_features: u64,
+    acked_protocol_features: u64,
+}
+
+fn invalid(what: String) -> VhostError {
+    log::warn!("frontend message refused: {what}");
+    VhostError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, what))
+}
+
+fn memory_error(e: MemoryError) -> VhostError {
+    invalid(e.to_string())
+}
+
+fn unsupported(what: &'static str) -> VhostError {
+    log::warn!("frontend message refused: {what} is not supported");
+    VhostError::InvalidOperation("not supported")
+}
+
+fn eventfd(file: File) -> EventFd {
+    // SAFETY: the file descriptor is ours alone (received with the
+    // message); EventFd takes it over.
+    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+}
+
+impl FrontendHandler {
+    pub fn new(
+        dev: Arc<Device>,
+        pool: Arc<WorkerPool>,
+        opts: ProtocolOptions,
+    ) -> Result<FrontendHandler, virtio_queue::Error> {
+        let config = BlkConfig::from_limits(&dev.limits, opts.num_queues, dev.block_size, true);
+        let memory = GuestMemoryMap::default();
+        let conn = Arc::new(ConnectionShared {
+            mem: memory.atomic(),
+            event_idx: AtomicBool::new(false),
+            writethrough: AtomicBool::new(false),
+        });
+        let queues = (0..opts.num_queues)
+            .map(|i| Virtqueue::new(i, opts.max_queue_size).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        pool.attach(&conn);
+        Ok(FrontendHandler {
+            dev,
+            pool,
+            opts,
+            config,
+            memory,
+            conn,
+            queues,
+            acked_features: 0,
+            acked_protocol_features: 0,
+        })
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn queue(&self, index: u32) -> VhostResult<&Arc<Virtqueue>> {
+        self.queues.get(index as usize).ok_or_else(|| {
+            invalid(format!(
+                "queue {index} does not exist (there are {})",
+                self.queues.len()
+            ))
+        })
+    }
+
+    /// Hands a ring to its worker once it is set up, kicked and enabled.
+    fn maybe_start(&self, index: u32) -> VhostResult<()> {
+        let vq = self.queue(index)?;
+        let mut st = vq.lock();
+        if st.started || !st.can_start() {
+            return Ok(());
+        }
+        if !st.queue.is_valid(&*self.conn.mem.memory()) {
+            return Err(invalid(format!(
+                "queue {index}: its rings are not inside guest memory"
+            )));
+        }
+        st.started = true;
+        drop(st);
+        self.pool.send(
+            self.pool.thread_of(vq.index),
+            Command::StartRing(vq.clone()),
+        );
+        Ok(())
+    }
+
+    /// Takes a ring back from its worker, once its requests in flight are
+    /// published.
+    fn stop(&self, index: u32) -> VhostResult<()> {
+        let vq = self.queue(index)?;
+        let was = std::mem::replace(&mut vq.lock().started, false);
+        if was && !self.pool.stop_ring(vq.index) {
+            log::error!("queue {index}: requests still in flight after stopping it");
+        }
+        Ok(())
+    }
+
+    /// The connection ended: stop every ring and finish the I/O in flight.
+    pub fn disconnect(&mut self) {
+        for q in &self.queues {
+            q.lock().started = false;
+        }
+        if !self.pool.detach() {
+            log::error!("I/O of the ended connection did not finish in time");
+        }
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for FrontendHandler {
+    fn set_owner(&mut self) -> VhostResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostResult<()> {
+        for i in 0..self.queues.len() as u32 {
+            self.stop(i)?;
+        }
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostResult<()> {
+        Err(unsupported("RESET_DEVICE"))
+    }
+
+    fn get_features(&mut self) -> VhostResult<u64> {
+        Ok(virtio_features(self.dev.read_only))
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        let offered = virtio_features(self.dev.read_only);
+        if features & !offered != 0 {
+            return Err(invalid(format!(
+                "features {:#x} were not offered",
+                features & !offered
+            )));
+        }
+        self.acked_features = features;
+        log::info!("frontend acked virtio features {features:#x}");
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for q in &self.queues {
+            q.lock().queue.set_event_idx(event_idx);
+        }
+        self.conn.event_idx.store(event_idx, Ordering::Release);
+        // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings
+        // start enabled.
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            for i in 0..self.queues.len() as u32 {
+                self.queues[i as usize].lock().enabled = true;
+                self.maybe_start(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        self.memory
+            .set_table(regions, files)
+            .map_err(memory_error)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        let max = u32::from(self.opts.max_queue_size);
+        if num == 0 || num > max || !num.is_power_of_two() {
+            return Err(invalid(format!(
+                "queue {index}: size {num} (must be a power of two from 1 to {max})"
+            )));
+        }
+        let mut st = self.queue(index)?.lock();
+        if st.started {
+            return Err(invalid(format!(
+                "queue {index}: SET_VRING_NUM on a started ring"
+            )));
+        }
+        st.queue.set_size(num as u16);
+        st.broken = false;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostResult<()> {
+        let gpa = |what: &str, addr: u64| {
+            self.memory
+                .frontend_to_guest(addr)
+                .map_err(|e| invalid(format!("queue {index}: {what}: {e}")))
+        };
+        let (desc, avail, used) = (
+            gpa("descriptor table", descriptor)?,
+            gpa("avail ring", available)?,
+            gpa("used ring", used)?,
+        );
+        let mem = self.conn.mem.memory();
+        let mut st = self.queue(index)?.lock();
+        if st.started {
+            return Err(invalid(format!(
+                "queue {index}: SET_VRING_ADDR on a started ring"
+            )));
+        }
+        let q = &mut st.queue;
+        q.try_set_desc_table_address(GuestAddress(desc))
+            .and_then(|_| q.try_set_avail_ring_address(GuestAddress(avail)))
+            .and_then(|_| q.try_set_used_ring_address(GuestAddress(used)))
+            .map_err(|e| invalid(format!("queue {index}: ring address: {e}")))?;
+        // The used index continues from where the driver's ring is (as
+        // after a reconnect); SET_VRING_BASE gives only the avail side.
+        if let Ok(idx) = q.used_idx(&*mem, Ordering::Acquire) {
+            q.set_next_used(idx.0);
+        }
+        st.broken = false;
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        let mut st = self.queue(index)?.lock();
+        if st.started {
+            return Err(invalid(format!(
+                "queue {index}: SET_VRING_BASE on a started ring"
+            )));
+        }
+        st.queue.set_next_avail(base as u16);
+        st.broken = false;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        // Stop the ring: its worker publishes what it took first.
+        self.stop(index)?;
+        let mut st = self.queue(index)?.lock();
+        let next = st.queue.next_avail();
+        st.queue.set_ready(false);
+        st.kick = None;
+        st.call = None;
+        Ok(VhostUserVringState::new(index, u32::from(next)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let index = u32::from(index);
+        self.stop(index)?;
+        {
+            let mut st = self.queue(index)?.lock();
+            st.kick = fd.map(eventfd);
+            // A kick fd starts the ring (the spec's "ring starts on kick").
+            let ready = st.kick.is_some();
+            st.queue.set_ready(ready);
+        }
+        self.maybe_start(index)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.queue(u32::from(index))?.lock().call = fd.map(eventfd);
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostResult<()> {
+        // We never report ring errors through it; the fd is dropped.
+        self.queue(u32::from(index)).map(|_| ())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
+        Ok(protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
+        self.acked_protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostResult<u64> {
+        Ok(u64::from(self.opts.num_queues))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        if enable {
+            self.queue(index)?.lock().enabled = true;
+            self.maybe_start(index)
+        } else {
+            self.stop(index)?;
+            self.queue(index)?.lock().enabled = false;
+            Ok(())
+        }
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<Vec<u8>> {
+        Ok(self.config.read_config(offset, size))
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<()> {
+        self.config
+            .write_config(offset, buf)
+            .map_err(|e| invalid(format!("SET_CONFIG: {e}")))?;
+        let writethrough = self.config.writeback == 0;
+        self.conn
+            .writethrough
+            .store(writethrough, Ordering::Release);
+        log::info!(
+            "guest set the write cache to {}",
+            if writethrough {
+                "writethrough"
+            } else {
+                "writeback"
+            }
+        );
+        Ok(())
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostResult<()> {
+        Err(unsupported("GPU_SET_SOCKET"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
+        Err(unsupported("GET_SHARED_OBJECT"))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VhostResult<(VhostUserInflight, File)> {
+        Err(unsupported("GET_INFLIGHT_FD"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
+        Err(unsupported("SET_INFLIGHT_FD"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        self.memory.add_region(region, fd).map_err(memory_error)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        self.memory.remove_region(region).map_err(memory_error)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostResult<Option<File>> {
+        Err(unsupported("SET_DEVICE_STATE_FD"))
+    }
+
+    fn check_device_state(&mut self) -> VhostResult<()> {
+        Err(unsupported("CHECK_DEVICE_STATE"))
+    }
+
+    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
+        Err(unsupported("GET_SHMEM_CONFIG"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
+        Err(unsupported("SET_LOG_BASE"))
+    }
+}

@@ -1,0 +1,79 @@
+//! One virtqueue of a connection, shared by the frontend-message thread
+//! (which sets it up and stops it) and the worker thread that serves it.
+//!
+//! Locking: a virtqueue's mutex is held only to set the queue up, to pop
+//! descriptor chains, or to publish used elements; never while taking the
+//! scheduler's mutex (docs/architecture.md, "Locks").
+
+use std::sync::{Mutex, MutexGuard};
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::guest_memory::Memory;
+
+/// What the frontend set up for one virtqueue.
+pub struct VirtqueueState {
+    pub queue: Queue,
+    /// The frontend's kick (the guest made buffers available).
+    pub kick: Option<EventFd>,
+    /// Signalled when used elements were added and the driver wants to know.
+    pub call: Option<EventFd>,
+    /// SET_VRING_ENABLE (or no PROTOCOL_FEATURES, where rings start enabled).
+    pub enabled: bool,
+    /// Handed to its worker and not stopped since.
+    pub started: bool,
+    /// The ring was found broken (avail index too far ahead): not served
+    /// again until the frontend sets it up anew.
+    pub broken: bool,
+}
+
+pub struct Virtqueue {
+    pub index: u16,
+    state: Mutex<VirtqueueState>,
+}
+
+impl Virtqueue {
+    pub fn new(index: u16, max_size: u16) -> Result<Virtqueue, virtio_queue::Error> {
+        Ok(Virtqueue {
+            index,
+            state: Mutex::new(VirtqueueState {
+                queue: Queue::new(max_size)?,
+                kick: None,
+                call: None,
+                enabled: false,
+                started: false,
+                broken: false,
+            }),
+        })
+    }
+
+    /// The queue's state; a poisoned lock (a panicked worker) still holds
+    /// the best state there is.
+    pub fn lock(&self) -> MutexGuard<'_, VirtqueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl VirtqueueState {
+    /// Tells the driver about used elements.
+    pub fn signal_used(&self) {
+        if let Some(call) = &self.call {
+            let _ = call.write(1);
+        }
+    }
+
+    /// Descriptors are available that were not taken yet.
+    pub fn has_avail(&self, mem: &Memory) -> bool {
+        self.queue.ready()
+            && self
+                .queue
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+    }
+
+    /// Ready to be served: set up, kicked, enabled.
+    pub fn can_start(&self) -> bool {
+        self.kick.is_some() && self.enabled && self.queue.ready() && !self.broken
+    }
+}
