@@ -1,5 +1,5 @@
-//! End-to-end tests over the real vhost-user socket: our daemon (or, with
-//! `VUC_E2E_PEER=qsd|all`, qemu-storage-daemon as the reference; see
+//! End-to-end tests over the real vhost-user socket: our daemon and
+//! qemu-storage-daemon as the reference (`ours::` and `qsd::`; see
 //! `common/daemon.rs`) driven by the test frontend in
 //! `common/vhost_frontend`, and by libblkio in a separate process
 //! (`examples/blkio_rw.rs`).
@@ -22,7 +22,6 @@ crate::per_peer!(
     cow_round_trip_1_queue,
     cow_round_trip_4_queues,
     cow_4k_chunks_round_trip_2_queues,
-    direct_4k_chunks_offer_4k_blocks,
     raw_round_trip_2_queues,
     event_idx_and_add_mem_region,
     config_space_and_features,
@@ -33,7 +32,8 @@ crate::per_peer!(
     read_only_refuses_writes,
     second_connection_sees_first_ones_data,
     sigterm_exits_cleanly,
-    blkio_client_in_another_process,
+    blkio_client_in_another_process;
+    ours_only: direct_4k_chunks_offer_4k_blocks,
 );
 
 fn tempdir() -> tempfile::TempDir {

@@ -1,47 +1,50 @@
 //! The backend under test, as a child process: our `vhost-user-cow serve`
 //! or, as a reference, `qemu-storage-daemon` exporting a raw file.
 //!
-//! Which ones run is chosen with `VUC_E2E_PEER`:
-//! - unset or `ours`: tests against our daemon run, the qsd variants skip;
-//! - `qsd`: only the qsd variants run (our daemon's tests skip);
-//! - `all`: both.
-//!
 //! Every peer-generic test is written once as `fn name(peer: Peer)` and
-//! instantiated as `ours::name` and `qsd::name` by [`per_peer!`].
+//! instantiated as `ours::name` and `qsd::name` by [`per_peer!`]; both run
+//! by default. Pick one with a test-name filter (`ours::` or `qsd::`, see
+//! tests/E2E.md), not at run time: a variant that does not run its body
+//! must not be reported as a pass. A qsd variant fails when
+//! qemu-storage-daemon is not installed.
 //!
 //! qemu-storage-daemon has no COW format: for a COW image it serves a raw
 //! copy of the backing file, which is what the guest must see anyway, so
 //! the same test body and the same model apply. COW-only checks (the COW
 //! file, `check`, `uml_moo`) apply to ours only; see [`Stopped::image`].
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use super::vhost_frontend::handshake::connect_unix;
 use super::vhost_frontend::{FrontendOptions, VhostUserBlk};
 
-/// Generates `ours::NAME` and `qsd::NAME` tests for each `fn NAME(peer: Peer)`.
+/// Generates `ours::NAME` and `qsd::NAME` tests for each `fn NAME(peer: Peer)`
+/// listed first, and only `ours::NAME` for those after `ours_only:` (tests
+/// of options qsd does not have).
 #[macro_export]
 macro_rules! per_peer {
-    ($($name:ident),* $(,)?) => {
+    ($($name:ident),* $(,)? $(; ours_only: $($only:ident),* $(,)?)?) => {
         mod ours {
             $(
                 #[test]
                 fn $name() {
-                    if $crate::common::daemon::Peer::Ours.selected() {
-                        super::$name($crate::common::daemon::Peer::Ours);
-                    }
+                    super::$name($crate::common::daemon::Peer::Ours);
                 }
             )*
+            $($(
+                #[test]
+                fn $only() {
+                    super::$only($crate::common::daemon::Peer::Ours);
+                }
+            )*)?
         }
         mod qsd {
             $(
                 #[test]
                 fn $name() {
-                    if $crate::common::daemon::Peer::Qsd.selected() {
-                        super::$name($crate::common::daemon::Peer::Qsd);
-                    }
+                    super::$name($crate::common::daemon::Peer::Qsd);
                 }
             )*
         }
@@ -59,24 +62,26 @@ pub enum Peer {
 }
 
 impl Peer {
-    /// Whether this peer's variant of a test runs (see the module docs).
-    pub fn selected(self) -> bool {
-        let want = std::env::var("VUC_E2E_PEER").unwrap_or_default();
-        let on = match want.as_str() {
-            "" | "ours" => self == Peer::Ours,
-            "qsd" => self == Peer::Qsd,
-            "all" => true,
-            other => panic!("VUC_E2E_PEER={other}: want ours, qsd or all"),
-        };
-        if !on {
-            eprintln!("SKIP: {self:?} not selected (VUC_E2E_PEER={want:?})");
-        }
-        on
-    }
-
     pub fn is_ours(self) -> bool {
         self == Peer::Ours
     }
+}
+
+/// qemu-storage-daemon's path. Missing, the qsd variants fail (with or
+/// without `CI`): passing them would claim a comparison that never ran.
+pub fn qsd_path() -> PathBuf {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|d| d.join(QSD))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "{QSD} not found: install it (Debian package qemu-utils) or leave the \
+             reference variants out with a filter: cargo nextest run -E 'not test(/^qsd::/)'"
+        )
+    })
 }
 
 /// The disk a daemon serves.
@@ -166,7 +171,8 @@ impl Daemon {
     fn wait_listening(&mut self) {
         let start = Instant::now();
         loop {
-            if UnixStream::connect(&self.socket).is_ok() {
+            // Bounded: a connect to a full backlog would block.
+            if connect_unix(&self.socket, Duration::from_millis(100)).is_ok() {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -205,14 +211,42 @@ impl Daemon {
         })
     }
 
+    /// Connects and negotiates (each step bounded by
+    /// `opts.reply_timeout`), failing the test with the daemon's log.
     pub fn connect_with(&self, opts: FrontendOptions) -> VhostUserBlk {
-        VhostUserBlk::connect(&self.socket, opts).unwrap_or_else(|e| {
+        let mut dev = self.try_connect_with(opts).unwrap_or_else(|e| {
             panic!(
                 "{:?}: vhost-user handshake failed: {e}\n{}",
                 self.peer,
                 self.log_text()
             )
-        })
+        });
+        dev.set_daemon_log(&self.log);
+        dev
+    }
+
+    /// The handshake, its failure returned.
+    pub fn try_connect_with(&self, opts: FrontendOptions) -> Result<VhostUserBlk, String> {
+        VhostUserBlk::connect(&self.socket, opts)
+    }
+
+    pub fn pid(&self) -> libc::pid_t {
+        self.child.as_ref().unwrap().id() as libc::pid_t
+    }
+
+    /// Sends `sig` to the daemon (e.g. SIGSTOP, SIGKILL).
+    pub fn signal(&mut self, sig: libc::c_int) {
+        assert!(self.running(), "{:?} exited before signal {sig}", self.peer);
+        // SAFETY: signalling our own child by pid; it was running just now
+        // and is not reaped until we wait for it, so the pid is still its.
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(
+            r,
+            0,
+            "kill({}, {sig}): {}",
+            self.pid(),
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Files whose bytes the daemon may change (the served disk; for ours
@@ -331,7 +365,7 @@ fn qsd_command(dir: &Path, socket: &Path, image: &Image, o: &ServeOptions) -> (C
         }
         Image::Raw(p) => p.clone(),
     };
-    let mut c = Command::new(QSD);
+    let mut c = Command::new(qsd_path());
     c.arg("--blockdev").arg(format!(
         "driver=file,node-name=file0,filename={},aio=io_uring",
         served.display()

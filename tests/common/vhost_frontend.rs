@@ -6,7 +6,8 @@
 //! - [`virtqueue`]: ring layout, descriptor chains, used-ring harvesting and
 //!   waiting on the call eventfd with a timeout;
 //! - [`config`]: feature bits and the config space as a driver parses it;
-//! - [`handshake`]: the vhost-user negotiation and ring setup/teardown;
+//! - [`handshake`]: the vhost-user negotiation and ring setup/teardown,
+//!   each message and the connect bounded in time;
 //! - [`requests`]: the chain builder and the read/write/flush/... helpers.
 
 pub mod config;

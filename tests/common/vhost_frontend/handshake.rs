@@ -2,11 +2,20 @@
 //! and protocol features, read the config space, hand over guest memory
 //! and the rings, and stop the rings (GET_VRING_BASE) on a clean
 //! disconnect. Follows QEMU's message order.
+//!
+//! Every exchange with the backend is bounded: the connect by
+//! [`connect_unix`], each message and its reply by a [`Watchdog`], so a
+//! backend that dies or stops answering fails the test with the name of
+//! the message it did not answer instead of hanging it.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{
@@ -32,6 +41,9 @@ pub struct FrontendOptions {
     pub add_mem_region: bool,
     /// How long a request may take before the test fails as a hang.
     pub timeout: Duration,
+    /// How long the connect and each vhost-user message (its send and its
+    /// reply or ack) may take.
+    pub reply_timeout: Duration,
 }
 
 impl Default for FrontendOptions {
@@ -43,6 +55,9 @@ impl Default for FrontendOptions {
             event_idx: false,
             add_mem_region: false,
             timeout: Duration::from_secs(30),
+            // Replies are immediate (GET_VRING_BASE waits for in-flight
+            // requests, which complete within `timeout` or fail the test).
+            reply_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -79,9 +94,175 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
+/// Connects to the Unix socket at `path`, giving up after `timeout`.
+///
+/// A blocking `connect` to a listener whose backlog is full (a backend that
+/// stopped accepting) waits forever; a non-blocking one fails at once with
+/// EAGAIN, so this retries that until the deadline. Other errors (no
+/// listener yet: ENOENT, ECONNREFUSED) are returned at once.
+pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    // SAFETY: all-zero is a valid sockaddr_un.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path too long: {}", path.display()),
+        ));
+    }
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    let start = Instant::now();
+    loop {
+        // SAFETY: plain socket creation; the fd is owned right after.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `addr` is a valid sockaddr_un of the given length.
+        let r = unsafe {
+            libc::connect(
+                sock.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            let stream = UnixStream::from(sock);
+            stream.set_nonblocking(false)?;
+            return Ok(stream);
+        }
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
+            return Err(e);
+        }
+        if start.elapsed() >= timeout {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "connect {}: the listener accepted nothing for {timeout:?} (backlog full)",
+                    path.display()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Bounds the vhost-user exchanges on one connection.
+///
+/// The vhost crate's `Frontend` has no timeout and retries EAGAIN in its
+/// receive loop, so SO_RCVTIMEO would only turn a silent backend into a
+/// busy wait. Instead a thread shuts the socket down once an exchange has
+/// taken too long: the blocked recvmsg (or sendmsg) then returns EOF (or
+/// EPIPE), the call fails, and [`Watchdog::run`] says which message timed out.
+pub struct Watchdog {
+    shared: Arc<(Mutex<WatchState>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+    limit: Duration,
+}
+
+#[derive(Default)]
+struct WatchState {
+    /// The deadline of the exchange in progress.
+    armed: Option<Instant>,
+    /// Set when the watchdog shut the socket down.
+    fired: bool,
+    quit: bool,
+}
+
+impl Watchdog {
+    /// Watches `sock` (a clone of the frontend's socket), allowing `limit`
+    /// per exchange.
+    pub fn new(sock: UnixStream, limit: Duration) -> Watchdog {
+        let shared = Arc::new((Mutex::new(WatchState::default()), Condvar::new()));
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("vhost-user-watchdog".into())
+            .spawn(move || {
+                let (lock, cv) = &*s;
+                let mut st = lock.lock().unwrap();
+                while !st.quit {
+                    match st.armed {
+                        None => st = cv.wait(st).unwrap(),
+                        Some(deadline) => {
+                            let now = Instant::now();
+                            if now >= deadline {
+                                let _ = sock.shutdown(std::net::Shutdown::Both);
+                                st.fired = true;
+                                st.armed = None;
+                            } else {
+                                st = cv.wait_timeout(st, deadline - now).unwrap().0;
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawn the vhost-user watchdog");
+        Watchdog {
+            shared,
+            thread: Some(thread),
+            limit,
+        }
+    }
+
+    /// Runs one exchange (`what`: the message) under the time limit.
+    pub fn run<T, E: std::fmt::Debug>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, String> {
+        let (lock, cv) = &*self.shared;
+        {
+            let mut st = lock.lock().unwrap();
+            if st.fired {
+                return Err(format!(
+                    "{what}: not sent, the connection was shut down after an earlier timeout"
+                ));
+            }
+            st.armed = Some(Instant::now() + self.limit);
+            cv.notify_one();
+        }
+        let r = f();
+        let mut st = lock.lock().unwrap();
+        st.armed = None;
+        if st.fired {
+            return Err(format!(
+                "{what}: no reply from the backend within {:?} (it hung or stopped; \
+                 the frontend shut the connection down)",
+                self.limit
+            ));
+        }
+        r.map_err(|e| format!("{what}: {e:?}"))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.shared.0.lock().unwrap().quit = true;
+        self.shared.1.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A connected, started vhost-user-blk device.
 pub struct VhostUserBlk {
     pub(super) fe: Frontend,
+    pub(super) watchdog: Watchdog,
+    /// The backend's log, quoted when a wait on it fails.
+    pub(super) daemon_log: Option<PathBuf>,
     pub(super) mem: GuestMemory,
     pub(super) arena: Arena,
     pub(super) queues: Vec<SplitQueue>,
@@ -97,23 +278,20 @@ pub struct VhostUserBlk {
     pub config: BlkConfigSpace,
 }
 
-fn err<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> String {
-    move |e| format!("{what}: {e:?}")
-}
-
 impl VhostUserBlk {
     /// Connects to `socket` and starts `opts.num_queues` queues.
     pub fn connect(socket: &Path, opts: FrontendOptions) -> Result<VhostUserBlk, String> {
-        let stream = UnixStream::connect(socket)
+        let stream = connect_unix(socket, opts.reply_timeout)
             .map_err(|e| format!("connect {}: {e}", socket.display()))?;
-        // A backend that never answers a message fails the test, not hangs it.
-        stream
-            .set_read_timeout(Some(opts.timeout.max(Duration::from_secs(10))))
-            .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(30))))
-            .map_err(|e| format!("socket timeouts: {e}"))?;
+        let wd = Watchdog::new(
+            stream
+                .try_clone()
+                .map_err(|e| format!("clone the socket: {e}"))?,
+            opts.reply_timeout,
+        );
         let mut fe = Frontend::from_stream(stream, u64::from(opts.num_queues));
-        fe.set_owner().map_err(err("SET_OWNER"))?;
-        let offered_features = fe.get_features().map_err(err("GET_FEATURES"))?;
+        wd.run("SET_OWNER", || fe.set_owner())?;
+        let offered_features = wd.run("GET_FEATURES", || fe.get_features())?;
         for (bit, name) in [
             (1u64 << feature::VERSION_1, "VIRTIO_F_VERSION_1"),
             (
@@ -127,19 +305,18 @@ impl VhostUserBlk {
                 ));
             }
         }
-        let offered_protocol = fe
-            .get_protocol_features()
-            .map_err(err("GET_PROTOCOL_FEATURES"))?;
+        let offered_protocol = wd.run("GET_PROTOCOL_FEATURES", || fe.get_protocol_features())?;
         let protocol = offered_protocol & wanted_protocol_features();
-        fe.set_protocol_features(protocol)
-            .map_err(err("SET_PROTOCOL_FEATURES"))?;
+        wd.run("SET_PROTOCOL_FEATURES", || {
+            fe.set_protocol_features(protocol)
+        })?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             // Every message that has no reply of its own gets an ack, so a
             // backend that refuses one is caught right there.
             fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
         let max_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            Some(fe.get_queue_num().map_err(err("GET_QUEUE_NUM"))?)
+            Some(wd.run("GET_QUEUE_NUM", || fe.get_queue_num())?)
         } else {
             None
         };
@@ -152,17 +329,17 @@ impl VhostUserBlk {
         if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err("backend does not offer VHOST_USER_PROTOCOL_F_CONFIG".into());
         }
-        let (_, raw) = fe
-            .get_config(
+        let (_, raw) = wd.run("GET_CONFIG", || {
+            fe.get_config(
                 0,
                 CONFIG_LEN as u32,
                 VhostUserConfigFlags::empty(),
                 &[0u8; CONFIG_LEN],
             )
-            .map_err(err("GET_CONFIG"))?;
+        })?;
         let config = BlkConfigSpace::parse(&raw);
         let features = offered_features & wanted_features(opts.event_idx);
-        fe.set_features(features).map_err(err("SET_FEATURES"))?;
+        wd.run("SET_FEATURES", || fe.set_features(features))?;
 
         let mem = GuestMemory::new(opts.mem_size);
         let region = VhostUserMemoryRegionInfo {
@@ -174,13 +351,13 @@ impl VhostUserBlk {
         };
         if opts.add_mem_region && protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
         {
-            let slots = fe.get_max_mem_slots().map_err(err("GET_MAX_MEM_SLOTS"))?;
+            let slots = wd.run("GET_MAX_MEM_SLOTS", || fe.get_max_mem_slots())?;
             if slots == 0 {
                 return Err("GET_MAX_MEM_SLOTS answered 0".into());
             }
-            fe.add_mem_region(&region).map_err(err("ADD_MEM_REGION"))?;
+            wd.run("ADD_MEM_REGION", || fe.add_mem_region(&region))?;
         } else {
-            fe.set_mem_table(&[region]).map_err(err("SET_MEM_TABLE"))?;
+            wd.run("SET_MEM_TABLE", || fe.set_mem_table(&[region]))?;
         }
 
         let mut arena = Arena::new(GUEST_BASE, mem.end());
@@ -188,8 +365,8 @@ impl VhostUserBlk {
         let mut queues = Vec::new();
         for i in 0..usize::from(opts.num_queues) {
             let q = SplitQueue::new(i, opts.queue_size, event_idx, &mem, &mut arena);
-            fe.set_vring_num(i, q.size).map_err(err("SET_VRING_NUM"))?;
-            fe.set_vring_base(i, 0).map_err(err("SET_VRING_BASE"))?;
+            wd.run("SET_VRING_NUM", || fe.set_vring_num(i, q.size))?;
+            wd.run("SET_VRING_BASE", || fe.set_vring_base(i, 0))?;
             let addr = VringConfigData {
                 queue_max_size: q.size,
                 queue_size: q.size,
@@ -199,21 +376,20 @@ impl VhostUserBlk {
                 avail_ring_addr: mem.user_addr(q.avail_gpa),
                 log_addr: None,
             };
-            fe.set_vring_addr(i, &addr).map_err(err("SET_VRING_ADDR"))?;
-            fe.set_vring_kick(i, &q.kick)
-                .map_err(err("SET_VRING_KICK"))?;
-            fe.set_vring_call(i, &q.call)
-                .map_err(err("SET_VRING_CALL"))?;
+            wd.run("SET_VRING_ADDR", || fe.set_vring_addr(i, &addr))?;
+            wd.run("SET_VRING_KICK", || fe.set_vring_kick(i, &q.kick))?;
+            wd.run("SET_VRING_CALL", || fe.set_vring_call(i, &q.call))?;
             queues.push(q);
         }
         for i in 0..queues.len() {
-            fe.set_vring_enable(i, true)
-                .map_err(err("SET_VRING_ENABLE"))?;
+            wd.run("SET_VRING_ENABLE", || fe.set_vring_enable(i, true))?;
         }
         // Buffers go after the rings; the arena rewinds to here when idle.
         let arena = Arena::new(arena.alloc(0, 4096), mem.end());
         Ok(VhostUserBlk {
             fe,
+            watchdog: wd,
+            daemon_log: None,
             mem,
             arena,
             queues,
@@ -225,6 +401,23 @@ impl VhostUserBlk {
             max_queues,
             config,
         })
+    }
+
+    /// Names the backend's log file, quoted by the failures of waits on it.
+    pub fn set_daemon_log(&mut self, log: &Path) {
+        self.daemon_log = Some(log.to_path_buf());
+    }
+
+    /// `msg`, followed by the backend's log when there is one.
+    pub fn with_log(&self, msg: String) -> String {
+        match &self.daemon_log {
+            Some(p) => format!(
+                "{msg}\n--- daemon log {} ---\n{}",
+                p.display(),
+                std::fs::read_to_string(p).unwrap_or_else(|e| format!("(unreadable: {e})"))
+            ),
+            None => msg,
+        }
     }
 
     pub fn has_feature(&self, bit: u32) -> bool {
@@ -244,9 +437,15 @@ impl VhostUserBlk {
     /// answers (the next avail index it would process, per queue); the
     /// connection closes when `self` drops.
     pub fn stop(&mut self) -> Result<Vec<u32>, String> {
-        (0..self.queues.len())
-            .map(|i| self.fe.get_vring_base(i).map_err(err("GET_VRING_BASE")))
-            .collect()
+        let mut bases = Vec::new();
+        for i in 0..self.queues.len() {
+            let fe = &mut self.fe;
+            let r = self
+                .watchdog
+                .run(&format!("GET_VRING_BASE {i}"), || fe.get_vring_base(i));
+            bases.push(r.map_err(|e| self.with_log(e))?);
+        }
+        Ok(bases)
     }
 
     /// Avail index published on each queue (what GET_VRING_BASE must

@@ -249,7 +249,7 @@ impl VhostUserBlk {
         q.publish(&self.mem, head);
     }
 
-    /// Waits for `p` with the default timeout.
+    /// Waits for `p` at most `opts.timeout`.
     pub fn wait(&mut self, p: &Pending) -> Result<Completion, WaitError> {
         let t = self.opts.timeout;
         self.wait_timeout(p, t)
@@ -277,9 +277,13 @@ impl VhostUserBlk {
         })
     }
 
-    /// Waits, failing the test on a hang or hang-up.
+    /// Waits (at most `opts.timeout`), failing the test on a hang or
+    /// hang-up with `what`, the reason and the backend's log.
     pub fn complete(&mut self, p: Pending, what: &str) -> Completion {
-        self.wait(&p).unwrap_or_else(|e| panic!("{what}: {e}"))
+        match self.wait(&p) {
+            Ok(c) => c,
+            Err(e) => panic!("{}", self.with_log(format!("{what}: {e}"))),
+        }
     }
 
     /// Bytes per data descriptor the helpers use: 64 KiB, or less if the
