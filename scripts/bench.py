@@ -692,8 +692,10 @@ def main() -> int:
     if not a.bin_dir:
         target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
         log("building release binaries")
-        run(["cargo", "build", "--release", "--quiet", "--bin", "vhost-user-cow",
-             "--bin", "vhost-user-cow-load"], cwd=ROOT)
+        # The daemon and the load generator are two packages of the workspace.
+        run(["cargo", "build", "--release", "--quiet",
+             "-p", "vhost-user-cow", "--bin", "vhost-user-cow",
+             "-p", "vhost-user-cow-load", "--bin", "vhost-user-cow-load"], cwd=ROOT)
         a.bin_dir = str(target / "release")
     PIN["mode"] = a.pin
     summary = Bench(a).go()

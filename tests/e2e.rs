@@ -2,12 +2,15 @@
 //! qemu-storage-daemon as the reference (`ours::` and `qsd::`; see
 //! `common/daemon.rs`) driven by the test frontend in
 //! `common/vhost_frontend`, and by libblkio in a separate process
-//! (`examples/blkio_rw.rs`).
+//! (`blkio-rw`, a binary of the `load/` package).
 
+#[path = "../load/test-support/clients.rs"]
+mod clients;
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::daemon::{Daemon, Image, Peer, ServeOptions, Stopped};
 use common::disk_model::{make_cow, make_cow_chunked, make_raw, Model, SECTOR};
@@ -514,52 +517,33 @@ fn sigterm_exits_cleanly(peer: Peer) {
     drop(st);
 }
 
-/// The pattern examples/blkio_rw writes: a byte per disk offset.
+/// The pattern `blkio-rw` writes: a byte per disk offset. Must match
+/// `pattern` in load/src/bin/blkio-rw.rs.
 fn blkio_pattern(seed: u64, offset: u64) -> u8 {
     ((offset ^ (offset >> 9) ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
 }
 
-/// The libblkio client, `examples/blkio_rw`, next to our binary.
-/// `cargo nextest run` builds examples with the tests; `cargo test` and a
-/// run limited to one test target (`--test e2e`) do not, so when it is
-/// missing it is built here with the same cargo, profile and target dir.
-fn blkio_example() -> PathBuf {
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let profile_dir = Path::new(env!("CARGO_BIN_EXE_vhost-user-cow"))
-        .parent()
-        .unwrap();
-    let p = profile_dir.join("examples/blkio_rw");
-    if p.exists() {
-        return p;
-    }
-    let target_dir = profile_dir.parent().unwrap();
-    let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
-        "debug" => "dev",
-        other => other,
-    };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let o = common::output(
-        Command::new(cargo)
-            .args([
-                "build",
-                "--offline",
-                "--example",
-                "blkio_rw",
-                "--profile",
-                profile,
-            ])
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", target_dir),
-    );
-    assert!(
-        o.status.success() && p.exists(),
-        "building examples/blkio_rw failed (or it went elsewhere than {}): {}",
-        p.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    p
+/// The libblkio client runs a few MiB of I/O: seconds even unoptimised.
+/// It gives up by itself when the daemon completes nothing for 10 s; this
+/// bounds everything else (a daemon that hangs in the handshake).
+const BLKIO_RW_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `blkio-rw`, built from the current sources. Under `FORK` like every
+/// spawn here (the build runs cargo; and so that `FORK` is always taken
+/// before the build's once-lock, never the other way round).
+fn blkio_rw() -> PathBuf {
+    let _g = common::fork_guard();
+    clients::client_bin("blkio-rw")
+}
+
+/// The test runs the `blkio-rw` of the current sources, never one left in
+/// the target directory by an earlier build: it would go on testing the
+/// daemon with an old client after the client changed.
+#[test]
+fn blkio_client_is_built_from_current_sources() {
+    let bin = blkio_rw();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("load/src/bin/blkio-rw.rs");
+    clients::assert_built_from(&bin, &src);
 }
 
 /// libblkio's virtio-blk-vhost-user driver, an independent frontend, in
@@ -575,17 +559,25 @@ fn blkio_client_in_another_process(peer: Peer) {
     let d = Daemon::start(peer, dir.path(), &image, &opts);
     let ro_before = snapshot(&d.read_only_files());
     let (seed, start, sectors) = (0xb10c_u64, 1000u64, 2048u64);
-    let o = common::output(
-        Command::new(blkio_example())
+    let bin = blkio_rw();
+    let child = {
+        let _g = common::fork_guard();
+        Command::new(bin)
             .arg(d.socket())
             .arg("2")
             .arg(start.to_string())
             .arg(sectors.to_string())
-            .arg(seed.to_string()),
-    );
+            .arg(seed.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn blkio-rw")
+    };
+    let o = clients::wait_output(child, BLKIO_RW_TIMEOUT, "blkio-rw")
+        .unwrap_or_else(|e| panic!("{e}\ndaemon:\n{}", d.log_text()));
     assert!(
         o.status.success(),
-        "blkio_rw failed ({}):\n{}{}\ndaemon:\n{}",
+        "blkio-rw failed ({}):\n{}{}\ndaemon:\n{}",
         o.status,
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr),
@@ -595,7 +587,7 @@ fn blkio_client_in_another_process(peer: Peer) {
         .map(|off| blkio_pattern(seed, off))
         .collect();
     model.write(start, &data);
-    // blkio_rw zeroes its last 64 sectors with write-zeroes.
+    // blkio-rw zeroes its last 64 sectors with write-zeroes.
     model.zero(start + sectors - 64, 64);
     let mut dev = d.connect();
     check_whole_disk(&mut dev, &model, "after libblkio");

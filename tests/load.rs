@@ -4,15 +4,16 @@
 //! restart.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+#[path = "../load/test-support/clients.rs"]
+mod clients;
 mod common;
 
 use common::daemon::{Daemon, Image, Peer, ServeOptions};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-cow");
-const LOAD: &str = env!("CARGO_BIN_EXE_vhost-user-cow-load");
 
 fn serve(dir: &Path, image: &Image, num_queues: u16, extra: &[&str]) -> Daemon {
     let opts = ServeOptions {
@@ -37,22 +38,9 @@ fn stop(d: Daemon) -> String {
     st.log
 }
 
-fn wait_timeout(child: &mut Child, t: Duration) -> Output {
-    let deadline = Instant::now() + t;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not exit within {t:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let child = std::mem::replace(child, Command::new("true").spawn().unwrap());
-    child.wait_with_output().expect("output")
-}
-
 /// Runs the load generator with `--json` and returns its report.
 fn load(sock: &Path, args: &[&str]) -> serde_json::Value {
-    let mut child = Command::new(LOAD)
+    let child = Command::new(clients::client_bin("vhost-user-cow-load"))
         .arg("--socket")
         .arg(sock)
         .arg("--json")
@@ -61,7 +49,10 @@ fn load(sock: &Path, args: &[&str]) -> serde_json::Value {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn load generator");
-    let out = wait_timeout(&mut child, Duration::from_secs(60));
+    // The generator reports a backend that completes nothing for 10 s as
+    // stalled and exits; this bounds the rest (a hung handshake).
+    let out = clients::wait_output(child, Duration::from_secs(60), "load generator")
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -82,6 +73,17 @@ fn image(path: &Path, size: u64, seed: u64) {
         b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
     }
     std::fs::write(path, data).unwrap();
+}
+
+/// The tests run the load generator of the current sources, never one left
+/// in the target directory by an earlier build.
+#[test]
+fn load_generator_is_built_from_current_sources() {
+    let bin = clients::client_bin("vhost-user-cow-load");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("load/src");
+    for module in ["main.rs", "driver.rs", "workload.rs"] {
+        clients::assert_built_from(&bin, &src.join(module));
+    }
 }
 
 /// More requests in flight than the daemon takes off the ring

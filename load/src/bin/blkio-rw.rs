@@ -1,21 +1,27 @@
-//! A second, independent vhost-user-blk client for the end-to-end tests:
-//! libblkio's `virtio-blk-vhost-user` driver.
+//! A second, independent vhost-user-blk client for the end-to-end tests
+//! (tests/e2e.rs): libblkio's `virtio-blk-vhost-user` driver, in a process
+//! of its own.
 //!
-//! Usage: `blkio_rw SOCKET NUM_QUEUES START_SECTOR SECTORS SEED`
+//! Usage: `blkio-rw SOCKET NUM_QUEUES START_SECTOR SECTORS SEED`
 //!
 //! Splits `SECTORS` sectors from `START_SECTOR` over the queues, writes a
 //! pattern (one byte per disk offset, from `SEED`) in 64 KiB requests, all
 //! of a queue's in flight at once, flushes, reads everything back on every
 //! queue and verifies it, then write-zeroes the last 64 sectors and checks
-//! they read as zeroes. Exits 1 on any error or mismatch.
+//! they read as zeroes. Exits 1 on any error or mismatch, and when the
+//! daemon completes nothing for 10 s (a daemon that died leaves libblkio
+//! waiting for a completion forever).
 
 use std::mem::MaybeUninit;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 const SECTOR: u64 = 512;
 const REQ_BYTES: u64 = 64 << 10;
+/// Requests in flight with no completion for this long: the daemon stalled.
+const STALL: Duration = Duration::from_secs(10);
 
 /// Must match `blkio_pattern` in tests/e2e.rs.
 fn pattern(seed: u64, offset: u64) -> u8 {
@@ -26,7 +32,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("blkio_rw: {e}");
+            eprintln!("blkio-rw: {e}");
             ExitCode::FAILURE
         }
     }
@@ -35,7 +41,7 @@ fn main() -> ExitCode {
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, name: &str) -> Result<T, String> {
     args.get(i)
         .ok_or(format!(
-            "missing {name}; usage: blkio_rw SOCKET NUM_QUEUES START_SECTOR SECTORS SEED"
+            "missing {name}; usage: blkio-rw SOCKET NUM_QUEUES START_SECTOR SECTORS SEED"
         ))?
         .parse()
         .map_err(|_| format!("bad {name}: {:?}", args[i]))
@@ -48,12 +54,28 @@ fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
 /// Waits for `n` completions on `q`; each must have succeeded.
 fn complete(q: &mut Blkioq, n: usize, what: &str) -> Result<(), String> {
     let mut done = 0;
+    let mut last_progress = Instant::now();
     while done < n {
         let mut c = [const { MaybeUninit::<Completion>::uninit() }; 16];
         let want = (n - done).min(c.len());
-        let got = q
-            .do_io(&mut c, want, None, None)
-            .map_err(|err| format!("{what}: do_io: {err}"))?;
+        // Wake up now and then to notice a daemon that stopped answering.
+        let mut timeout = Duration::from_millis(500);
+        let got = match q.do_io(&mut c[..want], 1, Some(&mut timeout), None) {
+            Ok(got) => got,
+            Err(err) if err.errno() == blkio::Errno::TIME => 0,
+            Err(err) => return Err(format!("{what}: do_io: {err}")),
+        };
+        if got == 0 {
+            if last_progress.elapsed() >= STALL {
+                return Err(format!(
+                    "{what}: stalled: no completion for {} s with {} requests outstanding",
+                    STALL.as_secs(),
+                    n - done
+                ));
+            }
+            continue;
+        }
+        last_progress = Instant::now();
         for slot in &c[..got] {
             // SAFETY: do_io initialized the first `got` completions.
             let c = unsafe { slot.assume_init_read() };
@@ -176,6 +198,6 @@ fn run() -> Result<(), String> {
     if rbuf[..(64 * SECTOR) as usize].iter().any(|&x| x != 0) {
         return Err("write zeroes: range does not read as zeroes".into());
     }
-    println!("blkio_rw: {sectors} sectors verified on {num_queues} queues");
+    println!("blkio-rw: {sectors} sectors verified on {num_queues} queues");
     Ok(())
 }
