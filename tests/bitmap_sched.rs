@@ -1,6 +1,6 @@
 //! The scheduler driven by a fake engine, in adversarial orders: every
 //! interleaving of small scripts, and long random schedules. After every
-//! step the harness checks the ordering rules of DESIGN.md §3 from the
+//! step the harness checks the ordering rules of docs/design.md from the
 //! outside, against a model of the files.
 //!
 //! The fake engine performs reads at the moment it accepts them (as early

@@ -271,7 +271,7 @@ fn config_space_and_features(peer: Peer) {
         }
         assert!(c.max_discard_sectors > 0 && c.max_discard_seg > 0);
         assert!(c.max_write_zeroes_sectors > 0 && c.max_write_zeroes_seg > 0);
-        // What real frontends need (DESIGN.md §5): QEMU wants CONFIG,
+        // What real frontends need (docs/design.md, "Protocol facts"): QEMU wants CONFIG,
         // libblkio refuses to connect without MQ, REPLY_ACK and
         // CONFIGURE_MEM_SLOTS.
         let need = VhostUserProtocolFeatures::CONFIG

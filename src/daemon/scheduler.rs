@@ -1,4 +1,4 @@
-//! The ordering rules of the COW write path (DESIGN.md §3) as a state
+//! The ordering rules of the COW write path (docs/design.md, "The write path's ordering rules") as a state
 //! machine with no I/O, threads or clocks of its own.
 //!
 //! Callers hand it guest requests (`submit`), take the operations it wants

@@ -13,7 +13,7 @@
 //!
 //! Both engines bound the number of operations in flight by the queue depth
 //! and answer [`SubmitError::Full`] when it is reached (or when the kernel
-//! says EAGAIN/EBUSY on submission): per DESIGN.md §3 rule 5 that is
+//! says EAGAIN/EBUSY on submission): per docs/design.md rule 5 that is
 //! back-pressure, never an error for the guest. An operation counts as in
 //! flight from `submit` until its completion has been handed out by `reap`.
 //!
