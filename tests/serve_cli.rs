@@ -287,3 +287,96 @@ fn format_option_is_checked_against_the_file() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(!log.contains("format guessed"), "{log}");
 }
+
+/// Whatever makes `serve` fail after it has started (here: running out of
+/// file descriptors at every point of its start-up in turn), it never
+/// leaves its socket behind and says why. (The socket used to stay when
+/// the per-connection engines could not be made after the bind.)
+#[test]
+fn a_failing_start_leaves_no_socket() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cow = disk(dir.path());
+    let mut failed = 0;
+    for limit in 8..48u64 {
+        let sock = dir.path().join(format!("s{limit}.sock"));
+        let mut cmd = bin();
+        cmd.args([
+            "serve",
+            "--threads",
+            "2",
+            "--num-queues",
+            "2",
+            "--socket-path",
+        ])
+        .arg(&sock)
+        .arg("--disk")
+        .arg(&cow)
+        .stderr(Stdio::piped());
+        // SAFETY: setrlimit is async-signal-safe; it runs in the child
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+        };
+        let mut child = {
+            let _guard = common::fork_guard();
+            cmd.spawn().unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let exited = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if UnixStream::connect(&sock).is_ok() {
+                break None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fd limit {limit}: neither listening nor exited"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        match exited {
+            Some(st) => {
+                let out = child.wait_with_output().unwrap();
+                let msg = String::from_utf8_lossy(&out.stderr);
+                assert!(!st.success(), "fd limit {limit}: exit 0 without serving");
+                assert!(
+                    !sock.exists(),
+                    "fd limit {limit}: failed ({st}) and left its socket behind:\n{msg}"
+                );
+                assert!(msg.contains("vhost-user-cow: "), "fd limit {limit}: {msg}");
+                failed += 1;
+            }
+            None => {
+                // Listening; our probe connection may already have made it
+                // run out (accept fails), which ends it with a message.
+                let out = stop(child);
+                let msg = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    out.status.success() || msg.contains("vhost-user-cow: "),
+                    "fd limit {limit}: {:?}\n{msg}",
+                    out.status
+                );
+                assert!(
+                    !sock.exists(),
+                    "fd limit {limit}: socket left behind:\n{msg}"
+                );
+            }
+        }
+    }
+    assert!(
+        failed > 0,
+        "no fd limit made serve fail: the test proves nothing"
+    );
+}

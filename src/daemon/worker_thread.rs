@@ -147,12 +147,29 @@ impl WorkerPool {
         let mailboxes = Arc::new(mailboxes);
         let mut joins = Vec::with_capacity(n);
         for (t, worker) in workers.into_iter().enumerate() {
+            // Set up here, not in the thread: a worker that cannot watch
+            // its fds must fail the start, not leave a thread that never
+            // answers.
+            let epoll = Epoll::new().map_err(EngineError::EventFd)?;
+            for (fd, token) in [
+                (mailboxes[t].wake.as_raw_fd(), TOKEN_CONTROL),
+                (worker.engine_fd(), TOKEN_ENGINE),
+            ] {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(EngineError::EventFd)?;
+            }
             let l = WorkerLoop {
                 thread: t,
                 worker,
                 dev: dev.clone(),
                 mailboxes: mailboxes.clone(),
                 poll: opts.poll,
+                epoll,
             };
             let join = std::thread::Builder::new()
                 .name(format!("worker-{t}"))
@@ -248,6 +265,7 @@ struct WorkerLoop {
     dev: Arc<Device>,
     mailboxes: Arc<Vec<Mailbox>>,
     poll: Duration,
+    epoll: Epoll,
 }
 
 /// Reads an eventfd's counter so that it stops being readable.
@@ -258,15 +276,16 @@ fn consume(fd: i32) {
 }
 
 impl WorkerLoop {
-    fn run(mut self) {
-        let epoll = match Epoll::new() {
-            Ok(e) => e,
-            Err(e) => {
-                log::error!("worker {}: cannot create epoll: {e}", self.thread);
-                return;
-            }
-        };
-        let me = &self.mailboxes[self.thread];
+    fn run(self) {
+        let WorkerLoop {
+            thread,
+            mut worker,
+            dev,
+            mailboxes,
+            poll,
+            epoll,
+        } = self;
+        let me = &mailboxes[thread];
         let add = |fd: i32, token: u64| {
             epoll.ctl(
                 ControlOperation::Add,
@@ -274,12 +293,6 @@ impl WorkerLoop {
                 EpollEvent::new(EventSet::IN, token),
             )
         };
-        if let Err(e) = add(me.wake.as_raw_fd(), TOKEN_CONTROL)
-            .and_then(|_| add(self.worker.engine_fd(), TOKEN_ENGINE))
-        {
-            log::error!("worker {}: cannot set up epoll: {e}", self.thread);
-            return;
-        }
         let mut events = vec![EpollEvent::default(); 64];
         let mut commands = Vec::new();
         let mut rings: Vec<Arc<Virtqueue>> = Vec::new();
@@ -329,33 +342,33 @@ impl WorkerLoop {
             }
             let mode = conn.as_ref().map_or(RingMode::default(), |c| c.mode());
 
-            if take || self.worker.should_retake() {
+            if take || worker.should_retake() {
                 take = false;
                 if let Some(c) = &conn {
-                    self.worker.take_requests(&self.dev, &rings, &c.mem, mode);
+                    worker.take_requests(&dev, &rings, &c.mem, mode);
                 }
             }
-            self.worker.reap();
-            if self.worker.has_sched_input() || woken {
+            worker.reap();
+            if worker.has_sched_input() || woken {
                 woken = false;
-                let mut sched = self.dev.sched();
-                self.worker.sched_step(&self.dev, &mut sched);
+                let mut sched = dev.sched();
+                worker.sched_step(&dev, &mut sched);
                 drop(sched);
-                for t in self.worker.take_kicks() {
-                    if t != self.thread {
-                        let _ = self.mailboxes[t].wake.write(1);
+                for t in worker.take_kicks() {
+                    if t != thread {
+                        let _ = mailboxes[t].wake.write(1);
                     } else {
                         woken = true;
                     }
                 }
             }
-            self.worker.flush_engine();
-            self.worker.reap(); // inline writes completed in the flush
-            self.worker.publish(&rings, mode);
+            worker.flush_engine();
+            worker.reap(); // inline writes completed in the flush
+            worker.publish(&rings, mode);
 
             // Stop conditions.
             stopping.retain(|(index, done)| {
-                if self.worker.has_requests_on(*index) {
+                if worker.has_requests_on(*index) {
                     return true;
                 }
                 if let Some(pos) = rings.iter().position(|r| r.index == *index) {
@@ -364,32 +377,28 @@ impl WorkerLoop {
                 let _ = done.send(());
                 false
             });
-            let idle = self.worker.requests_in_flight() == 0 && self.worker.ops_in_flight() == 0;
+            let idle = worker.requests_in_flight() == 0 && worker.ops_in_flight() == 0;
             if idle && !detaching.is_empty() {
                 conn = None;
                 for done in detaching.drain(..) {
                     let _ = done.send(());
                 }
             }
-            if exit
-                && idle
-                && !self.worker.has_sched_input()
-                && !self.dev.sched().has_ops(self.thread)
-            {
+            if exit && idle && !worker.has_sched_input() && !dev.sched().has_ops(thread) {
                 return;
             }
 
-            if self.worker.has_sched_input() || self.worker.has_done() || take || woken {
+            if worker.has_sched_input() || worker.has_done() || take || woken {
                 poll_until = None;
                 continue;
             }
             // The polling window: a request that follows soon after the
             // last one is picked up without a trip through epoll.
-            if !self.poll.is_zero() && !rings.is_empty() {
-                let until = *poll_until.get_or_insert_with(|| Instant::now() + self.poll);
+            if !poll.is_zero() && !rings.is_empty() {
+                let until = *poll_until.get_or_insert_with(|| Instant::now() + poll);
                 if Instant::now() < until {
                     let avail = conn.as_ref().is_some_and(|c| has_avail(&rings, &c.mem));
-                    if self.worker.ops_in_flight() > 0 || avail {
+                    if worker.ops_in_flight() > 0 || avail {
                         take = true;
                     }
                     std::hint::spin_loop();
@@ -400,7 +409,7 @@ impl WorkerLoop {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
                 Err(e) => {
-                    log::error!("worker {}: epoll: {e}", self.thread);
+                    log::error!("worker {}: epoll: {e}", thread);
                     return;
                 }
             };
@@ -411,7 +420,7 @@ impl WorkerLoop {
                         consume(me.wake.as_raw_fd());
                         woken = true;
                     }
-                    TOKEN_ENGINE => consume(self.worker.engine_fd()),
+                    TOKEN_ENGINE => consume(worker.engine_fd()),
                     t => {
                         let index = (t - TOKEN_RING) as u16;
                         if let Some(r) = rings.iter().find(|r| r.index == index) {
