@@ -11,11 +11,12 @@ use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
 
+use super::truncation_guard::{self, Registration};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserSingleMemoryRegion};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
-    GuestRegionMmap,
+    GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
 };
 
 pub type Memory = GuestMemoryMmap<()>;
@@ -48,10 +49,21 @@ struct Mapping {
     gpa: u64,
 }
 
+/// A region guarded against truncation; holding the region keeps its
+/// mapping (and so the registered address range) alive until the guard
+/// is dropped with the connection.
+struct Guarded {
+    _registration: Option<Registration>,
+    _region: Arc<GuestRegionMmap>,
+}
+
 /// The guest memory of one connection.
 pub struct GuestMemoryMap {
     mem: GuestMemoryAtomic<Memory>,
     mappings: Vec<Mapping>,
+    /// Every region this connection mapped, replaced ones included: an
+    /// old map may still be in use by requests in flight.
+    guarded: Vec<Guarded>,
 }
 
 impl Default for GuestMemoryMap {
@@ -59,7 +71,15 @@ impl Default for GuestMemoryMap {
         GuestMemoryMap {
             mem: GuestMemoryAtomic::new(Memory::new()),
             mappings: Vec::new(),
+            guarded: Vec::new(),
         }
+    }
+}
+
+impl Drop for GuestMemoryMap {
+    fn drop(&mut self) {
+        // Unregister before the mappings can go away.
+        self.guarded.clear();
     }
 }
 
@@ -100,7 +120,10 @@ fn check_fits(region: &VhostUserMemoryRegion, file: &File) -> Result<(), MemoryE
     Ok(())
 }
 
-fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<GuestRegionMmap, MemoryError> {
+fn map_region(
+    region: &VhostUserMemoryRegion,
+    file: File,
+) -> Result<Arc<GuestRegionMmap>, MemoryError> {
     check_fits(region, &file)?;
     let bad = |why: String| MemoryError::BadRegion {
         gpa: region.guest_phys_addr,
@@ -111,6 +134,7 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<GuestRegionM
         .mmap_region::<()>(file)
         .map_err(|e| bad(format!("mmap: {e}")))?;
     GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
+        .map(Arc::new)
         .ok_or_else(|| bad("does not fit the guest address space".into()))
 }
 
@@ -129,14 +153,17 @@ impl GuestMemoryMap {
         let mut mapped = Vec::with_capacity(regions.len());
         let mut mappings = Vec::with_capacity(regions.len());
         for (r, f) in regions.iter().zip(files) {
-            mapped.push(map_region(r, f)?);
+            let region = map_region(r, f)?;
+            self.guard(&region);
+            mapped.push(region);
             mappings.push(Mapping {
                 frontend_addr: r.user_addr,
                 size: r.memory_size,
                 gpa: r.guest_phys_addr,
             });
         }
-        let mem = Memory::from_regions(mapped).map_err(|e| MemoryError::Overlap(e.to_string()))?;
+        let mem =
+            Memory::from_arc_regions(mapped).map_err(|e| MemoryError::Overlap(e.to_string()))?;
         self.mem
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -151,7 +178,8 @@ impl GuestMemoryMap {
         region: &VhostUserSingleMemoryRegion,
         file: File,
     ) -> Result<(), MemoryError> {
-        let mapped = Arc::new(map_region(region, file)?);
+        let mapped = map_region(region, file)?;
+        self.guard(&mapped);
         let mem = self
             .mem
             .memory()
@@ -185,6 +213,16 @@ impl GuestMemoryMap {
             .replace(mem);
         self.mappings.retain(|m| m.gpa != region.guest_phys_addr);
         Ok(())
+    }
+
+    fn guard(&mut self, region: &Arc<GuestRegionMmap>) {
+        let start = region
+            .get_host_address(MemoryRegionAddress(0))
+            .unwrap_or(std::ptr::null_mut());
+        self.guarded.push(Guarded {
+            _registration: truncation_guard::register(start, region.len() as usize),
+            _region: region.clone(),
+        });
     }
 
     /// The guest physical address of a frontend virtual address.

@@ -5,9 +5,11 @@
 pub mod cow_magic_guard;
 pub mod device;
 pub mod guest_memory;
+pub mod log_limit;
 pub mod protocol;
 pub mod scheduler;
 pub mod serve;
+pub mod truncation_guard;
 pub mod virtqueue;
 pub mod worker;
 pub mod worker_thread;

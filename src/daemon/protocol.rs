@@ -66,7 +66,11 @@ pub struct FrontendHandler {
 }
 
 fn invalid(what: String) -> VhostError {
-    log::warn!("frontend message refused: {what}");
+    crate::log_limited!(
+        log::Level::Warn,
+        "message refused",
+        "frontend message refused: {what}"
+    );
     VhostError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, what))
 }
 
@@ -75,7 +79,11 @@ fn memory_error(e: MemoryError) -> VhostError {
 }
 
 fn unsupported(what: &'static str) -> VhostError {
-    log::warn!("frontend message refused: {what} is not supported");
+    crate::log_limited!(
+        log::Level::Warn,
+        "message unsupported",
+        "frontend message refused: {what} is not supported"
+    );
     VhostError::InvalidOperation("not supported")
 }
 
@@ -155,7 +163,11 @@ impl FrontendHandler {
         let vq = self.queue(index)?;
         let was = std::mem::replace(&mut vq.lock().started, false);
         if was && !self.pool.stop_ring(vq.index) {
-            log::error!("queue {index}: requests still in flight after stopping it");
+            crate::log_limited!(
+                log::Level::Error,
+                "stop timed out",
+                "queue {index}: requests still in flight after stopping it"
+            );
         }
         Ok(())
     }
@@ -200,7 +212,11 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
             )));
         }
         self.acked_features = features;
-        log::info!("frontend acked virtio features {features:#x}");
+        crate::log_limited!(
+            log::Level::Info,
+            "features acked",
+            "frontend acked virtio features {features:#x}"
+        );
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         for q in &self.queues {
             q.lock().queue.set_event_idx(event_idx);
@@ -379,7 +395,9 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         self.conn
             .writethrough
             .store(writethrough, Ordering::Release);
-        log::info!(
+        crate::log_limited!(
+            log::Level::Info,
+            "write cache set",
             "guest set the write cache to {}",
             if writethrough {
                 "writethrough"

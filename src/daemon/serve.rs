@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Device, DeviceOptions};
 use super::protocol::{FrontendHandler, ProtocolOptions};
+use super::truncation_guard;
 use super::worker_thread::{WorkerOptions, WorkerPool};
 use crate::format::error::DiskError;
 use crate::io_engine::EngineError;
@@ -107,35 +108,28 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Waits until `fd` is readable or a signal arrived. Returns false on
-/// shutdown.
-fn wait_readable(fd: RawFd, shutdown: RawFd) -> bool {
-    let mut fds = [
-        libc::pollfd {
+/// Waits until one of `fds` is readable; returns the first such index
+/// (earlier fds win), or None if poll itself failed.
+fn wait_readable(fds: &[RawFd]) -> Option<usize> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
-        },
-        libc::pollfd {
-            fd: shutdown,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+        })
+        .collect();
     loop {
-        // SAFETY: valid pollfd array.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        // SAFETY: a valid pollfd array of its length.
+        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return false;
+            return None;
         }
-        if fds[1].revents != 0 {
-            return false;
-        }
-        if fds[0].revents != 0 {
-            return true;
+        if let Some(i) = polled.iter().position(|p| p.revents != 0) {
+            return Some(i);
         }
     }
 }
@@ -238,6 +232,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     if let Some(why) = dev.sched().failure() {
         log::error!("the disk stopped accepting writes: {why}");
     }
+    super::log_limit::report_suppressed();
     result
 }
 
@@ -250,8 +245,12 @@ fn accept_loop(
     name: &str,
     shutdown: &EventFd,
 ) -> Result<(), ServeError> {
+    // Signalled when a guest memory file was truncated under our mapping.
+    let truncated =
+        &EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServeError::Signals)?;
+    truncation_guard::set_wake_fd(truncated.as_raw_fd());
     loop {
-        if !wait_readable(listener.as_raw_fd(), shutdown.as_raw_fd()) {
+        if wait_readable(&[shutdown.as_raw_fd(), listener.as_raw_fd()]) != Some(1) {
             return Ok(());
         }
         let stream = match listener.accept() {
@@ -262,19 +261,21 @@ fn accept_loop(
         let handler = FrontendHandler::new(dev.clone(), pool.clone(), opts.protocol)
             .map_err(|e| ServeError::Virtqueue(e.to_string()))?;
         let handler = Arc::new(Mutex::new(handler));
-        log::info!("frontend connected");
-        let stopped = serve_connection(stream, &handler, shutdown);
+        crate::log_limited!(log::Level::Info, "connected", "frontend connected");
+        let stopped = serve_connection(stream, &handler, shutdown, truncated);
         let mut h = handler.lock().unwrap_or_else(|p| p.into_inner());
         h.disconnect();
         if h.acked_features() == 0 && !stopped {
-            log::info!(
+            crate::log_limited!(
+                log::Level::Info,
+                "left before negotiating",
                 "frontend disconnected before negotiating (QEMU does that when its \
                  num-queues, by default one per vCPU, exceeds the {} queues offered: \
                  raise --num-queues)",
                 opts.protocol.num_queues
             );
         } else {
-            log::info!("frontend disconnected");
+            crate::log_limited!(log::Level::Info, "disconnected", "frontend disconnected");
         }
         if stopped {
             return Ok(());
@@ -288,12 +289,25 @@ fn serve_connection(
     stream: UnixStream,
     handler: &Arc<Mutex<FrontendHandler>>,
     shutdown: &EventFd,
+    truncated: &EventFd,
 ) -> bool {
     let fd = stream.as_raw_fd();
     let mut req = BackendReqHandler::from_stream(stream, handler.clone());
     loop {
-        if !wait_readable(fd, shutdown.as_raw_fd()) {
-            return true;
+        match wait_readable(&[shutdown.as_raw_fd(), truncated.as_raw_fd(), fd]) {
+            Some(2) => {}
+            Some(1) => {
+                let _ = truncated.read();
+                if truncation_guard::take_truncated() {
+                    log::error!(
+                        "the frontend truncated a guest memory file under the daemon's \
+                         mapping: ending the connection"
+                    );
+                    return false;
+                }
+                continue;
+            }
+            _ => return true,
         }
         match req.handle_request() {
             Ok(()) => {}
@@ -301,7 +315,11 @@ fn serve_connection(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
             ) => return false,
             Err(e) => {
-                log::warn!("frontend connection ended: {e}");
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "connection ended",
+                    "frontend connection ended: {e}"
+                );
                 return false;
             }
         }

@@ -262,7 +262,9 @@ impl Worker {
                     Err(e) => {
                         // The avail index ran more than the queue size
                         // ahead: the ring is broken until set up anew.
-                        log::error!(
+                        crate::log_limited!(
+                            log::Level::Error,
+                            "broken ring",
                             "queue {}: {e}; not served until the frontend sets it up again",
                             ring.index
                         );
@@ -278,7 +280,9 @@ impl Worker {
                 match parse_request(&chain, &dev.limits) {
                     Ok(req) => self.start(dev, ring.index, head, req, guard.clone()),
                     Err(failure) => {
-                        log::debug!(
+                        crate::log_limited!(
+                            log::Level::Debug,
+                            "request refused",
                             "queue {}: request {head} refused: {}",
                             ring.index,
                             failure.error
@@ -318,7 +322,9 @@ impl Worker {
             match pin_first_sector(&mut req) {
                 FirstSector::Pinned(copy) => first_sector = Some(copy),
                 FirstSector::Refused => {
-                    log::warn!(
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "COW magic refused",
                         "{}: refused a guest write that would give this raw image the COW magic \
                          (its format was guessed; serve it with --format raw to allow it)",
                         dev.path.display()
@@ -449,7 +455,12 @@ impl Worker {
                     break;
                 }
                 Err(e) => {
-                    log::error!("cannot issue {:?}: {e}", op.kind);
+                    crate::log_limited!(
+                        log::Level::Error,
+                        "cannot issue",
+                        "cannot issue {:?}: {e}",
+                        op.kind
+                    );
                     self.forget(tracked);
                     sched.op_done(op.id, Err(libc::EIO));
                 }
