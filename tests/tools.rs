@@ -638,3 +638,37 @@ fn bad_inputs_through_the_tools() {
         assert_eq!(n, expected, "{name}: stray files");
     }
 }
+
+/// A backing file name with control characters (a header can hold any
+/// bytes) is printed escaped by every tool: raw, an escape sequence
+/// would reach the user's terminal.
+#[test]
+fn control_characters_in_the_backing_name_are_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base\u{1b}[2J\nforged line.img");
+    std::fs::write(&base, vec![0u8; 1 << 16]).unwrap();
+    let cow = dir.path().join("disk.cow");
+    let o = run(&[&"create", &cow, &"--backing", &base]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shown = |o: &Output| {
+        let all = [o.stdout.clone(), o.stderr.clone()].concat();
+        assert!(
+            !all.contains(&0x1b) && !String::from_utf8_lossy(&all).contains("\nforged"),
+            "raw control characters printed:\n{}",
+            String::from_utf8_lossy(&all)
+        );
+        String::from_utf8_lossy(&all).into_owned()
+    };
+    let info = shown(&run(&[&"info", &cow]));
+    assert!(info.contains("base\\u{1b}[2J\\nforged line.img"), "{info}");
+    // Changed backing file: check and the open path's error name it too.
+    common::set_mtime(&base, 1_000_000);
+    let check = shown(&run(&[&"check", &cow]));
+    assert!(check.contains("\\u{1b}"), "{check}");
+    let merged = dir.path().join("merged.img");
+    let merge = shown(&run(&[&"merge", &cow, &"--into", &merged]));
+    assert!(
+        merge.contains("\\u{1b}") && merge.contains("mtime"),
+        "{merge}"
+    );
+}

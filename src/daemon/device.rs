@@ -150,7 +150,7 @@ impl Device {
                 let description = format!(
                     "COW {} over {} ({} sectors, {} of {} chunks allocated)",
                     c.header.layout.name(),
-                    c.backing_path.display(),
+                    crate::fsutil::escape::escape_path(&c.backing_path),
                     sectors,
                     allocated,
                     c.geometry.chunks

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::fsutil::escape::escape_path;
+
 #[derive(Debug, Error)]
 pub enum DiskError {
     #[error("{path}: {op}: {source}")]
@@ -63,7 +65,7 @@ pub enum DiskError {
         max: usize,
     },
 
-    #[error("{cow}: backing file {backing}: {source}")]
+    #[error("{cow}: backing file {}: {source}", escape_path(.backing))]
     BackingOpen {
         cow: PathBuf,
         backing: PathBuf,
@@ -71,7 +73,7 @@ pub enum DiskError {
         source: io::Error,
     },
 
-    #[error("{cow}: backing file {backing} is {kind}, not a regular file or block device")]
+    #[error("{cow}: backing file {} is {kind}, not a regular file or block device", escape_path(.backing))]
     BackingNotRegular {
         cow: PathBuf,
         backing: PathBuf,
@@ -79,7 +81,7 @@ pub enum DiskError {
     },
 
     #[error(
-        "{cow}: backing file {backing} has size {actual}, but the COW header records {recorded}"
+        "{cow}: backing file {} has size {actual}, but the COW header records {recorded}", escape_path(.backing)
     )]
     SizeMismatch {
         cow: PathBuf,
@@ -89,8 +91,9 @@ pub enum DiskError {
     },
 
     #[error(
-        "{cow}: backing file {backing} has mtime {actual}, but the COW header records {recorded} \
-         (the backing file changed since the COW file was made)"
+        "{cow}: backing file {} has mtime {actual}, but the COW header records {recorded} \
+         (the backing file changed since the COW file was made)",
+        escape_path(.backing)
     )]
     MtimeMismatch {
         cow: PathBuf,

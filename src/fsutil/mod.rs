@@ -1,4 +1,5 @@
 //! Small helpers below the format: aligned buffers and filesystem calls.
 
 pub mod aligned;
+pub mod escape;
 pub mod files;

@@ -20,6 +20,7 @@ use std::path::Path;
 
 use super::inspect::{open_for_inspection, scan_bitmap, BackingInfo, Inspected};
 use crate::format::error::DiskError;
+use crate::fsutil::escape::Escaped;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -126,7 +127,7 @@ fn check_into(
     }
 
     let b = BackingInfo::examine(path, &header, backing);
-    let bp = &b.path;
+    let bp = &Escaped(&b.path);
     if let Some(e) = &b.error {
         report.problems.push(format!("{p}: backing file {bp}: {e}"));
     }

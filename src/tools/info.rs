@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::inspect::{open_for_inspection, scan_bitmap, BackingInfo, Inspected};
 use crate::format::error::Result;
 use crate::format::header::SECTOR_SIZE;
+use crate::fsutil::escape::Escaped;
 
 /// Everything `info` reports; serialized as-is for `--json`.
 #[derive(Debug, Clone, Serialize)]
@@ -177,11 +178,14 @@ impl fmt::Display for Info {
                 writeln!(f, "host bytes used: {}", Bytes(c.host_bytes))?;
                 let b = &c.backing;
                 let origin = if b.overridden {
-                    format!("given with --backing; header says {}", b.header_path)
+                    format!(
+                        "given with --backing; header says {}",
+                        Escaped(&b.header_path)
+                    )
                 } else {
                     "from the header".to_owned()
                 };
-                writeln!(f, "backing file:    {} ({origin})", b.path)?;
+                writeln!(f, "backing file:    {} ({origin})", Escaped(&b.path))?;
                 if let Some(e) = &b.error {
                     writeln!(f, "  problem:       {e}")?;
                 }
