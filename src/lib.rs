@@ -15,5 +15,6 @@ pub mod daemon;
 pub mod format;
 pub mod fsutil;
 pub mod io_engine;
+pub mod spawn;
 pub mod tools;
 pub mod virtio;

@@ -47,6 +47,20 @@ enum Command {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SeccompArg {
+    Kill,
+    Log,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SandboxArg {
+    Namespace,
+    Chroot,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum FormatArg {
     Raw,
     Cow,
@@ -126,6 +140,15 @@ struct ServeArgs {
     /// page throttling then holds up the thread's other requests).
     #[arg(long)]
     no_inline_writes: bool,
+    /// What a system call outside the daemon's allow-list does: end the
+    /// process after one line naming it, only log it, or no filter.
+    #[arg(long, value_enum, default_value = "kill")]
+    seccomp: SeccompArg,
+    /// What of the filesystem the daemon still sees once its files are
+    /// open: an empty mount namespace (as root, or as an ordinary user
+    /// through a user namespace), an empty chroot (root only), or all.
+    #[arg(long, value_enum, default_value = "namespace")]
+    sandbox: SandboxArg,
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -248,7 +271,9 @@ fn cmd_check(a: CheckArgs) -> CmdResult {
 fn cmd_serve(a: ServeArgs) -> CmdResult {
     use vhost_user_cow::daemon::device::{CacheMode, DeviceOptions};
     use vhost_user_cow::daemon::protocol::ProtocolOptions;
-    use vhost_user_cow::daemon::serve::{serve, ServeOptions, SocketSource};
+    use vhost_user_cow::daemon::sandbox::SandboxMode;
+    use vhost_user_cow::daemon::seccomp::SeccompMode;
+    use vhost_user_cow::daemon::serve::{serve, Confinement, ServeOptions, SocketSource};
     use vhost_user_cow::daemon::worker_thread::WorkerOptions;
     use vhost_user_cow::io_engine::EngineKind;
 
@@ -308,6 +333,18 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
             inline_writes: !a.no_inline_writes,
         },
         socket,
+        confinement: Confinement {
+            seccomp: match a.seccomp {
+                SeccompArg::Kill => SeccompMode::Kill,
+                SeccompArg::Log => SeccompMode::Log,
+                SeccompArg::Off => SeccompMode::Off,
+            },
+            sandbox: match a.sandbox {
+                SandboxArg::Namespace => SandboxMode::Namespace,
+                SandboxArg::Chroot => SandboxMode::Chroot,
+                SandboxArg::None => SandboxMode::None,
+            },
+        },
     };
     serve(opts)?;
     Ok(ExitCode::SUCCESS)

@@ -259,7 +259,8 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
             )));
         }
         st.queue.set_size(num as u16);
-        st.broken = false;
+        // A ring stopped as broken is served again, at its next kick.
+        st.revive();
         Ok(())
     }
 
@@ -299,7 +300,8 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         if let Ok(idx) = q.used_idx(&*mem, Ordering::Acquire) {
             q.set_next_used(idx.0);
         }
-        st.broken = false;
+        // A ring stopped as broken is served again, at its next kick.
+        st.revive();
         Ok(())
     }
 
@@ -311,7 +313,8 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
             )));
         }
         st.queue.set_next_avail(base as u16);
-        st.broken = false;
+        // A ring stopped as broken is served again, at its next kick.
+        st.revive();
         Ok(())
     }
 

@@ -14,6 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Device, DeviceOptions};
 use super::protocol::{FrontendHandler, ProtocolOptions};
+use super::sandbox::{self, SandboxError, SandboxMode, SocketDir};
+use super::seccomp::{self, SeccompError, SeccompMode};
 use super::truncation_guard;
 use super::worker_thread::{WorkerOptions, WorkerPool};
 use crate::format::error::DiskError;
@@ -48,6 +50,10 @@ pub enum ServeError {
     Accept(String, #[source] std::io::Error),
     #[error("virtqueue: {0}")]
     Virtqueue(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 pub enum SocketSource {
@@ -64,6 +70,15 @@ pub struct ServeOptions {
     pub workers: WorkerOptions,
     pub protocol: ProtocolOptions,
     pub socket: SocketSource,
+    pub confinement: Confinement,
+}
+
+/// How the daemon confines itself once started (docs/design.md, "Trust
+/// model").
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Confinement {
+    pub seccomp: SeccompMode,
+    pub sandbox: SandboxMode,
 }
 
 /// Binds the socket path, refusing to take it from a live daemon.
@@ -139,27 +154,17 @@ fn wait_readable(fds: &[RawFd]) -> Option<usize> {
 /// I/O, the files are synced, the socket is removed, the counters are
 /// logged.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
-    // First of all, so that a signal during start-up is not fatal.
+    // First of all, so that a signal during start-up is not fatal (the
+    // handlers are installed now; the thread that reads them starts once
+    // the sandbox is entered, which needs a single-threaded process).
     let shutdown = Arc::new(
         EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServeError::Signals)?,
     );
-    let mut signals = signal_hook::iterator::Signals::new([
+    let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .map_err(ServeError::Signals)?;
-    {
-        let shutdown = shutdown.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    log::info!("signal {sig}: finishing in-flight I/O and exiting");
-                    let _ = shutdown.write(1);
-                }
-            })
-            .map_err(ServeError::Signals)?;
-    }
 
     // The one place the thread count is decided: a thread without a
     // virtqueue would only idle, and the scheduler keeps one queue per
@@ -182,48 +187,41 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             }
         );
     }
-    let pool = Arc::new(WorkerPool::start(dev.clone(), &workers)?);
-    let (listener, socket_path) = match &opts.socket {
-        SocketSource::Path { path, mode } => (bind(path, *mode)?, Some(path.clone())),
+    let (listener, socket_dir, name) = match &opts.socket {
+        SocketSource::Path { path, mode } => {
+            let listener = bind(path, *mode)?;
+            let dir = SocketDir::open(path);
+            let dir = match dir {
+                Ok(d) => d,
+                Err(source) => {
+                    let _ = std::fs::remove_file(path);
+                    return Err(ServeError::Socket {
+                        path: path.clone(),
+                        op: "open its directory",
+                        source,
+                    });
+                }
+            };
+            (listener, Some(dir), path.display().to_string())
+        }
         SocketSource::Fd(fd) => {
             // SAFETY: the fd was handed to us by our parent for this use.
             let l = unsafe { UnixListener::from_raw_fd(*fd) };
             l.local_addr()
                 .map_err(|source| ServeError::BadFd { fd: *fd, source })?;
-            (l, None)
+            (l, None, format!("fd {fd}"))
         }
     };
-    let name = socket_path.as_ref().map_or_else(
-        || format!("fd {}", listener.as_raw_fd()),
-        |p| p.display().to_string(),
-    );
-    log::info!(
-        "serving {} ({}) on {name}: {} queues on {} threads, engine {}{}, queue depth {}, cache {}{}",
-        dev.path.display(),
-        dev.description,
-        opts.protocol.num_queues,
-        pool.threads(),
-        pool.engine_name(),
-        if pool.inline_writes() { " (writes inline)" } else { "" },
-        opts.workers.queue_depth,
-        dev.cache.name(),
-        if dev.read_only { ", read-only" } else { "" },
-    );
 
-    let result = accept_loop(&dev, &pool, &opts, &listener, &name, &shutdown);
-
-    // Cleanup, whatever ended the loop.
+    // From here on, whatever happens, the cleanup below runs.
+    let result = serve_bound(&opts, &dev, &workers, &listener, &name, signals, &shutdown);
     drop(listener);
-    match Arc::try_unwrap(pool) {
-        Ok(mut pool) => pool.shutdown(),
-        Err(_) => log::error!("worker threads still referenced at exit"),
-    }
     let sched_stats = dev.sched().stats().clone();
     if let Err(e) = dev.sync() {
         log::error!("{e}");
     }
-    if let Some(p) = &socket_path {
-        let _ = std::fs::remove_file(p);
+    if let Some(d) = &socket_dir {
+        d.remove();
     }
     log::info!(
         "write path counters: {}",
@@ -234,6 +232,72 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     }
     super::log_limit::report_suppressed();
     result
+}
+
+/// Confines the daemon, starts its threads and serves until a signal.
+fn serve_bound(
+    opts: &ServeOptions,
+    dev: &Arc<Device>,
+    workers: &WorkerOptions,
+    listener: &UnixListener,
+    name: &str,
+    mut signals: signal_hook::iterator::Signals,
+    shutdown: &Arc<EventFd>,
+) -> Result<(), ServeError> {
+    sandbox::enter(opts.confinement.sandbox)?;
+    {
+        let shutdown = shutdown.clone();
+        crate::spawn::spawn_started("signals".into(), move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: finishing in-flight I/O and exiting");
+                let _ = shutdown.write(1);
+            }
+        })
+        .map_err(ServeError::Signals)?;
+    }
+    // io_uring rings and pool threads are made here, before the filter.
+    let pool = Arc::new(WorkerPool::start(dev.clone(), workers)?);
+    sandbox::drop_privileges()?;
+    seccomp::install(opts.confinement.seccomp)?;
+    log::info!(
+        "serving {} ({}) on {name}: {} queues on {} threads, engine {}{}, queue depth {}, cache {}{}; \
+         sandbox {}, seccomp {}, no capabilities",
+        dev.path.display(),
+        dev.description,
+        opts.protocol.num_queues,
+        pool.threads(),
+        pool.engine_name(),
+        if pool.inline_writes() { " (writes inline)" } else { "" },
+        workers.queue_depth,
+        dev.cache.name(),
+        if dev.read_only { ", read-only" } else { "" },
+        opts.confinement.sandbox.name(),
+        opts.confinement.seccomp.name(),
+    );
+    #[cfg(feature = "test-hooks")]
+    test_hooks::after_confinement();
+
+    let result = accept_loop(dev, &pool, opts, listener, name, shutdown);
+    match Arc::try_unwrap(pool) {
+        Ok(mut pool) => pool.shutdown(),
+        Err(_) => log::error!("worker threads still referenced at exit"),
+    }
+    result
+}
+
+/// Hooks for tests of the confinement; never in a release build.
+#[cfg(feature = "test-hooks")]
+mod test_hooks {
+    /// `VUC_TEST_OPEN=PATH`: try to open a host path once confined, and
+    /// say what happened (a blocked openat ends the daemon instead).
+    pub fn after_confinement() {
+        if let Some(path) = std::env::var_os("VUC_TEST_OPEN") {
+            match std::fs::File::open(&path) {
+                Ok(_) => log::warn!("test hook: opened {}", path.to_string_lossy()),
+                Err(e) => log::warn!("test hook: open {}: {e}", path.to_string_lossy()),
+            }
+        }
+    }
 }
 
 /// One frontend connection after another, until a signal.

@@ -26,6 +26,9 @@ pub struct VirtqueueState {
     /// The ring was found broken (avail index too far ahead): not served
     /// again until the frontend sets it up anew.
     pub broken: bool,
+    /// Was broken and has been set up anew: its worker serves it again at
+    /// the next kick.
+    pub revived: bool,
 }
 
 pub struct Virtqueue {
@@ -44,6 +47,7 @@ impl Virtqueue {
                 enabled: false,
                 started: false,
                 broken: false,
+                revived: false,
             }),
         })
     }
@@ -70,6 +74,13 @@ impl VirtqueueState {
                 .queue
                 .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
                 .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+    }
+
+    /// The frontend set the ring up again (SET_VRING_NUM, ADDR or BASE).
+    pub fn revive(&mut self) {
+        if std::mem::take(&mut self.broken) {
+            self.revived = true;
+        }
     }
 
     /// Ready to be served: set up, kicked, enabled.

@@ -249,7 +249,14 @@ impl Worker {
         let guard = mem.memory();
         let mut vq = ring.lock();
         if !vq.started {
-            return;
+            // Stopped as broken and set up anew since (SET_VRING_NUM,
+            // ADDR or BASE): serve it again.
+            if vq.revived && vq.can_start() && vq.queue.is_valid(&*guard) {
+                vq.revived = false;
+                vq.started = true;
+            } else {
+                return;
+            }
         }
         loop {
             if mode.event_idx {

@@ -171,9 +171,7 @@ impl WorkerPool {
                 poll: opts.poll,
                 epoll,
             };
-            let join = std::thread::Builder::new()
-                .name(format!("worker-{t}"))
-                .spawn(move || l.run())
+            let join = crate::spawn::spawn_started(format!("worker-{t}"), move || l.run())
                 .map_err(EngineError::Thread)?;
             joins.push(join);
         }
@@ -388,7 +386,15 @@ impl WorkerLoop {
                 return;
             }
 
-            if worker.has_sched_input() || worker.has_done() || take || woken {
+            // A ring left unread for backpressure has room again: nothing
+            // else will bring us back to it (no kick comes, and with
+            // EVENT_IDX notifications stay off until we take from it).
+            if worker.has_sched_input()
+                || worker.has_done()
+                || take
+                || woken
+                || worker.should_retake()
+            {
                 poll_until = None;
                 continue;
             }

@@ -65,11 +65,10 @@ impl ThreadsEngine {
         };
         for i in 0..threads.clamp(1, capacity) {
             let shared = Arc::clone(&engine.shared);
-            let handle = std::thread::Builder::new()
-                .name(format!("io-pool-{i}"))
-                .spawn(move || worker(&shared))
-                // On error, dropping `engine` joins the threads already started.
-                .map_err(EngineError::Thread)?;
+            let handle =
+                crate::spawn::spawn_started(format!("io-pool-{i}"), move || worker(&shared))
+                    // On error, dropping `engine` joins the threads already started.
+                    .map_err(EngineError::Thread)?;
             engine.workers.push(handle);
         }
         Ok(engine)
