@@ -90,8 +90,22 @@ const UNSUPP: Want = Want::Status(S_UNSUPP, Some(1));
 struct Ctx {
     capacity: u64,
     seg_max: u32,
+    max_discard_seg: u32,
+    queue_size: u16,
+    /// One past the last byte of guest memory (all regions).
     mem_end: u64,
+    /// Start of the second region, adjacent to the main one (its end).
+    adjacent: u64,
+    /// Start of the hole after the second region.
+    hole: u64,
+    /// Start of the third region, after the hole.
+    far: u64,
 }
+
+/// Guest memory of the catalogue's frontend: the main region (rings and
+/// buffers), a second one right after it, a hole, a third one.
+const REGION: u64 = 1 << 20;
+const EXTRA_REGIONS: [(u64, u64); 2] = [(0, REGION), (REGION, REGION)];
 
 struct Case {
     name: &'static str,
@@ -362,6 +376,396 @@ fn catalogue() -> Vec<Case> {
             ours: &[IOERR, OK1],
             why: "virtio 1.2 §2.7.4 (device must not write it); qsd reference: ignores it, OK",
         },
+        // Guest memory: outside it, and across region boundaries.
+        Case {
+            name: "data descriptor at guest address 0",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .desc(0, 512, true)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[IOERR, Want::Returned],
+            why: "below guest memory (it starts at 1 MiB); qsd: vu_panic, hangs up; ours: keep serving",
+        },
+        Case {
+            name: "data descriptor straddling the end of guest memory",
+            submit: |d, c| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .desc(c.mem_end - 256, 512, true)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[IOERR, Want::Returned],
+            why: "the last 256 bytes are memory, the rest is not; qsd: vu_panic, hangs up; ours: keep serving",
+        },
+        Case {
+            name: "data descriptor straddling two adjacent regions",
+            submit: |d, c| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .desc(c.adjacent - 256, 512, true)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::Status(S_OK, Some(513)),
+            ours: &[Want::Status(S_OK, Some(513))],
+            why: "guest-physically contiguous, so valid (virtio has no notion of regions); both split it at the boundary: OK",
+        },
+        Case {
+            name: "data descriptor straddling a region and a hole",
+            submit: |d, c| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .desc(c.hole - 256, 512, true)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[IOERR, Want::Returned],
+            why: "the second half is in no region; qsd: vu_panic, hangs up; ours: keep serving",
+        },
+        Case {
+            name: "data descriptor in the hole between regions",
+            submit: |d, c| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .desc(c.hole + 0x1000, 512, true)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[IOERR, Want::Returned],
+            why: "between two regions; qsd: vu_panic, hangs up; ours: keep serving",
+        },
+        Case {
+            name: "data descriptor in the region after the hole",
+            submit: |d, c| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .desc(c.far, 512, true)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::Status(S_OK, Some(513)),
+            ours: &[Want::Status(S_OK, Some(513))],
+            why: "valid: memory above a hole is memory; OK on both",
+        },
+        Case {
+            name: "descriptor whose address + length wraps",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .desc(u64::MAX - 255, 512, true)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[IOERR, Want::Returned],
+            why: "addr + len overflows u64; qsd: vu_panic, hangs up; ours: keep serving",
+        },
+        Case {
+            name: "header outside guest memory",
+            submit: |d, c| {
+                d.chain()
+                    .desc(c.mem_end + 0x1000, 16, false)
+                    .writable(512)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[IOERR, Want::Returned],
+            why: "qsd: vu_panic, hangs up; ours: keep serving",
+        },
+        Case {
+            name: "status byte outside guest memory",
+            submit: |d, c| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .writable(512)
+                    .desc(c.mem_end + 0x10, 1, true)
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[Want::Returned],
+            why: "nowhere to put the status; qsd: vu_panic, hangs up; ours: chain back, used len 0",
+        },
+        // Chains: order, links, length.
+        Case {
+            name: "NEXT pointing past the descriptor table",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .link_last_to(Next::Table(1000))
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[Want::Returned],
+            why: "virtio 1.2 §2.7.5: next must be a table index; qsd: vu_panic, hangs up; ours: chain back, used len 0",
+        },
+        Case {
+            name: "device-readable descriptor after a writable one",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .writable(512)
+                    .readable(&[0x66; 512])
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[IOERR, Want::Returned],
+            why: "virtio 1.2 §2.7.4.2: readable descriptors come first; qsd: vu_panic (incorrect order), hangs up; ours: keep serving",
+        },
+        Case {
+            name: "empty descriptor between data descriptors",
+            submit: |d, _| {
+                let z = d.place_zeroed(16);
+                d.chain()
+                    .header(T_IN, 0)
+                    .writable(512)
+                    .desc(z, 0, true)
+                    .writable(512)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[Want::Status(S_OK, Some(1025))],
+            why: "spec silent; qsd: vu_panic (zero-sized buffer), hangs up; ours: a zero-length buffer holds nothing, OK",
+        },
+        Case {
+            name: "chain longer than the queue size (indirect)",
+            submit: |d, c| {
+                let mut ch = d.chain().header(T_IN, 0);
+                for _ in 0..c.queue_size {
+                    ch = ch.writable(512);
+                }
+                ch.status().into_indirect(None).submit(0)
+            },
+            qsd: Want::Status(S_OK, Some(256 * 512 + 1)),
+            ours: &[IOERR, Want::Returned],
+            why: "virtio 1.2 §2.7.5.3.1: no chain longer than the queue size (257 descriptors in a table, queue size 256); qsd serves it: OK; ours: IOERR (its seg_max)",
+        },
+        // Indirect tables.
+        Case {
+            name: "indirect table of length 0",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .writable(512)
+                    .status()
+                    .into_indirect(Some(0))
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[Want::Returned],
+            why: "virtio 1.2 §2.7.5.3.1: a table of at least one descriptor; qsd: vu_panic, hangs up; ours: chain back, used len 0",
+        },
+        Case {
+            name: "indirect table outside guest memory",
+            submit: |d, c| {
+                d.chain()
+                    .raw(RawDesc {
+                        addr: c.mem_end + 0x1000,
+                        len: 48,
+                        flags: VIRTQ_DESC_F_INDIRECT,
+                        next: Next::Table(0),
+                    })
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[Want::Returned],
+            why: "qsd: vu_panic, hangs up; ours: chain back, used len 0",
+        },
+        Case {
+            name: "indirect table inside an indirect table",
+            submit: |d, _| {
+                let h = d.place(&header(T_IN, 0));
+                let data = d.place_zeroed(512);
+                let st = d.place(&[STATUS_UNTOUCHED]);
+                let inner = indirect_table(&[
+                    RawDesc { addr: h, len: 16, flags: VIRTQ_DESC_F_NEXT, next: Next::Chain(1) },
+                    RawDesc {
+                        addr: data,
+                        len: 512,
+                        flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+                        next: Next::Chain(2),
+                    },
+                    RawDesc { addr: st, len: 1, flags: VIRTQ_DESC_F_WRITE, next: Next::Table(0) },
+                ]);
+                let t = d.place(&inner);
+                d.chain()
+                    .raw(RawDesc {
+                        addr: t,
+                        len: inner.len() as u32,
+                        flags: VIRTQ_DESC_F_INDIRECT,
+                        next: Next::Table(0),
+                    })
+                    .into_indirect(None)
+                    .status_at(st)
+                    .submit(0)
+            },
+            qsd: Want::Dropped,
+            ours: &[Want::Returned],
+            why: "virtio 1.2 §2.7.5.3.1: no INDIRECT flag inside a table; qsd drops it (no used entry) and goes on; ours: chain back, used len 0",
+        },
+        Case {
+            name: "loop inside an indirect table",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .writable(512)
+                    .status()
+                    .link_last_to(Next::Chain(0))
+                    .into_indirect(None)
+                    .submit(0)
+            },
+            qsd: Want::HungUp,
+            ours: &[Want::Returned],
+            why: "qsd: vu_panic (loop), hangs up; ours: chain back, used len 0",
+        },
+        Case {
+            name: "indirect descriptor with NEXT set too",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_IN, 0)
+                    .writable(512)
+                    .status()
+                    .into_indirect(None)
+                    .writable(512)
+                    .submit(0)
+            },
+            qsd: Want::Status(S_OK, Some(513)),
+            ours: &[Want::Status(S_OK, Some(513))],
+            why: "virtio 1.2 §2.7.5.3.1: the driver must not set both; both serve the table and ignore NEXT: OK",
+        },
+        Case {
+            name: "indirect descriptor marked device-writable",
+            submit: |d, _| {
+                let h = d.place(&header(T_IN, 0));
+                let data = d.place_zeroed(512);
+                let st = d.place(&[STATUS_UNTOUCHED]);
+                let table = indirect_table(&[
+                    RawDesc { addr: h, len: 16, flags: VIRTQ_DESC_F_NEXT, next: Next::Chain(1) },
+                    RawDesc {
+                        addr: data,
+                        len: 512,
+                        flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+                        next: Next::Chain(2),
+                    },
+                    RawDesc { addr: st, len: 1, flags: VIRTQ_DESC_F_WRITE, next: Next::Table(0) },
+                ]);
+                let t = d.place(&table);
+                d.chain()
+                    .raw(RawDesc {
+                        addr: t,
+                        len: table.len() as u32,
+                        flags: VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE,
+                        next: Next::Table(0),
+                    })
+                    .status_at(st)
+                    .submit(0)
+            },
+            qsd: Want::Status(S_OK, Some(513)),
+            ours: &[Want::Status(S_OK, Some(513))],
+            why: "virtio 1.2 §2.7.5.3.2: the device ignores the write flag of an INDIRECT descriptor; both: OK",
+        },
+        // Request types with the wrong buffers.
+        Case {
+            name: "flush with a sector number",
+            submit: |d, _| d.chain().header(T_FLUSH, 77).status().submit(0),
+            qsd: OK1,
+            ours: &[OK1],
+            why: "virtio 1.2 §5.2.6.1: sector is reserved for flush (ignored); both: OK",
+        },
+        Case {
+            name: "flush carrying a data buffer",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_FLUSH, 0)
+                    .writable(512)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::Status(S_OK, Some(513)),
+            ours: &[OK1, IOERR],
+            why: "spec silent; qsd: OK, used len counts the buffer; ours: OK, used len 1",
+        },
+        Case {
+            name: "write whose data is device-writable",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_OUT, 8)
+                    .writable(512)
+                    .status()
+                    .submit(0)
+            },
+            qsd: Want::Status(S_OK, Some(513)),
+            ours: &[IOERR],
+            why: "virtio 1.2 §5.2.6: OUT data is device-readable; qsd writes nothing and says OK; ours: IOERR; either way no byte written",
+        },
+        Case {
+            name: "GET_ID with no buffer",
+            submit: |d, _| d.chain().header(T_GET_ID, 0).status().submit(0),
+            qsd: OK1,
+            ours: &[OK1, IOERR],
+            why: "no room for the id; qsd and ours: OK, nothing written",
+        },
+        Case {
+            name: "GET_ID with a device-readable buffer",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_GET_ID, 0)
+                    .readable(&[0; 20])
+                    .status()
+                    .submit(0)
+            },
+            qsd: OK1,
+            ours: &[OK1, IOERR],
+            why: "the id buffer must be device-writable; qsd and ours: OK, the readable buffer ignored",
+        },
+        Case {
+            name: "discard of 0 sectors",
+            submit: |d, _| d.submit_discard(0, &[(8, 0, 0)]),
+            qsd: OK1,
+            ours: &[OK1],
+            why: "spec silent; a no-op",
+        },
+        Case {
+            name: "more discard segments than max_discard_seg",
+            submit: |d, c| {
+                let ranges: Vec<(u64, u32, u32)> =
+                    (0..=c.max_discard_seg).map(|i| (8 * u64::from(i), 8, 0)).collect();
+                d.submit_discard(0, &ranges)
+            },
+            qsd: UNSUPP,
+            ours: &[IOERR, UNSUPP],
+            why: "virtio 1.2 §5.2.6.2 (max_discard_seg: qsd 1, ours 32); qsd: UNSUPP; ours: IOERR; nothing discarded",
+        },
+        Case {
+            name: "write zeroes beyond capacity",
+            submit: |d, c| d.submit_write_zeroes(0, &[(c.capacity - 4, 8)], false),
+            qsd: IOERR,
+            ours: &[IOERR],
+            why: "qsd reference: IOERR, nothing zeroed",
+        },
+        Case {
+            name: "write zeroes payload not a multiple of 16 bytes",
+            submit: |d, _| {
+                d.chain()
+                    .header(T_WRITE_ZEROES, 0)
+                    .readable(&dwz_segment(0, 8, 0)[..12])
+                    .status()
+                    .submit(0)
+            },
+            qsd: IOERR,
+            ours: &[IOERR],
+            why: "qsd reference: IOERR",
+        },
     ]
 }
 
@@ -383,6 +787,7 @@ fn outcome(r: Result<Completion, WaitError>) -> Outcome {
 fn connect(d: &Daemon) -> VhostUserBlk {
     d.connect_with(FrontendOptions {
         timeout: DROP_WAIT,
+        extra_regions: EXTRA_REGIONS.to_vec(),
         ..FrontendOptions::default()
     })
 }
@@ -432,7 +837,12 @@ fn malformed_catalogue(peer: Peer) {
         let ctx = Ctx {
             capacity: dev.config.capacity,
             seg_max: dev.config.seg_max,
+            max_discard_seg: dev.config.max_discard_seg,
+            queue_size: dev.opts.queue_size,
             mem_end: dev.mem().end(),
+            adjacent: dev.mem().main_end(),
+            hole: dev.mem().main_end() + REGION,
+            far: dev.mem().main_end() + 2 * REGION,
         };
         assert_eq!(ctx.capacity, SECTORS);
         let before = snapshot(&files);

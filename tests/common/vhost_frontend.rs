@@ -8,11 +8,13 @@
 //! - [`config`]: feature bits and the config space as a driver parses it;
 //! - [`handshake`]: the vhost-user negotiation and ring setup/teardown,
 //!   each message and the connect bounded in time;
-//! - [`requests`]: the chain builder and the read/write/flush/... helpers.
+//! - [`requests`]: the chain builder and the read/write/flush/... helpers;
+//! - [`raw`]: hand-made vhost-user messages the `vhost` crate would refuse.
 
 pub mod config;
 pub mod guest_memory;
 pub mod handshake;
+pub mod raw;
 pub mod requests;
 pub mod virtqueue;
 
@@ -27,5 +29,6 @@ pub use handshake::{FrontendOptions, VhostUserBlk};
 pub use requests::*;
 #[allow(unused_imports)]
 pub use virtqueue::{
-    Next, RawDesc, WaitError, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+    indirect_table, Next, RawDesc, WaitError, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
 };

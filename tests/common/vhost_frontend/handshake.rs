@@ -39,6 +39,12 @@ pub struct FrontendOptions {
     /// Hand over memory with ADD_MEM_REGION (CONFIGURE_MEM_SLOTS, as
     /// libblkio does) instead of SET_MEM_TABLE, when offered.
     pub add_mem_region: bool,
+    /// More guest memory regions after the main one, each `(gap, size)`:
+    /// `gap` bytes after the previous region's end (0: adjacent). Not used
+    /// for rings or the buffer allocator; tests address them directly.
+    pub extra_regions: Vec<(u64, u64)>,
+    /// Device features not to ack even when offered (e.g. BLK_RO).
+    pub refuse_features: u64,
     /// How long a request may take before the test fails as a hang.
     pub timeout: Duration,
     /// How long the connect and each vhost-user message (its send and its
@@ -54,6 +60,8 @@ impl Default for FrontendOptions {
             mem_size: 32 << 20,
             event_idx: false,
             add_mem_region: false,
+            extra_regions: Vec::new(),
+            refuse_features: 0,
             timeout: Duration::from_secs(30),
             // Replies are immediate (GET_VRING_BASE waits for in-flight
             // requests, which complete within `timeout` or fail the test).
@@ -338,29 +346,35 @@ impl VhostUserBlk {
             )
         })?;
         let config = BlkConfigSpace::parse(&raw);
-        let features = offered_features & wanted_features(opts.event_idx);
+        let features = offered_features & wanted_features(opts.event_idx) & !opts.refuse_features;
         wd.run("SET_FEATURES", || fe.set_features(features))?;
 
-        let mem = GuestMemory::new(opts.mem_size);
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: GUEST_BASE,
-            memory_size: mem.size(),
-            userspace_addr: mem.host_base(),
-            mmap_offset: 0,
-            mmap_handle: mem.fd(),
-        };
+        let mem = GuestMemory::with_extra(opts.mem_size, &opts.extra_regions);
+        let regions: Vec<VhostUserMemoryRegionInfo> = mem
+            .regions()
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.gpa,
+                memory_size: r.size,
+                userspace_addr: r.host_base(),
+                mmap_offset: 0,
+                mmap_handle: r.fd(),
+            })
+            .collect();
         if opts.add_mem_region && protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
         {
             let slots = wd.run("GET_MAX_MEM_SLOTS", || fe.get_max_mem_slots())?;
-            if slots == 0 {
-                return Err("GET_MAX_MEM_SLOTS answered 0".into());
+            if slots < regions.len() as u64 {
+                return Err(format!("GET_MAX_MEM_SLOTS answered {slots}"));
             }
-            wd.run("ADD_MEM_REGION", || fe.add_mem_region(&region))?;
+            for region in &regions {
+                wd.run("ADD_MEM_REGION", || fe.add_mem_region(region))?;
+            }
         } else {
-            wd.run("SET_MEM_TABLE", || fe.set_mem_table(&[region]))?;
+            wd.run("SET_MEM_TABLE", || fe.set_mem_table(&regions))?;
         }
 
-        let mut arena = Arena::new(GUEST_BASE, mem.end());
+        let mut arena = Arena::new(GUEST_BASE, mem.main_end());
         let event_idx = features & (1 << feature::EVENT_IDX) != 0;
         let mut queues = Vec::new();
         for i in 0..usize::from(opts.num_queues) {
@@ -385,7 +399,7 @@ impl VhostUserBlk {
             wd.run("SET_VRING_ENABLE", || fe.set_vring_enable(i, true))?;
         }
         // Buffers go after the rings; the arena rewinds to here when idle.
-        let arena = Arena::new(arena.alloc(0, 4096), mem.end());
+        let arena = Arena::new(arena.alloc(0, 4096), mem.main_end());
         Ok(VhostUserBlk {
             fe,
             watchdog: wd,
@@ -455,6 +469,72 @@ impl VhostUserBlk {
             .iter()
             .map(|q| u32::from(q.avail_idx()))
             .collect()
+    }
+
+    /// Runs one `Frontend` call under the message time limit; a refusal
+    /// (a NACK with REPLY_ACK, or no reply) comes back as the error.
+    pub fn message<T, E: std::fmt::Debug>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut Frontend) -> Result<T, E>,
+    ) -> Result<T, String> {
+        let fe = &mut self.fe;
+        self.watchdog.run(what, || f(fe))
+    }
+
+    /// The ring addresses of queue `i` as SET_VRING_ADDR sends them.
+    pub fn vring_addr(&self, i: usize) -> VringConfigData {
+        let q = &self.queues[i];
+        VringConfigData {
+            queue_max_size: q.size,
+            queue_size: q.size,
+            flags: 0,
+            desc_table_addr: self.mem.user_addr(q.desc_gpa),
+            used_ring_addr: self.mem.user_addr(q.used_gpa),
+            avail_ring_addr: self.mem.user_addr(q.avail_gpa),
+            log_addr: None,
+        }
+    }
+
+    pub fn queue(&self, i: usize) -> &SplitQueue {
+        &self.queues[i]
+    }
+
+    /// Sets queue `i`'s avail index to `idx` as is (no chain behind it)
+    /// and kicks once.
+    pub fn publish_avail_idx(&mut self, i: usize, idx: u16) {
+        let q = &self.queues[i];
+        self.mem.store_u16_release(q.avail_gpa + 2, idx);
+        q.kick.write(1).expect("kick");
+    }
+
+    /// Writes queue `i`'s kick eventfd.
+    pub fn kick(&self, i: usize) {
+        self.queues[i].kick.write(1).expect("kick");
+    }
+
+    /// Sets queue `i` up again from scratch, as after a device reset of
+    /// that ring: its rings zeroed, then SET_VRING_NUM, SET_VRING_BASE 0
+    /// and SET_VRING_ADDR; with `restart`, also SET_VRING_KICK,
+    /// SET_VRING_CALL and SET_VRING_ENABLE 1 (QEMU's full sequence).
+    pub fn reset_queue(&mut self, i: usize, restart: bool) -> Result<(), String> {
+        self.queues[i].reset(&self.mem);
+        self.arena.reset();
+        let size = self.queues[i].size;
+        let addr = self.vring_addr(i);
+        self.message("SET_VRING_NUM", |fe| fe.set_vring_num(i, size))?;
+        self.message("SET_VRING_BASE", |fe| fe.set_vring_base(i, 0))?;
+        self.message("SET_VRING_ADDR", |fe| fe.set_vring_addr(i, &addr))?;
+        if restart {
+            let q = &self.queues[i];
+            let fe = &mut self.fe;
+            self.watchdog
+                .run("SET_VRING_KICK", || fe.set_vring_kick(i, &q.kick))?;
+            self.watchdog
+                .run("SET_VRING_CALL", || fe.set_vring_call(i, &q.call))?;
+            self.message("SET_VRING_ENABLE", |fe| fe.set_vring_enable(i, true))?;
+        }
+        Ok(())
     }
 
     /// A clean disconnect: stop the rings, then close the socket.

@@ -154,6 +154,13 @@ impl Chain<'_> {
         self.auto(gpa, 1, flags)
     }
 
+    /// Reads the status back from `gpa` on completion (for a status byte
+    /// placed by hand, e.g. inside a nested table).
+    pub fn status_at(mut self, gpa: u64) -> Self {
+        self.status_gpa = Some(gpa);
+        self
+    }
+
     /// A descriptor written exactly as given (flags and next included).
     pub fn raw(mut self, desc: RawDesc) -> Self {
         self.entries.push(Entry { desc, auto: false });

@@ -122,6 +122,20 @@ impl SplitQueue {
         }
     }
 
+    /// Forgets every chain and zeroes the rings (the eventfds stay).
+    pub fn reset(&mut self, mem: &GuestMemory) {
+        let n = usize::from(self.size);
+        mem.fill(self.desc_gpa, 16 * n, 0);
+        mem.fill(self.avail_gpa, 6 + 2 * n, 0);
+        mem.fill(self.used_gpa, 6 + 8 * n, 0);
+        self.avail_idx = 0;
+        self.last_used = 0;
+        self.free = (0..self.size).rev().collect();
+        self.in_flight.clear();
+        self.done.clear();
+        let _ = self.call.read();
+    }
+
     /// Number of chains made available so far (the avail index).
     pub fn avail_idx(&self) -> u16 {
         self.avail_idx
