@@ -25,9 +25,10 @@ use super::scheduler::{
 use super::virtqueue::Virtqueue;
 use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
+use crate::units::SECTOR_SHIFT;
 use crate::virtio::parse_request;
 use crate::virtio::request::{
-    write_status, BlkRequest, RequestType, Segment, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK,
+    write_status, BlkRequest, RequestType, Segment, STATUS_IOERR, STATUS_OK,
 };
 
 /// Bits of a scheduler request id: thread, slot, part (discard ranges).

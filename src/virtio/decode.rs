@@ -13,6 +13,7 @@ use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 use super::framing::{copy_from_guest, frame, truncate_pieces, Frame, Piece};
 use super::request::*;
+use crate::units::{SECTOR_BYTES, SECTOR_SHIFT};
 
 /// Parse and validate the request in `chain`.
 ///
@@ -118,7 +119,7 @@ fn decode_data<G: GuestMemory + ?Sized>(
 ) -> Result<(), RequestError> {
     check_data_segments(data, limits)?;
     let len: u64 = data.iter().map(|p| p.len).sum();
-    if len % SECTOR_SIZE != 0 {
+    if len % SECTOR_BYTES != 0 {
         return Err(RequestError::UnalignedLength { len });
     }
     // Zero-length IN/OUT: the spec is silent; QEMU's virtio-blk handler

@@ -11,10 +11,8 @@ use virtio_bindings::virtio_blk::{
 };
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
-/// Bytes per virtio-blk sector (always 512, whatever the logical block size).
-pub const SECTOR_SIZE: u64 = 512;
-/// log2 of [`SECTOR_SIZE`].
-pub const SECTOR_SHIFT: u32 = 9;
+use crate::units::SECTOR_SHIFT;
+
 /// Size of `struct virtio_blk_outhdr` (type, ioprio, sector).
 pub const HEADER_SIZE: usize = 16;
 /// Size of one `struct virtio_blk_discard_write_zeroes` segment.

@@ -4,10 +4,13 @@
 use std::ops::Range;
 use std::path::Path;
 
+use vhost_user_cow::units::to_usize;
+
 use super::daemon::{Image, Peer};
 use super::Rng;
 
-pub const SECTOR: usize = 512;
+/// The frontend's sector, as a `usize` for indexing the model.
+pub const SECTOR: usize = to_usize(super::vhost_frontend::SECTOR);
 
 /// What the disk must contain. Sectors that were discarded have
 /// unspecified contents (virtio 1.2 §5.2.6: a discarded range may read as

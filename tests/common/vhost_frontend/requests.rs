@@ -30,6 +30,9 @@ pub const STATUS_UNTOUCHED: u8 = 0xee;
 
 pub const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 pub const ID_BYTES: u32 = 20;
+/// The virtio-blk sector. The test frontend keeps its own protocol
+/// constants (not the daemon's) so that it checks the daemon against the
+/// specification rather than against itself.
 pub const SECTOR: u64 = 512;
 
 /// `struct virtio_blk_outhdr`.
@@ -293,7 +296,8 @@ impl VhostUserBlk {
         if self.has_feature(feature::BLK_SIZE_MAX) && self.config.size_max != 0 {
             s = s.min(self.config.size_max as usize);
         }
-        (s / 512).max(1) * 512
+        let sector = SECTOR as usize;
+        (s / sector).max(1) * sector
     }
 
     pub fn submit_read(&mut self, queue: usize, sector: u64, len: usize) -> Pending {
@@ -397,8 +401,8 @@ impl VhostUserBlk {
 /// Data buffers of whole sectors are 512-byte aligned, as Linux's block
 /// layer aligns them (and O_DIRECT needs); headers and status bytes less.
 fn buffer_align(len: usize) -> u64 {
-    if len >= 512 {
-        512
+    if len as u64 >= SECTOR {
+        SECTOR
     } else {
         16
     }
