@@ -14,7 +14,7 @@
 
 use crate::format::header::has_cow_magic;
 use crate::fsutil::aligned::AlignedBuf;
-use crate::units::SECTOR_BYTES;
+use crate::units::{to_usize, SECTOR_BYTES};
 use crate::virtio::request::{BlkRequest, Segment};
 
 /// What became of a write to sector 0.
@@ -30,7 +30,7 @@ pub enum FirstSector {
 /// carries at least one sector) out of guest memory, checks it, and makes
 /// the request's data start with the copy.
 pub fn pin_first_sector(req: &mut BlkRequest) -> FirstSector {
-    let len = SECTOR_BYTES as usize;
+    let len = to_usize(SECTOR_BYTES);
     let copy = AlignedBuf::zeroed(len);
     let mut got = 0;
     for s in &req.data {

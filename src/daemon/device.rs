@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::daemon::scheduler::{CowLayout, Scheduler};
 use crate::format::error::{DiskError, Result};
 use crate::format::{Disk, DiskFormat, DiskOptions};
-use crate::units::SECTOR_BYTES;
+use crate::units::{SECTOR_BYTES, SECTOR_SHIFT};
 use crate::virtio::request::Limits;
 
 /// Cache mode of the data files.
@@ -120,7 +120,7 @@ impl Device {
             ..
         } = disk;
         let guards_cow_magic = format_guessed && cow.is_none() && !opts.read_only;
-        let mut block_size = SECTOR_BYTES as u32;
+        let mut block_size = 1u32 << SECTOR_SHIFT; // one sector
         let (sched, backing, backing_path, description) = match cow {
             None => (
                 Scheduler::new_raw(sectors, threads, opts.read_only),

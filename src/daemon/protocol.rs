@@ -177,7 +177,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn reset_owner(&mut self) -> VhostResult<()> {
-        for i in 0..self.queues.len() as u32 {
+        for i in 0..u32::from(self.opts.num_queues) {
             self.stop(i)?;
         }
         Ok(())
@@ -209,7 +209,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings
         // start enabled.
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            for i in 0..self.queues.len() as u32 {
+            for i in 0..u32::from(self.opts.num_queues) {
                 self.queues[i as usize].lock().enabled = true;
                 self.maybe_start(i)?;
             }
@@ -230,19 +230,22 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
-        let max = u32::from(self.opts.max_queue_size);
-        if num == 0 || num > max || !num.is_power_of_two() {
+        let max = self.opts.max_queue_size;
+        let size = u16::try_from(num)
+            .ok()
+            .filter(|&n| n <= max && n.is_power_of_two());
+        let Some(size) = size else {
             return Err(invalid(format!(
                 "queue {index}: size {num} (must be a power of two from 1 to {max})"
             )));
-        }
+        };
         let mut st = self.queue(index)?.lock();
         if st.started {
             return Err(invalid(format!(
                 "queue {index}: SET_VRING_NUM on a started ring"
             )));
         }
-        st.queue.set_size(num as u16);
+        st.queue.set_size(size);
         st.broken = false;
         Ok(())
     }
@@ -294,7 +297,11 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
                 "queue {index}: SET_VRING_BASE on a started ring"
             )));
         }
-        st.queue.set_next_avail(base as u16);
+        // A split ring's avail index is 16 bits.
+        let Ok(base) = u16::try_from(base) else {
+            return Err(invalid(format!("queue {index}: base {base} out of range")));
+        };
+        st.queue.set_next_avail(base);
         st.broken = false;
         Ok(())
     }

@@ -20,7 +20,7 @@ use std::ops::Range;
 use rustc_hash::FxHashMap;
 
 use crate::format::bitmap::{Bitmap, Extent};
-use crate::units::SECTOR_BYTES;
+use crate::units::{to_usize, SECTOR_BYTES};
 
 pub type ReqId = u64;
 pub type OpId = u64;
@@ -299,7 +299,7 @@ impl Scheduler {
     /// Pointer to bitmap byte `start`, for issuing a `BitmapWrite`.
     pub fn bitmap_ptr(&self, start: u64) -> *const u8 {
         let (b, _) = self.cow.as_ref().expect("bitmap write on a raw disk");
-        b.byte_ptr(start as usize)
+        b.byte_ptr(to_usize(start))
     }
 
     pub fn stats(&self) -> &Stats {

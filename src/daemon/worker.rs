@@ -25,7 +25,7 @@ use super::scheduler::{
 use super::virtqueue::Virtqueue;
 use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
-use crate::units::SECTOR_SHIFT;
+use crate::units::{to_usize, SECTOR_SHIFT};
 use crate::virtio::parse_request;
 use crate::virtio::request::{
     write_status, BlkRequest, RequestType, Segment, STATUS_IOERR, STATUS_OK,
@@ -122,7 +122,7 @@ fn iovecs(segments: &[Segment], mut offset: u64, mut len: u64) -> IoVecs {
         }
         let take = (slen - offset).min(len);
         // SAFETY: offset < slen, so the pointer stays inside the segment.
-        iov.push(unsafe { s.ptr().add(offset as usize) }, take as usize);
+        iov.push(unsafe { s.ptr().add(to_usize(offset)) }, to_usize(take));
         len -= take;
         offset = 0;
         if len == 0 {
@@ -382,6 +382,7 @@ impl Worker {
                 _ => {}
             },
         }
+        #[allow(clippy::cast_possible_truncation)] // bounded: at most max_discard_seg (u32) parts
         let parts = (self.to_submit.len() - first_part) as u32;
         let slot = self.insert(ring, head, req, mem, parts, first_sector);
         if parts == 0 {
@@ -507,7 +508,7 @@ impl Worker {
             }
             (Some(Tracked::CopyRead { bounce, len }), Ok(n)) if n < len => {
                 if let Some(b) = self.bounces.get_mut(&bounce) {
-                    b.as_mut_slice()[n as usize..len as usize].fill(0);
+                    b.as_mut_slice()[to_usize(n)..to_usize(len)].fill(0);
                 }
             }
             (Some(Tracked::CopyRead { bounce, .. }), Err(_))
@@ -533,12 +534,12 @@ impl Worker {
                 let buf = self
                     .bounces
                     .entry(bounce)
-                    .or_insert_with(|| AlignedBuf::zeroed(len as usize));
+                    .or_insert_with(|| AlignedBuf::zeroed(to_usize(len)));
                 (
                     IoOp::Readv {
                         fd: dev.backing_fd(),
                         offset,
-                        iov: IoVecs::single(buf.as_ptr(), len as usize),
+                        iov: IoVecs::single(buf.as_ptr(), to_usize(len)),
                     },
                     Tracked::CopyRead { bounce, len },
                 )
@@ -553,12 +554,12 @@ impl Worker {
                 let buf = self
                     .bounces
                     .entry(bounce)
-                    .or_insert_with(|| AlignedBuf::zeroed(len as usize));
+                    .or_insert_with(|| AlignedBuf::zeroed(to_usize(len)));
                 (
                     IoOp::Writev {
                         fd: dev.cow_fd(),
                         offset,
-                        iov: IoVecs::single(buf.as_ptr(), len as usize),
+                        iov: IoVecs::single(buf.as_ptr(), to_usize(len)),
                     },
                     Tracked::CopyWrite { bounce },
                 )
@@ -629,7 +630,7 @@ impl Worker {
                 IoOp::Writev {
                     fd: dev.cow_fd(),
                     offset,
-                    iov: IoVecs::single(sched.bitmap_ptr(start) as *mut u8, len as usize),
+                    iov: IoVecs::single(sched.bitmap_ptr(start) as *mut u8, to_usize(len)),
                 },
                 Tracked::Plain,
             ),

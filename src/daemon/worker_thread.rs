@@ -413,7 +413,9 @@ impl WorkerLoop {
                     }
                     TOKEN_ENGINE => consume(self.worker.engine_fd()),
                     t => {
-                        let index = (t - TOKEN_RING) as u16;
+                        let Ok(index) = u16::try_from(t - TOKEN_RING) else {
+                            continue;
+                        };
                         if let Some(r) = rings.iter().find(|r| r.index == index) {
                             if let Some(k) = &r.lock().kick {
                                 consume(k.as_raw_fd());

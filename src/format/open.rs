@@ -17,7 +17,7 @@ use super::error::{DiskError, Result};
 use super::header::{has_cow_magic, CowHeader, Geometry, HeaderLayout, MAX_HEADER_LEN};
 use super::lock::{lock_file, LockKind};
 use crate::fsutil::files::{file_kind, mtime32, size_of, usable};
-use crate::units::SECTOR_BYTES;
+use crate::units::{to_usize, SECTOR_BYTES};
 
 /// The on-disk format of a served file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +210,7 @@ pub fn read_bitmap(file: &File, path: &Path, geometry: &Geometry) -> Result<Bitm
         }
     })?;
     let room = geometry.data_offset - geometry.bitmap_offset;
-    let on_disk = room.min(bitmap.byte_len() as u64) as usize;
+    let on_disk = to_usize(room.min(bitmap.byte_len() as u64));
     read_full_at(
         file,
         &mut bitmap.as_bytes_mut()[..on_disk],

@@ -11,7 +11,7 @@ use std::path::Path;
 use super::bitmap::Extent;
 use super::error::{DiskError, Result};
 use super::open::{read_full_at, Disk};
-use crate::units::SECTOR_BYTES;
+use crate::units::{to_usize, SECTOR_BYTES};
 
 impl Disk {
     pub fn sectors(&self) -> u64 {
@@ -50,7 +50,7 @@ impl Disk {
         self.check_range(sector, count)?;
         let mut done = 0usize;
         for e in self.extents(sector, count) {
-            let len = (e.count * SECTOR_BYTES) as usize;
+            let len = to_usize(e.count * SECTOR_BYTES);
             let dst = &mut buf[done..done + len];
             let (file, path, off) = self.locate(e);
             read_full_at(file, dst, off, path)?;
@@ -102,7 +102,7 @@ impl Disk {
         }
         // Copy-up: an unset chunk only partly covered gets the rest of its
         // sectors from the backing file first.
-        let mut chunk_buf = vec![0u8; (spc * SECTOR_BYTES) as usize];
+        let mut chunk_buf = vec![0u8; to_usize(spc * SECTOR_BYTES)];
         for chunk in first..first + nchunks {
             let c_start = chunk * spc;
             let c_end = c_start + spc;
@@ -131,7 +131,7 @@ impl Disk {
         }
         cow.bitmap.set_range(first, nchunks);
         let b0 = (first / 8) as usize;
-        let b1 = (first + nchunks).div_ceil(8) as usize;
+        let b1 = to_usize((first + nchunks).div_ceil(8));
         self.file
             .write_all_at(
                 &cow.bitmap.as_bytes()[b0..b1],

@@ -13,7 +13,7 @@ use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 use super::framing::{copy_from_guest, frame, truncate_pieces, Frame, Piece};
 use super::request::*;
-use crate::units::{SECTOR_BYTES, SECTOR_SHIFT};
+use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
 
 /// Parse and validate the request in `chain`.
 ///
@@ -242,10 +242,10 @@ fn parse_ranges<G: GuestMemory + ?Sized>(
             max: max_seg,
         });
     }
-    let mut bytes = vec![0u8; len as usize];
+    let mut bytes = vec![0u8; to_usize(len)];
     copy_from_guest(mem, payload, &mut bytes)?;
 
-    let mut ranges = Vec::with_capacity(count as usize);
+    let mut ranges = Vec::with_capacity(to_usize(count));
     for seg in bytes.chunks_exact(DISCARD_SEGMENT_SIZE) {
         let mut s = [0u8; 8];
         s.copy_from_slice(&seg[0..8]);

@@ -7,6 +7,8 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
+use vhost_user_cow::units::to_usize;
+
 /// Guest physical address of the first byte of guest memory.
 pub const GUEST_BASE: u64 = 0x10_0000;
 
@@ -42,7 +44,7 @@ impl GuestMemory {
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size as usize,
+                to_usize(size),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
@@ -95,7 +97,7 @@ impl GuestMemory {
             off.checked_add(len as u64).is_some_and(|e| e <= self.size),
             "gpa {gpa:#x}+{len} outside guest memory"
         );
-        off as usize
+        to_usize(off)
     }
 
     pub fn write(&self, gpa: u64, data: &[u8]) {
@@ -163,7 +165,7 @@ impl GuestMemory {
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.size as usize) };
+        unsafe { libc::munmap(self.ptr.cast(), to_usize(self.size)) };
     }
 }
 

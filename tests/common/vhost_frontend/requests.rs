@@ -7,6 +7,7 @@
 //! is only good until the next completed wait that leaves the device idle.
 
 use std::time::Duration;
+use vhost_user_cow::units::to_usize;
 
 use super::config::feature;
 use super::handshake::VhostUserBlk;
@@ -124,7 +125,7 @@ impl Chain<'_> {
     /// A device-readable buffer holding `bytes`.
     pub fn readable(self, bytes: &[u8]) -> Self {
         let gpa = self.dev.place(bytes);
-        self.auto(gpa, bytes.len() as u32, 0)
+        self.auto(gpa, u32::try_from(bytes.len()).unwrap(), 0)
     }
 
     /// The 16-byte request header in its own descriptor.
@@ -196,7 +197,7 @@ impl Chain<'_> {
         self.entries.clear();
         self.auto(
             gpa,
-            len.unwrap_or(table.len() as u32),
+            len.unwrap_or(u32::try_from(table.len()).unwrap()),
             VIRTQ_DESC_F_INDIRECT,
         )
     }
@@ -296,7 +297,7 @@ impl VhostUserBlk {
         if self.has_feature(feature::BLK_SIZE_MAX) && self.config.size_max != 0 {
             s = s.min(self.config.size_max as usize);
         }
-        let sector = SECTOR as usize;
+        let sector = to_usize(SECTOR);
         (s / sector).max(1) * sector
     }
 
@@ -306,7 +307,7 @@ impl VhostUserBlk {
         let mut left = len;
         while left > 0 {
             let n = left.min(seg);
-            c = c.writable(n as u32);
+            c = c.writable(u32::try_from(n).unwrap());
             left -= n;
         }
         c.status().submit(queue)
