@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# PLACEHOLDER demo, until the daemon exists (it will become "boot a VM on a
-# COW disk"). Builds the binary, makes a 64 MiB backing image and a COW
-# overlay in a temporary directory, writes one sector into the overlay by
-# hand (as the daemon will), then shows info, check and merge, and compares
-# the merge with uml_moo's.
+# The image tools without a VM (scripts/qemu/demo.sh boots one on a COW
+# disk served by the daemon). Builds the binary, makes a 64 MiB backing
+# image and a COW overlay in a temporary directory, writes one sector into
+# the overlay by hand the way the daemon orders a guest write (data, then
+# the bitmap bit), then shows info, check and merge, and compares the
+# merge with uml_moo's when it is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

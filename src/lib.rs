@@ -2,6 +2,7 @@
 //! User-Mode-Linux's ubd COW format.
 //!
 //! The layers, from the file up (docs/architecture.md maps every file):
+//! - [`units`]: the 512-byte sector and the `u64` to `usize` conversion;
 //! - [`fsutil`]: aligned buffers and filesystem helpers;
 //! - [`format`]: the COW format and an open disk (header, bitmap, locks);
 //! - [`tools`]: `info`, `check` and `merge` on top of the format;
@@ -17,4 +18,5 @@ pub mod fsutil;
 pub mod io_engine;
 pub mod spawn;
 pub mod tools;
+pub mod units;
 pub mod virtio;

@@ -16,6 +16,7 @@ use vhost_user_cow::daemon::scheduler::{
     CowLayout, DiskRequest, Done, Op, OpKind, ReqKind, Scheduler, Status, Target, ThreadId,
 };
 use vhost_user_cow::format::bitmap::Bitmap;
+use vhost_user_cow::units::to_usize;
 
 const SECTORS: u64 = 40;
 const QUEUES: usize = 2;
@@ -113,9 +114,9 @@ impl Harness {
             next_req: 1,
             in_flight: Vec::new(),
             capacity,
-            cow_data: vec![UNWRITTEN; SECTORS as usize],
+            cow_data: vec![UNWRITTEN; to_usize(SECTORS)],
             disk_bitmap: vec![0; bytes],
-            durable_data: vec![UNWRITTEN; SECTORS as usize],
+            durable_data: vec![UNWRITTEN; to_usize(SECTORS)],
             durable_bitmap: vec![0; bytes],
             possible: (0..SECTORS)
                 .map(|s| BTreeSet::from([backing_tag(s)]))
@@ -150,7 +151,7 @@ impl Harness {
             sector,
             count,
         };
-        let range = sector as usize..(sector + count) as usize;
+        let range = to_usize(sector)..to_usize(sector + count);
         let mut m = ReqModel {
             req,
             seen: Vec::new(),
@@ -163,7 +164,7 @@ impl Harness {
         };
         match kind {
             ReqKind::Read => {
-                m.seen = vec![0; count as usize];
+                m.seen = vec![0; to_usize(count)];
                 m.acceptable = self.possible[range].to_vec();
             }
             ReqKind::Write | ReqKind::Zero => {
@@ -175,7 +176,7 @@ impl Harness {
                     if r.req.kind == ReqKind::Read && r.done.is_none() {
                         for s in range.clone() {
                             if s as u64 >= r.req.sector && (s as u64) < r.req.sector + r.req.count {
-                                r.acceptable[s - r.req.sector as usize].insert(id);
+                                r.acceptable[s - to_usize(r.req.sector)].insert(id);
                             }
                         }
                     }
@@ -193,7 +194,7 @@ impl Harness {
     fn land(&mut self, s: u64, id: u64) {
         let mut now: BTreeSet<u64> = self.writes_in_flight_at(s, id).into_iter().collect();
         now.insert(id);
-        self.possible[s as usize] = now;
+        self.possible[to_usize(s)] = now;
     }
 
     fn writes_in_flight_at(&self, sector: u64, except: u64) -> Vec<u64> {
@@ -242,20 +243,20 @@ impl Harness {
                                 self.mem_bit(s),
                                 "read of COW sector {s} whose bit is not set"
                             );
-                            self.cow_data[s as usize]
+                            self.cow_data[to_usize(s)]
                         }
                         Target::Backing => backing_tag(s),
                     };
                     // (a) no read returns COW data that was never written.
                     assert_ne!(v, UNWRITTEN, "read of sector {s} saw unwritten COW data");
                     let m = self.reqs.get_mut(&req).unwrap();
-                    m.seen[(buf_offset / 512 + i) as usize] = v;
+                    m.seen[to_usize(buf_offset / 512 + i)] = v;
                 }
             }
             OpKind::BitmapWrite { offset, start, len } => {
                 assert_eq!(offset, BITMAP_OFFSET + start);
                 let bytes = self.sched.bitmap().unwrap().as_bytes();
-                snapshot = bytes[start as usize..(start + len) as usize].to_vec();
+                snapshot = bytes[to_usize(start)..to_usize(start + len)].to_vec();
                 self.bitmap_ops_in_flight.insert(op.id);
             }
             OpKind::Sync => {
@@ -290,10 +291,10 @@ impl Harness {
                 let id = op.req.unwrap();
                 let first = (offset - DATA_OFFSET) / 512;
                 let before: Vec<_> = (first..first + len / 512)
-                    .map(|s| self.possible[s as usize].clone())
+                    .map(|s| self.possible[to_usize(s)].clone())
                     .collect();
                 for s in first..first + len / 512 {
-                    self.cow_data[s as usize] = id;
+                    self.cow_data[to_usize(s)] = id;
                     // Once the data has landed, no read submitted later may
                     // return anything older (rule 4's purpose). With chunks
                     // under copy-up that holds from completion on.
@@ -307,9 +308,9 @@ impl Harness {
                 self.bitmap_ops_in_flight.remove(&op.id);
                 if !fail {
                     let now = &self.sched.bitmap().unwrap().as_bytes()
-                        [start as usize..start as usize + f.snapshot.len()];
+                        [to_usize(start)..to_usize(start) + f.snapshot.len()];
                     assert_eq!(now, &f.snapshot[..], "(b) pending bitmap bytes changed");
-                    self.disk_bitmap[start as usize..start as usize + f.snapshot.len()]
+                    self.disk_bitmap[to_usize(start)..to_usize(start) + f.snapshot.len()]
                         .copy_from_slice(&f.snapshot);
                 }
             }
@@ -389,7 +390,7 @@ impl Harness {
                             self.disk_bit(&self.disk_bitmap, s),
                             "completed write {id}: bit {s} not on disk"
                         );
-                        assert_ne!(self.cow_data[s as usize], UNWRITTEN);
+                        assert_ne!(self.cow_data[to_usize(s)], UNWRITTEN);
                     }
                     self.completed_writes.push(id);
                     if self.spc > 1 {
@@ -406,7 +407,7 @@ impl Harness {
                                     (r.sector..r.sector + r.count).contains(&s)
                                 })
                                 .collect();
-                            self.possible[s as usize].extend(others);
+                            self.possible[to_usize(s)].extend(others);
                         }
                     }
                 } else {
@@ -416,7 +417,7 @@ impl Harness {
                     );
                     let before = self.reqs[&id].before.clone();
                     for (i, set) in before.into_iter().enumerate() {
-                        let s = req.sector as usize + i;
+                        let s = to_usize(req.sector) + i;
                         // Its bits never went out: older data is back. Its
                         // bits were set (its own bitmap write failed): its
                         // data may show. Also for reads already in flight.
@@ -426,10 +427,10 @@ impl Harness {
                             set
                         };
                         for r in self.reqs.values_mut() {
-                            let rs = r.req.sector as usize;
+                            let rs = to_usize(r.req.sector);
                             if r.req.kind == ReqKind::Read
                                 && r.done.is_none()
-                                && (rs..rs + r.req.count as usize).contains(&s)
+                                && (rs..rs + to_usize(r.req.count)).contains(&s)
                             {
                                 r.acceptable[s - rs].extend(visible.iter().copied());
                             }
@@ -449,7 +450,7 @@ impl Harness {
                                 self.disk_bit(&self.durable_bitmap, s),
                                 "flush {id}: bit {s} of write {w} not durable"
                             );
-                            assert_ne!(self.durable_data[s as usize], UNWRITTEN);
+                            assert_ne!(self.durable_data[to_usize(s)], UNWRITTEN);
                         }
                     }
                 } else {
@@ -465,16 +466,18 @@ impl Harness {
         for s in 0..SECTORS {
             if self.disk_bit(&self.disk_bitmap, s) {
                 assert_ne!(
-                    self.cow_data[s as usize], UNWRITTEN,
+                    self.cow_data[to_usize(s)],
+                    UNWRITTEN,
                     "bit {s} on disk before its data"
                 );
             }
             if self.disk_bit(&self.durable_bitmap, s) {
-                assert_ne!(self.durable_data[s as usize], UNWRITTEN);
+                assert_ne!(self.durable_data[to_usize(s)], UNWRITTEN);
             }
             if self.mem_bit(s) {
                 assert_ne!(
-                    self.cow_data[s as usize], UNWRITTEN,
+                    self.cow_data[to_usize(s)],
+                    UNWRITTEN,
                     "bit {s} set before its data"
                 );
             }
@@ -483,7 +486,7 @@ impl Harness {
         for f in &self.in_flight {
             if let OpKind::BitmapWrite { start, .. } = f.op.kind {
                 let now = &self.sched.bitmap().unwrap().as_bytes()
-                    [start as usize..start as usize + f.snapshot.len()];
+                    [to_usize(start)..to_usize(start) + f.snapshot.len()];
                 assert_eq!(now, &f.snapshot[..], "(b) pending bitmap bytes changed");
             }
         }
@@ -495,7 +498,7 @@ impl Harness {
 
     fn actions(&self, script: &[(ReqKind, u64, u64, ThreadId)], inject: bool) -> Vec<Action> {
         let mut a = Vec::new();
-        let submitted = (self.next_req - 1) as usize;
+        let submitted = to_usize(self.next_req - 1);
         if let Some(&(k, s, c, q)) = script.get(submitted) {
             a.push(Action::Submit(k, s, c, q));
         }
@@ -565,14 +568,14 @@ impl Harness {
         if !self.failed_device {
             for s in 0..SECTORS {
                 let on_disk = if self.disk_bit(&self.disk_bitmap, s) {
-                    self.cow_data[s as usize]
+                    self.cow_data[to_usize(s)]
                 } else {
                     backing_tag(s)
                 };
                 assert!(
-                    self.possible[s as usize].contains(&on_disk),
+                    self.possible[to_usize(s)].contains(&on_disk),
                     "sector {s} holds {on_disk}, expected one of {:?}",
-                    self.possible[s as usize]
+                    self.possible[to_usize(s)]
                 );
             }
         }

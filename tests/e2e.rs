@@ -11,6 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use vhost_user_cow::units::to_usize;
 
 use common::daemon::{Daemon, Image, Peer, ServeOptions, Stopped};
 use common::disk_model::{make_cow, make_cow_chunked, make_raw, Model, SECTOR};
@@ -57,7 +58,7 @@ fn check_whole_disk(dev: &mut VhostUserBlk, model: &Model, what: &str) {
     while s < model.sectors() {
         let n = chunk.min(model.sectors() - s);
         let data = dev
-            .read(0, s, (n as usize) * SECTOR)
+            .read(0, s, to_usize(n) * SECTOR)
             .ok(&format!("{what}: read"));
         model.check(s, &data, what);
         s += n;
@@ -125,7 +126,7 @@ fn exercise(dev: &mut VhostUserBlk, model: &mut Model, rng: &mut Rng) {
             {
                 continue;
             }
-            batch.push((s, rng.bytes(n as usize * SECTOR)));
+            batch.push((s, rng.bytes(to_usize(n) * SECTOR)));
         }
         let pending: Vec<Pending> = batch
             .iter()
@@ -141,7 +142,7 @@ fn exercise(dev: &mut VhostUserBlk, model: &mut Model, rng: &mut Rng) {
         let reads: Vec<(u64, usize)> = (0..12)
             .map(|_| {
                 let n = 1 + rng.below(160);
-                (rng.below(sectors - n), n as usize * SECTOR)
+                (rng.below(sectors - n), to_usize(n) * SECTOR)
             })
             .collect();
         let pending: Vec<Pending> = reads
@@ -162,10 +163,10 @@ fn exercise(dev: &mut VhostUserBlk, model: &mut Model, rng: &mut Rng) {
     }
     // The first and last sectors, alone and in a request ending at capacity.
     for (s, n) in [(0u64, 1u64), (sectors - 1, 1), (sectors - 9, 9)] {
-        let data = rng.bytes(n as usize * SECTOR);
+        let data = rng.bytes(to_usize(n) * SECTOR);
         dev.write(queues - 1, s, &data).ok("edge write");
         model.write(s, &data);
-        let got = dev.read(0, s, n as usize * SECTOR).ok("edge read");
+        let got = dev.read(0, s, to_usize(n) * SECTOR).ok("edge read");
         model.check(s, &got, "edge read");
     }
 }
@@ -366,7 +367,9 @@ fn direct_4k_chunks_offer_4k_blocks(peer: Peer) {
     let ro_before = snapshot(&d.read_only_files());
     let mut dev = d.connect();
     assert_eq!(dev.config.blk_size, 4096, "blk_size");
-    let data: Vec<u8> = (0..8 * SECTOR).map(|i| (i % 251) as u8).collect();
+    let data: Vec<u8> = (0..8 * SECTOR)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
     dev.write(0, 16, &data).ok("aligned 4 KiB write");
     model.write(16, &data);
     check_whole_disk(&mut dev, &model, "after a 4 KiB write");

@@ -23,6 +23,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::time::Duration;
+use vhost_user_cow::units::to_usize;
 
 use common::daemon::{Daemon, Peer, ServeOptions};
 use common::disk_model::{assert_changes_within, make_cow, write_footprint, Model, SECTOR};
@@ -601,7 +602,7 @@ fn catalogue() -> Vec<Case> {
                 d.chain()
                     .raw(RawDesc {
                         addr: t,
-                        len: inner.len() as u32,
+                        len: u32::try_from(inner.len()).unwrap(),
                         flags: VIRTQ_DESC_F_INDIRECT,
                         next: Next::Table(0),
                     })
@@ -663,7 +664,7 @@ fn catalogue() -> Vec<Case> {
                 d.chain()
                     .raw(RawDesc {
                         addr: t,
-                        len: table.len() as u32,
+                        len: u32::try_from(table.len()).unwrap(),
                         flags: VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE,
                         next: Next::Table(0),
                     })
@@ -873,7 +874,13 @@ fn malformed_catalogue(peer: Peer) {
             dev = connect(&d);
         }
         let sector = 64 + 8 * i as u64;
-        if let Err(e) = canary(&d, &mut dev, &mut model, sector, i as u8 + 1) {
+        if let Err(e) = canary(
+            &d,
+            &mut dev,
+            &mut model,
+            sector,
+            u8::try_from(i + 1).unwrap(),
+        ) {
             failures.push(format!("{}: afterwards, {e}", case.name));
             drop(dev);
             dev = connect(&d);
@@ -884,7 +891,7 @@ fn malformed_catalogue(peer: Peer) {
     // A fresh connection sees every canary and the untouched rest.
     let mut dev = connect(&d);
     let all = dev
-        .read(0, 0, SECTORS as usize * SECTOR)
+        .read(0, 0, to_usize(SECTORS) * SECTOR)
         .ok("whole disk after the catalogue");
     model.check(0, &all, "whole disk after the catalogue");
     let st = d.terminate();

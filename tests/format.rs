@@ -12,12 +12,13 @@ use vhost_user_cow::format::error::DiskError;
 use vhost_user_cow::format::header::{CowHeader, HeaderLayout};
 use vhost_user_cow::format::lock::{lock_file, LockKind};
 use vhost_user_cow::format::open::{read_header, Disk, DiskOptions};
+use vhost_user_cow::units::to_usize;
 
 /// A recognisable 512-byte sector: where it came from and its number.
 fn sector_data(tag: u8, s: u64) -> Vec<u8> {
     let mut v = vec![tag; 512];
     v[..8].copy_from_slice(&s.to_le_bytes());
-    v[511] = tag ^ (s as u8);
+    v[511] = tag ^ (s & 0xff) as u8;
     v
 }
 
@@ -66,7 +67,7 @@ fn layout_case(
         HeaderLayout::V3Broken => v3_broken_header(&f),
     };
     let chunks = size.div_ceil(sectorsize as u64);
-    let mut bitmap = vec![0u8; chunks.div_ceil(8) as usize];
+    let mut bitmap = vec![0u8; to_usize(chunks.div_ceil(8))];
     for &c in set_chunks {
         bitmap[(c / 8) as usize] |= 1 << (c % 8);
     }
@@ -102,12 +103,12 @@ fn layout_case(
         assert_eq!(parts.bitmap.get(c), set_chunks.contains(&c), "bit {c}");
     }
     assert_eq!(disk.sectors(), sectors);
-    let mut buf = vec![0u8; size as usize];
+    let mut buf = vec![0u8; to_usize(size)];
     disk.read_sectors(0, &mut buf).unwrap();
     for s in 0..sectors {
         let want = sector_data(if in_cow(s) { b'C' } else { b'B' }, s);
         assert_eq!(
-            &buf[(s * 512) as usize..((s + 1) * 512) as usize],
+            &buf[to_usize(s * 512)..to_usize((s + 1) * 512)],
             &want[..],
             "{layout:?} sector {s}"
         );
@@ -384,7 +385,7 @@ proptest! {
         let _ = vhost_user_cow::tools::check::check(&cow, None);
         if let Ok(d) = Disk::open(&cow, &ro()) {
             let mut buf = vec![0u8; 4096];
-            let n = (d.sectors().min(8) * 512) as usize;
+            let n = to_usize(d.sectors().min(8) * 512);
             d.read_sectors(0, &mut buf[..n]).unwrap();
         }
         prop_assert_eq!(snapshot(&cow), before);

@@ -7,6 +7,7 @@
 mod common;
 
 use std::path::Path;
+use vhost_user_cow::units::to_usize;
 
 use common::daemon::{Daemon, Image, Peer, ServeOptions};
 use common::vhost_frontend::*;
@@ -45,7 +46,7 @@ fn raw_image(dir: &Path, first: &[u8]) -> std::path::PathBuf {
 /// check the daemon makes on a backing file passes), padded to sectors.
 fn hostile_header(host: &Path, v1: bool) -> Vec<u8> {
     let size = std::fs::metadata(host).unwrap().len();
-    let f = Fields::new(host, mtime(host) as u32, size);
+    let f = Fields::new(host, (mtime(host) & 0xffff_ffff) as u32, size);
     let mut h = if v1 {
         v1_header(&Fields { version: 1, ..f })
     } else {
@@ -66,7 +67,7 @@ fn assert_no_leak(dev: &mut VhostUserBlk, what: &str) -> Vec<u8> {
     let mut s = 0;
     while s < sectors {
         let n = 256.min(sectors - s);
-        all.extend(dev.read(0, s, (n * 512) as usize).ok(what));
+        all.extend(dev.read(0, s, to_usize(n * 512)).ok(what));
         s += n;
     }
     assert!(

@@ -10,6 +10,7 @@ use vhost_user_cow::io_engine::{
     new_engine, Completion, EngineError, EngineKind, InlineWrites, IoEngine, IoOp, IoVecs,
     SubmitError, ThreadsEngine, UringEngine,
 };
+use vhost_user_cow::units::to_usize;
 
 type Maker = fn(usize) -> Option<Box<dyn IoEngine>>;
 
@@ -88,7 +89,7 @@ fn roundtrip_multi_iovec(mk: Maker) {
     let Some(mut e) = mk(8) else { return };
     let f = tmpfile(0);
     let fd = f.as_raw_fd();
-    let mut data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mut data: Vec<u8> = (0..4096u32).map(|i| ((i * 7 + 3) & 0xff) as u8).collect();
     let iov = iovecs(&mut data, &[512, 1512]);
     let c = run(
         &mut *e,
@@ -244,10 +245,8 @@ fn full_at_capacity_then_recovers(mk: Maker) {
     // Still full until completions are reaped, even once they finished.
     e.wait(4).expect("wait");
     // SAFETY: no memory involved.
-    assert!(matches!(
-        unsafe { e.submit(IoOp::Fdatasync { fd }, 99) },
-        Err(SubmitError::Full(_))
-    ));
+    let r = unsafe { e.submit(IoOp::Fdatasync { fd }, 99) };
+    assert!(matches!(r, Err(SubmitError::Full(_))));
     let mut out = Vec::new();
     e.reap(&mut out);
     assert_eq!(out.len(), 4);
@@ -338,7 +337,7 @@ fn event_fd_signals_completion(mk: Maker) {
 fn drop_with_ops_in_flight(mk: Maker) {
     let f = tmpfile(1 << 20);
     let fd = f.as_raw_fd();
-    let mut bufs: Vec<Vec<u8>> = (0..32).map(|i| vec![i as u8; 32768]).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..32u8).map(|i| vec![i; 32768]).collect();
     {
         let Some(mut e) = mk(32) else { return };
         for (i, b) in bufs.iter_mut().enumerate() {
@@ -397,19 +396,19 @@ fn random_stress_matches_model(mk: Maker) {
     for round in 0..150 {
         // Non-overlapping ranges within a round, so the outcome does not
         // depend on completion order; more ops than QD to exercise Full.
-        let nops = 1 + rng.below(QD as u64 * 2) as usize;
+        let nops = 1 + to_usize(rng.below(QD as u64 * 2));
         let mut ranges: Vec<(usize, usize)> = Vec::new();
         pending.clear();
         for _ in 0..nops {
-            let len = 1 + rng.below(12000) as usize;
-            let off = rng.below((SIZE - len) as u64) as usize;
+            let len = 1 + to_usize(rng.below(12000));
+            let off = to_usize(rng.below((SIZE - len) as u64));
             if ranges.iter().any(|&(o, l)| off < o + l && o < off + len) {
                 continue;
             }
             ranges.push((off, len));
             let write = rng.below(2) == 0;
             let buf = if write {
-                (0..len).map(|_| rng.next() as u8).collect()
+                (0..len).map(|_| (rng.next() & 0xff) as u8).collect()
             } else {
                 vec![0xeeu8; len]
             };
@@ -422,7 +421,7 @@ fn random_stress_matches_model(mk: Maker) {
         let mut completed = vec![false; pending.len()];
         for (i, p) in pending.iter_mut().enumerate() {
             let mut cuts: Vec<usize> = (0..rng.below(6))
-                .map(|_| rng.below(p.buf.len() as u64) as usize)
+                .map(|_| to_usize(rng.below(p.buf.len() as u64)))
                 .collect();
             cuts.sort_unstable();
             let iov = iovecs(&mut p.buf, &cuts);
@@ -460,7 +459,7 @@ fn random_stress_matches_model(mk: Maker) {
         e.reap(&mut out);
         assert_eq!(e.in_flight(), 0);
         for c in out.drain(..) {
-            let i = c.user_data as usize;
+            let i = to_usize(c.user_data);
             assert!(!completed[i], "round {round}: op {i} completed twice");
             completed[i] = true;
             assert_eq!(

@@ -12,6 +12,7 @@ mod clients;
 mod common;
 
 use common::daemon::{Daemon, Image, Peer, ServeOptions};
+use vhost_user_cow::units::to_usize;
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-user-cow");
 
@@ -64,7 +65,7 @@ fn load(sock: &Path, args: &[&str]) -> serde_json::Value {
 }
 
 fn image(path: &Path, size: u64, seed: u64) {
-    let mut data = vec![0u8; size as usize];
+    let mut data = vec![0u8; to_usize(size)];
     let mut x = seed | 1;
     for b in data.chunks_mut(8) {
         x ^= x << 13;

@@ -17,6 +17,7 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use common::daemon::{Daemon, Image, Peer, ServeOptions};
 use common::Rng;
 use vhost_user_cow::format::{Disk, DiskOptions};
+use vhost_user_cow::units::to_usize;
 
 const SECTORS: u64 = 16 * 1024; // 8 MiB
 const THREADS: usize = 4;
@@ -105,13 +106,17 @@ fn client(mut q: Blkioq, mem: *mut u8, t: usize, seed: u64) -> Model {
                     let data = tagged_sector(tag, first + i);
                     // SAFETY: within the slot's 16 KiB.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(data.as_ptr(), buf.add(i as usize * 512), 512)
+                        std::ptr::copy_nonoverlapping(
+                            data.as_ptr(),
+                            buf.add(to_usize(i) * 512),
+                            512,
+                        )
                     };
                 }
                 q.write(
                     first * 512,
                     buf,
-                    (count * 512) as usize,
+                    to_usize(count * 512),
                     slot,
                     ReqFlags::empty(),
                 );
@@ -131,7 +136,7 @@ fn client(mut q: Blkioq, mem: *mut u8, t: usize, seed: u64) -> Model {
                 q.read(
                     sector * 512,
                     buf,
-                    (count * 512) as usize,
+                    to_usize(count * 512),
                     slot,
                     ReqFlags::empty(),
                 );
@@ -197,7 +202,7 @@ fn client(mut q: Blkioq, mem: *mut u8, t: usize, seed: u64) -> Model {
                         };
                         // SAFETY: within the slot's 16 KiB.
                         let got =
-                            unsafe { std::slice::from_raw_parts(buf.add(i as usize * 512), 512) };
+                            unsafe { std::slice::from_raw_parts(buf.add(to_usize(i) * 512), 512) };
                         assert_eq!(got, &want[..], "thread {t}: sector {s} read back wrong");
                     }
                 }
@@ -217,7 +222,7 @@ fn stress_chunked(daemon_args: &[&str], chunk: u32) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     let cow = dir.path().join("disk.cow");
-    let mut image = Vec::with_capacity((SECTORS * 512) as usize);
+    let mut image = Vec::with_capacity(to_usize(SECTORS * 512));
     for s in 0..SECTORS {
         image.extend_from_slice(&backing_sector(s));
     }
@@ -229,7 +234,7 @@ fn stress_chunked(daemon_args: &[&str], chunk: u32) {
     vhost_user_cow::format::create_cow(&cow, &base, &opts).unwrap();
 
     let opts = ServeOptions {
-        num_queues: THREADS as u16,
+        num_queues: u16::try_from(THREADS).unwrap(),
         extra_args: ["--threads", "2", "--queue-depth", "4"]
             .iter()
             .chain(daemon_args)
@@ -246,7 +251,8 @@ fn stress_chunked(daemon_args: &[&str], chunk: u32) {
     let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
     b.set_str("path", sock.to_str().unwrap()).unwrap();
     b.connect().unwrap();
-    b.set_i32("num-queues", THREADS as i32).unwrap();
+    b.set_i32("num-queues", i32::try_from(THREADS).unwrap())
+        .unwrap();
     let out = b.start().unwrap();
     let region = b.alloc_mem_region(THREADS * DEPTH * 16384).unwrap();
     b.map_mem_region(&region).unwrap();
@@ -262,7 +268,7 @@ fn stress_chunked(daemon_args: &[&str], chunk: u32) {
     let mut written = 0;
     for h in handles {
         for (s, tag) in h.join().expect("client thread panicked") {
-            image[(s * 512) as usize..(s * 512 + 512) as usize]
+            image[to_usize(s * 512)..to_usize(s * 512 + 512)]
                 .copy_from_slice(&tagged_sector(tag, s));
             written += 1;
         }

@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 
 use common::*;
 use vhost_user_cow::format::{Disk, DiskOptions};
+use vhost_user_cow::units::to_usize;
 
 fn run_in(cwd: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     let mut c = Command::new(bin());
@@ -64,7 +65,7 @@ fn head_and_len(path: &Path) -> (Vec<u8>, u64) {
     let len = data.len() as u64;
     let h = vhost_user_cow::format::open::read_header(&std::fs::File::open(path).unwrap(), path)
         .unwrap();
-    let off = h.geometry(path).unwrap().data_offset as usize;
+    let off = to_usize(h.geometry(path).unwrap().data_offset);
     (data[..off].to_vec(), len)
 }
 
@@ -83,7 +84,7 @@ fn random_writes(cow: &Path, n: usize, rng: &mut Rng) {
     for _ in 0..n {
         let count = 1 + rng.below(64).min(sectors - 1);
         let start = rng.below(sectors - count + 1);
-        let mut buf = rng.bytes((count * 512) as usize);
+        let mut buf = rng.bytes(to_usize(count * 512));
         // Some all-zero COW data, which must still win over the backing.
         if rng.below(8) == 0 {
             buf.fill(0);
@@ -104,7 +105,7 @@ fn read_all(cow: &Path) -> Vec<u8> {
         },
     )
     .unwrap();
-    let mut buf = vec![0u8; d.size as usize];
+    let mut buf = vec![0u8; to_usize(d.size)];
     d.read_sectors(0, &mut buf).unwrap();
     buf
 }

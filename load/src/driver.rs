@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 use crate::args::Args;
+use crate::convert::to_usize;
 use crate::report::{self, QueueResult, Report, RunInfo};
 use crate::workload::{self, Rng, Workload};
 
@@ -48,7 +49,10 @@ impl QueueJob {
         // SAFETY: slot < iodepth and the region holds iodepth * bs bytes
         // for this queue; the caller keeps the device off it.
         unsafe {
-            std::slice::from_raw_parts_mut(self.buf.add(slot * self.bs as usize), self.bs as usize)
+            std::slice::from_raw_parts_mut(
+                self.buf.add(slot * to_usize(self.bs)),
+                to_usize(self.bs),
+            )
         }
     }
 }
@@ -78,7 +82,7 @@ fn submit(job: &mut QueueJob, slot: usize, slots: &mut [Slot]) -> bool {
         workload::stamp(unsafe { job.slot_buf(slot) }, offset, tag);
     }
     // SAFETY: slot < iodepth, and the region holds iodepth * bs bytes.
-    let buf = unsafe { job.buf.add(slot * job.bs as usize) };
+    let buf = unsafe { job.buf.add(slot * to_usize(job.bs)) };
     let s = &mut slots[slot];
     s.is_write = is_write;
     s.offset = offset;
@@ -86,10 +90,10 @@ fn submit(job: &mut QueueJob, slot: usize, slots: &mut [Slot]) -> bool {
     if job.max_segment == 0 || job.bs <= job.max_segment {
         if is_write {
             job.queue
-                .write(offset, buf, job.bs as usize, slot, ReqFlags::empty());
+                .write(offset, buf, to_usize(job.bs), slot, ReqFlags::empty());
         } else {
             job.queue
-                .read(offset, buf, job.bs as usize, slot, ReqFlags::empty());
+                .read(offset, buf, to_usize(job.bs), slot, ReqFlags::empty());
         }
     } else {
         s.iov.clear();
@@ -98,11 +102,13 @@ fn submit(job: &mut QueueJob, slot: usize, slots: &mut [Slot]) -> bool {
             let n = job.max_segment.min(job.bs - done);
             s.iov.push(libc::iovec {
                 // SAFETY: within this slot's buffer.
-                iov_base: unsafe { buf.add(done as usize) } as *mut libc::c_void,
-                iov_len: n as usize,
+                iov_base: unsafe { buf.add(to_usize(done)) } as *mut libc::c_void,
+                iov_len: to_usize(n),
             });
             done += n;
         }
+        // Bounded: at most max-segments (an i32) segments, checked in `run`.
+        #[allow(clippy::cast_possible_truncation)]
         let (iov, cnt) = (s.iov.as_ptr(), s.iov.len() as u32);
         if is_write {
             job.queue.writev(offset, iov, cnt, slot, ReqFlags::empty());
@@ -207,7 +213,7 @@ fn run_queue(mut job: QueueJob, clock: Arc<OnceLock<Clock>>, barrier: Arc<Barrie
             {
                 res.error(|| format!("queue {}: {msg}", job.index));
             } else if start >= clock.measure_start && now <= clock.measure_end {
-                let ns = now.duration_since(start).as_nanos() as u64;
+                let ns = u64::try_from(now.duration_since(start).as_nanos()).unwrap_or(u64::MAX);
                 let lat = if is_write {
                     res.writes += 1;
                     &mut res.write_lat
@@ -243,12 +249,13 @@ pub fn run(args: &Args) -> Result<Report, String> {
     b.connect()
         .map_err(berr(&format!("connect to {}", args.socket.display())))?;
     let max_queues = b.get_i32("max-queues").map_err(berr("max-queues"))?;
-    if args.queues as i32 > max_queues {
+    let queues = i32::try_from(args.queues).ok().filter(|&q| q <= max_queues);
+    let Some(queues) = queues else {
         return Err(format!(
             "{} queues asked, the device offers {max_queues}",
             args.queues
         ));
-    }
+    };
     let capacity = b.get_u64("capacity").map_err(berr("capacity"))?;
     let max_segment = b
         .get_i32("max-segment-len")
@@ -276,10 +283,10 @@ pub fn run(args: &Args) -> Result<Report, String> {
         .map_err(berr("queue-size"))?;
     if args.poll {
         b.set_i32("num-queues", 0).map_err(berr("num-queues"))?;
-        b.set_i32("num-poll-queues", args.queues as i32)
+        b.set_i32("num-poll-queues", queues)
             .map_err(berr("num-poll-queues"))?;
     } else {
-        b.set_i32("num-queues", args.queues as i32)
+        b.set_i32("num-queues", queues)
             .map_err(berr("num-queues"))?;
     }
     let area = args.size.unwrap_or(capacity).min(capacity);
@@ -294,11 +301,12 @@ pub fn run(args: &Args) -> Result<Report, String> {
     let outcome = b.start().map_err(berr("start"))?;
     // Buffers must live in memory the backend can see: allocate and map
     // one shared region for all queues.
-    let align = b
-        .get_u64("mem-region-alignment")
-        .map_err(berr("mem-region-alignment"))?
-        .max(4096) as usize;
-    let per_queue = args.iodepth * args.bs as usize;
+    let align = to_usize(
+        b.get_u64("mem-region-alignment")
+            .map_err(berr("mem-region-alignment"))?
+            .max(4096),
+    );
+    let per_queue = args.iodepth * to_usize(args.bs);
     let len = (per_queue * args.queues).div_ceil(align) * align;
     let region = b.alloc_mem_region(len).map_err(berr("alloc_mem_region"))?;
     b.map_mem_region(&region).map_err(berr("map_mem_region"))?;

@@ -9,6 +9,7 @@
 //! 10 s gives up and reports the backend as stalled.
 
 mod args;
+mod convert;
 mod driver;
 mod report;
 mod workload;

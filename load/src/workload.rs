@@ -208,6 +208,7 @@ pub fn check_stamps(buf: &[u8], offset: u64, tag: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert::to_usize;
     use clap::Parser;
 
     #[test]
@@ -215,12 +216,12 @@ mod tests {
         for n in [1u64, 2, 3, 5, 64, 1000, 1024, 1025, 65_537] {
             for seed in [1u64, 7, 12345] {
                 let p = Permutation::new(n, seed);
-                let mut seen = vec![false; n as usize];
+                let mut seen = vec![false; to_usize(n)];
                 for i in 0..n {
                     let x = p.get(i);
                     assert!(x < n);
-                    assert!(!seen[x as usize], "n={n} seed={seed}: {x} twice");
-                    seen[x as usize] = true;
+                    assert!(!seen[to_usize(x)], "n={n} seed={seed}: {x} twice");
+                    seen[to_usize(x)] = true;
                 }
             }
         }

@@ -12,8 +12,9 @@
 //! so the first sector is copied out first, checked in the copy, and
 //! written from the copy: what was checked is what reaches the file.
 
-use crate::format::header::{has_cow_magic, SECTOR_SIZE};
+use crate::format::header::has_cow_magic;
 use crate::fsutil::aligned::AlignedBuf;
+use crate::units::{to_usize, SECTOR_BYTES};
 use crate::virtio::request::{BlkRequest, Segment};
 
 /// What became of a write to sector 0.
@@ -29,7 +30,7 @@ pub enum FirstSector {
 /// carries at least one sector) out of guest memory, checks it, and makes
 /// the request's data start with the copy.
 pub fn pin_first_sector(req: &mut BlkRequest) -> FirstSector {
-    let len = SECTOR_SIZE as usize;
+    let len = to_usize(SECTOR_BYTES);
     let copy = AlignedBuf::zeroed(len);
     let mut got = 0;
     for s in &req.data {

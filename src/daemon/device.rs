@@ -9,8 +9,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::daemon::scheduler::{CowLayout, Scheduler};
 use crate::format::error::{DiskError, Result};
-use crate::format::header::SECTOR_SIZE;
 use crate::format::{Disk, DiskFormat, DiskOptions};
+use crate::units::{SECTOR_BYTES, SECTOR_SHIFT};
 use crate::virtio::request::Limits;
 
 /// Cache mode of the data files.
@@ -120,7 +120,7 @@ impl Device {
             ..
         } = disk;
         let guards_cow_magic = format_guessed && cow.is_none() && !opts.read_only;
-        let mut block_size = SECTOR_SIZE as u32;
+        let mut block_size = 1u32 << SECTOR_SHIFT; // one sector
         let (sched, backing, backing_path, description) = match cow {
             None => (
                 Scheduler::new_raw(sectors, threads, opts.read_only),
@@ -133,13 +133,13 @@ impl Device {
                     CacheMode::Direct => {
                         // O_DIRECT bitmap writes need block-aligned file
                         // offsets; v1/v2 bitmaps start mid-block.
-                        if c.geometry.bitmap_offset % SECTOR_SIZE != 0 {
+                        if c.geometry.bitmap_offset % SECTOR_BYTES != 0 {
                             return Err(DiskError::Unsupported {
                                 path,
                                 what: "O_DIRECT with a bitmap that is not 512-byte aligned (v1/v2 files)",
                             });
                         }
-                        SECTOR_SIZE
+                        SECTOR_BYTES
                     }
                     _ => 1,
                 };

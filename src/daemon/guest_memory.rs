@@ -220,7 +220,7 @@ impl GuestMemoryMap {
             .get_host_address(MemoryRegionAddress(0))
             .unwrap_or(std::ptr::null_mut());
         self.guarded.push(Guarded {
-            _registration: truncation_guard::register(start, region.len() as usize),
+            _registration: truncation_guard::register(start, crate::units::to_usize(region.len())),
             _region: region.clone(),
         });
     }

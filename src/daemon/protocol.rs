@@ -65,23 +65,21 @@ pub struct FrontendHandler {
     acked_protocol_features: u64,
 }
 
-fn invalid(what: String) -> VhostError {
-    crate::log_limited!(
-        log::Level::Warn,
-        "message refused",
-        "frontend message refused: {what}"
-    );
+/// A refused message: logged (rate-limited per `cause`) and answered with
+/// a failure.
+fn invalid(cause: &'static str, what: String) -> VhostError {
+    crate::log_limited!(log::Level::Warn, cause, "frontend message refused: {what}");
     VhostError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, what))
 }
 
 fn memory_error(e: MemoryError) -> VhostError {
-    invalid(e.to_string())
+    invalid("memory table", e.to_string())
 }
 
 fn unsupported(what: &'static str) -> VhostError {
     crate::log_limited!(
         log::Level::Warn,
-        "message unsupported",
+        what,
         "frontend message refused: {what} is not supported"
     );
     VhostError::InvalidOperation("not supported")
@@ -129,10 +127,13 @@ impl FrontendHandler {
 
     fn queue(&self, index: u32) -> VhostResult<&Arc<Virtqueue>> {
         self.queues.get(index as usize).ok_or_else(|| {
-            invalid(format!(
-                "queue {index} does not exist (there are {})",
-                self.queues.len()
-            ))
+            invalid(
+                "no such queue",
+                format!(
+                    "queue {index} does not exist (there are {})",
+                    self.queues.len()
+                ),
+            )
         })
     }
 
@@ -144,9 +145,10 @@ impl FrontendHandler {
             return Ok(());
         }
         if !st.queue.is_valid(&*self.conn.mem.memory()) {
-            return Err(invalid(format!(
-                "queue {index}: its rings are not inside guest memory"
-            )));
+            return Err(invalid(
+                "rings outside memory",
+                format!("queue {index}: its rings are not inside guest memory"),
+            ));
         }
         st.started = true;
         drop(st);
@@ -189,7 +191,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn reset_owner(&mut self) -> VhostResult<()> {
-        for i in 0..self.queues.len() as u32 {
+        for i in 0..u32::from(self.opts.num_queues) {
             self.stop(i)?;
         }
         Ok(())
@@ -206,10 +208,10 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     fn set_features(&mut self, features: u64) -> VhostResult<()> {
         let offered = virtio_features(self.dev.read_only);
         if features & !offered != 0 {
-            return Err(invalid(format!(
-                "features {:#x} were not offered",
-                features & !offered
-            )));
+            return Err(invalid(
+                "SET_FEATURES",
+                format!("features {:#x} were not offered", features & !offered),
+            ));
         }
         self.acked_features = features;
         crate::log_limited!(
@@ -225,7 +227,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings
         // start enabled.
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            for i in 0..self.queues.len() as u32 {
+            for i in 0..u32::from(self.opts.num_queues) {
                 self.queues[i as usize].lock().enabled = true;
                 self.maybe_start(i)?;
             }
@@ -246,19 +248,24 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
-        let max = u32::from(self.opts.max_queue_size);
-        if num == 0 || num > max || !num.is_power_of_two() {
-            return Err(invalid(format!(
-                "queue {index}: size {num} (must be a power of two from 1 to {max})"
-            )));
-        }
+        let max = self.opts.max_queue_size;
+        let size = u16::try_from(num)
+            .ok()
+            .filter(|&n| n <= max && n.is_power_of_two());
+        let Some(size) = size else {
+            return Err(invalid(
+                "SET_VRING_NUM",
+                format!("queue {index}: size {num} (must be a power of two from 1 to {max})"),
+            ));
+        };
         let mut st = self.queue(index)?.lock();
         if st.started {
-            return Err(invalid(format!(
-                "queue {index}: SET_VRING_NUM on a started ring"
-            )));
+            return Err(invalid(
+                "SET_VRING_NUM",
+                format!("queue {index}: SET_VRING_NUM on a started ring"),
+            ));
         }
-        st.queue.set_size(num as u16);
+        st.queue.set_size(size);
         // A ring stopped as broken is served again, at its next kick.
         st.revive();
         Ok(())
@@ -276,7 +283,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         let gpa = |what: &str, addr: u64| {
             self.memory
                 .frontend_to_guest(addr)
-                .map_err(|e| invalid(format!("queue {index}: {what}: {e}")))
+                .map_err(|e| invalid("SET_VRING_ADDR", format!("queue {index}: {what}: {e}")))
         };
         let (desc, avail, used) = (
             gpa("descriptor table", descriptor)?,
@@ -286,15 +293,21 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         let mem = self.conn.mem.memory();
         let mut st = self.queue(index)?.lock();
         if st.started {
-            return Err(invalid(format!(
-                "queue {index}: SET_VRING_ADDR on a started ring"
-            )));
+            return Err(invalid(
+                "SET_VRING_ADDR",
+                format!("queue {index}: SET_VRING_ADDR on a started ring"),
+            ));
         }
         let q = &mut st.queue;
         q.try_set_desc_table_address(GuestAddress(desc))
             .and_then(|_| q.try_set_avail_ring_address(GuestAddress(avail)))
             .and_then(|_| q.try_set_used_ring_address(GuestAddress(used)))
-            .map_err(|e| invalid(format!("queue {index}: ring address: {e}")))?;
+            .map_err(|e| {
+                invalid(
+                    "SET_VRING_ADDR",
+                    format!("queue {index}: ring address: {e}"),
+                )
+            })?;
         // The used index continues from where the driver's ring is (as
         // after a reconnect); SET_VRING_BASE gives only the avail side.
         if let Ok(idx) = q.used_idx(&*mem, Ordering::Acquire) {
@@ -308,11 +321,19 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
         let mut st = self.queue(index)?.lock();
         if st.started {
-            return Err(invalid(format!(
-                "queue {index}: SET_VRING_BASE on a started ring"
-            )));
+            return Err(invalid(
+                "SET_VRING_BASE",
+                format!("queue {index}: SET_VRING_BASE on a started ring"),
+            ));
         }
-        st.queue.set_next_avail(base as u16);
+        // A split ring's avail index is 16 bits.
+        let Ok(base) = u16::try_from(base) else {
+            return Err(invalid(
+                "SET_VRING_BASE",
+                format!("queue {index}: base {base} out of range"),
+            ));
+        };
+        st.queue.set_next_avail(base);
         // A ring stopped as broken is served again, at its next kick.
         st.revive();
         Ok(())
@@ -393,7 +414,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     ) -> VhostResult<()> {
         self.config
             .write_config(offset, buf)
-            .map_err(|e| invalid(format!("SET_CONFIG: {e}")))?;
+            .map_err(|e| invalid("SET_CONFIG", format!("SET_CONFIG: {e}")))?;
         let writethrough = self.config.writeback == 0;
         self.conn
             .writethrough

@@ -166,14 +166,14 @@ fn enter_namespace(mode: SandboxMode) -> Result<(), SandboxError> {
     .map_err(setup_err(mode, "mount an empty tmpfs"))?;
     std::fs::create_dir("/tmp/old").map_err(setup_err(mode, "mkdir the old root's mount point"))?;
     // SAFETY: pivot_root has no libc wrapper; both paths are valid.
-    check(unsafe {
+    let rc = unsafe {
         libc::syscall(
             libc::SYS_pivot_root,
             new_root.as_ptr(),
             cstr("/tmp/old").as_ptr(),
-        ) as libc::c_int
-    })
-    .map_err(setup_err(mode, "pivot_root"))?;
+        )
+    };
+    check(if rc == 0 { 0 } else { -1 }).map_err(setup_err(mode, "pivot_root"))?;
     std::env::set_current_dir("/").map_err(setup_err(mode, "chdir /"))?;
     // SAFETY: as above.
     check(unsafe { libc::umount2(cstr("/old").as_ptr(), libc::MNT_DETACH) })

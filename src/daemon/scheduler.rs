@@ -20,7 +20,7 @@ use std::ops::Range;
 use rustc_hash::FxHashMap;
 
 use crate::format::bitmap::{Bitmap, Extent};
-use crate::format::header::SECTOR_SIZE;
+use crate::units::{to_usize, SECTOR_BYTES};
 
 pub type ReqId = u64;
 pub type OpId = u64;
@@ -299,7 +299,7 @@ impl Scheduler {
     /// Pointer to bitmap byte `start`, for issuing a `BitmapWrite`.
     pub fn bitmap_ptr(&self, start: u64) -> *const u8 {
         let (b, _) = self.cow.as_ref().expect("bitmap write on a raw disk");
-        b.byte_ptr(start as usize)
+        b.byte_ptr(to_usize(start))
     }
 
     pub fn stats(&self) -> &Stats {
@@ -464,7 +464,7 @@ impl Scheduler {
                 counted_on: Vec::new(),
             },
         );
-        let bytes = req.count * SECTOR_SIZE;
+        let bytes = req.count * SECTOR_BYTES;
         match req.kind {
             ReqKind::Read => {
                 self.stats.reads += 1;
@@ -559,17 +559,17 @@ impl Scheduler {
                 if !raw {
                     self.stats.cow_extents += 1;
                 }
-                (Target::Cow, data_offset + e.sector * SECTOR_SIZE)
+                (Target::Cow, data_offset + e.sector * SECTOR_BYTES)
             } else {
                 self.stats.backing_extents += 1;
                 self.count_read_on_records(id, e);
-                (Target::Backing, e.sector * SECTOR_SIZE)
+                (Target::Backing, e.sector * SECTOR_BYTES)
             };
             let kind = OpKind::Read {
                 target,
                 offset,
-                len: e.count * SECTOR_SIZE,
-                buf_offset: (e.sector - req.sector) * SECTOR_SIZE,
+                len: e.count * SECTOR_BYTES,
+                buf_offset: (e.sector - req.sector) * SECTOR_BYTES,
             };
             self.emit_data(id, kind);
         }
@@ -664,15 +664,15 @@ impl Scheduler {
             }
             let bounce = self.next_bounce;
             self.next_bounce += 1;
-            let len = (to - from) * SECTOR_SIZE;
+            let len = (to - from) * SECTOR_BYTES;
             let owner = OpOwner::CopyRead {
                 req: id,
-                cow_offset: data_offset + from * SECTOR_SIZE,
+                cow_offset: data_offset + from * SECTOR_BYTES,
                 len,
                 bounce,
             };
             let kind = OpKind::CopyRead {
-                offset: from * SECTOR_SIZE,
+                offset: from * SECTOR_BYTES,
                 len,
                 bounce,
             };
@@ -708,8 +708,8 @@ impl Scheduler {
         for (c, partial) in copies {
             self.start_copy_up(id, c, partial);
         }
-        let offset = data_offset + req.sector * SECTOR_SIZE;
-        let len = req.count * SECTOR_SIZE;
+        let offset = data_offset + req.sector * SECTOR_BYTES;
+        let len = req.count * SECTOR_BYTES;
         let kind = match req.kind {
             ReqKind::Write => OpKind::Write {
                 offset,

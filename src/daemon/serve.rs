@@ -378,6 +378,18 @@ fn serve_connection(
             Err(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
             ) => return false,
+            // Our own refusal, already logged with its reason.
+            Err(
+                vhost::vhost_user::Error::ReqHandlerError(_)
+                | vhost::vhost_user::Error::InvalidOperation(_),
+            ) => {
+                crate::log_limited!(
+                    log::Level::Info,
+                    "connection ended after a refusal",
+                    "frontend connection ended after a refused message"
+                );
+                return false;
+            }
             Err(e) => {
                 crate::log_limited!(
                     log::Level::Warn,

@@ -25,9 +25,10 @@ use super::scheduler::{
 use super::virtqueue::Virtqueue;
 use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
+use crate::units::{to_usize, SECTOR_SHIFT};
 use crate::virtio::parse_request;
 use crate::virtio::request::{
-    write_status, BlkRequest, RequestType, Segment, SECTOR_SHIFT, STATUS_IOERR, STATUS_OK,
+    write_status, BlkRequest, RequestType, Segment, STATUS_IOERR, STATUS_OK,
 };
 
 /// Bits of a scheduler request id: thread, slot, part (discard ranges).
@@ -88,7 +89,8 @@ pub struct Worker {
     thread: ThreadId,
     engine: Box<dyn IoEngine>,
     inflight: Slab<InFlight>,
-    /// Engine operations in flight, by user data (the scheduler's op id).
+    /// Engine operations in flight that need work at completion, by user
+    /// data (the scheduler's op id): the one table of them.
     ops: FxHashMap<OpId, Tracked>,
     /// Copy-up bounce buffers, from CopyRead issue to CopyWrite completion.
     bounces: FxHashMap<u64, AlignedBuf>,
@@ -121,7 +123,7 @@ fn iovecs(segments: &[Segment], mut offset: u64, mut len: u64) -> IoVecs {
         }
         let take = (slen - offset).min(len);
         // SAFETY: offset < slen, so the pointer stays inside the segment.
-        iov.push(unsafe { s.ptr().add(offset as usize) }, take as usize);
+        iov.push(unsafe { s.ptr().add(to_usize(offset)) }, to_usize(take));
         len -= take;
         offset = 0;
         if len == 0 {
@@ -199,6 +201,14 @@ impl Worker {
     /// Finished requests are waiting to be published.
     pub fn has_done(&self) -> bool {
         !self.done.is_empty()
+    }
+
+    /// Whether the loop has work without waiting for an event: parts to
+    /// submit, completions to report, requests to publish, or a ring left
+    /// unread for backpressure that has room again (no kick will come for
+    /// it, and with EVENT_IDX its notifications stay off until taken).
+    pub fn has_work_now(&self) -> bool {
+        self.has_sched_input() || self.has_done() || self.should_retake()
     }
 
     /// The other threads the last scheduler step gave work to.
@@ -394,6 +404,7 @@ impl Worker {
                 _ => {}
             },
         }
+        #[allow(clippy::cast_possible_truncation)] // bounded: at most max_discard_seg (u32) parts
         let parts = (self.to_submit.len() - first_part) as u32;
         let slot = self.insert(ring, head, req, mem, parts, first_sector);
         if parts == 0 {
@@ -453,8 +464,12 @@ impl Worker {
             // until their op is done; bitmap bytes under a pending write
             // are left alone by the scheduler (rule 2).
             match unsafe { self.engine.submit(io, op.id) } {
+                // Only what needs work at completion is tracked: a plain
+                // write, sync or zeroing just reports its result.
                 Ok(()) => {
-                    self.ops.insert(op.id, tracked);
+                    if !matches!(tracked, Tracked::Plain) {
+                        self.ops.insert(op.id, tracked);
+                    }
                 }
                 Err(SubmitError::Full(_)) => {
                     // Rule 5: keep it for when completions free room.
@@ -524,7 +539,7 @@ impl Worker {
             }
             (Some(Tracked::CopyRead { bounce, len }), Ok(n)) if n < len => {
                 if let Some(b) = self.bounces.get_mut(&bounce) {
-                    b.as_mut_slice()[n as usize..len as usize].fill(0);
+                    b.as_mut_slice()[to_usize(n)..to_usize(len)].fill(0);
                 }
             }
             (Some(Tracked::CopyRead { bounce, .. }), Err(_))
@@ -550,12 +565,12 @@ impl Worker {
                 let buf = self
                     .bounces
                     .entry(bounce)
-                    .or_insert_with(|| AlignedBuf::zeroed(len as usize));
+                    .or_insert_with(|| AlignedBuf::zeroed(to_usize(len)));
                 (
                     IoOp::Readv {
                         fd: dev.backing_fd(),
                         offset,
-                        iov: IoVecs::single(buf.as_ptr(), len as usize),
+                        iov: IoVecs::single(buf.as_ptr(), to_usize(len)),
                     },
                     Tracked::CopyRead { bounce, len },
                 )
@@ -570,12 +585,12 @@ impl Worker {
                 let buf = self
                     .bounces
                     .entry(bounce)
-                    .or_insert_with(|| AlignedBuf::zeroed(len as usize));
+                    .or_insert_with(|| AlignedBuf::zeroed(to_usize(len)));
                 (
                     IoOp::Writev {
                         fd: dev.cow_fd(),
                         offset,
-                        iov: IoVecs::single(buf.as_ptr(), len as usize),
+                        iov: IoVecs::single(buf.as_ptr(), to_usize(len)),
                     },
                     Tracked::CopyWrite { bounce },
                 )
@@ -646,7 +661,7 @@ impl Worker {
                 IoOp::Writev {
                     fd: dev.cow_fd(),
                     offset,
-                    iov: IoVecs::single(sched.bitmap_ptr(start) as *mut u8, len as usize),
+                    iov: IoVecs::single(sched.bitmap_ptr(start) as *mut u8, to_usize(len)),
                 },
                 Tracked::Plain,
             ),

@@ -386,15 +386,7 @@ impl WorkerLoop {
                 return;
             }
 
-            // A ring left unread for backpressure has room again: nothing
-            // else will bring us back to it (no kick comes, and with
-            // EVENT_IDX notifications stay off until we take from it).
-            if worker.has_sched_input()
-                || worker.has_done()
-                || take
-                || woken
-                || worker.should_retake()
-            {
+            if worker.has_work_now() || take || woken {
                 poll_until = None;
                 continue;
             }
@@ -428,7 +420,9 @@ impl WorkerLoop {
                     }
                     TOKEN_ENGINE => consume(worker.engine_fd()),
                     t => {
-                        let index = (t - TOKEN_RING) as u16;
+                        let Ok(index) = u16::try_from(t - TOKEN_RING) else {
+                            continue;
+                        };
                         if let Some(r) = rings.iter().find(|r| r.index == index) {
                             if let Some(k) = &r.lock().kick {
                                 consume(k.as_raw_fd());

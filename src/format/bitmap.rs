@@ -6,6 +6,7 @@
 //! writes can be issued straight from it, even with O_DIRECT.
 
 use crate::fsutil::aligned::{AlignedBuf, PAGE};
+use crate::units::to_usize;
 
 #[cfg(target_endian = "big")]
 compile_error!("the bitmap is scanned as little-endian 64-bit words");
@@ -72,7 +73,7 @@ impl Bitmap {
 
     /// Bytes that hold bits (the on-disk v3 bitmap length).
     pub fn byte_len(&self) -> usize {
-        self.chunks.div_ceil(8) as usize
+        to_usize(self.chunks.div_ceil(8))
     }
 
     /// The whole allocation (bit bytes plus zero padding to a page).
@@ -98,7 +99,7 @@ impl Bitmap {
 
     fn word(&self, i: u64) -> u64 {
         let b = self.as_bytes();
-        let start = (i * 8) as usize;
+        let start = to_usize(i * 8);
         u64::from_le_bytes(b[start..start + 8].try_into().unwrap())
     }
 
@@ -136,7 +137,8 @@ impl Bitmap {
                 bit += whole as u64 * 8;
                 continue;
             }
-            let mask = (((1u16 << hi) - 1) as u8) & !(((1u16 << lo) - 1) as u8);
+            // Bits lo..hi of the byte (0 <= lo < hi <= 8).
+            let mask = (0xffu8 >> (8 - hi)) & (0xffu8 << lo);
             if value {
                 bytes[byte] |= mask;
             } else {
@@ -252,7 +254,7 @@ mod tests {
     fn naive(bits: &[bool], spc: u64, sector: u64, count: u64) -> Vec<Extent> {
         let mut out: Vec<Extent> = Vec::new();
         for s in sector..sector + count {
-            let in_cow = bits[(s / spc) as usize];
+            let in_cow = bits[to_usize(s / spc)];
             match out.last_mut() {
                 Some(e) if e.in_cow == in_cow => e.count += 1,
                 _ => out.push(Extent {

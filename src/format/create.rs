@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use super::error::{DiskError, Result};
-use super::header::{CowHeader, DEFAULT_ALIGNMENT, SECTOR_SIZE};
+use super::header::{CowHeader, DEFAULT_ALIGNMENT, DEFAULT_SECTORSIZE};
 use super::open::{absolute_backing_path, file_size};
 use crate::fsutil::files::{file_kind, mtime32, usable, NewFile};
 
@@ -21,7 +21,7 @@ pub struct CreateOptions {
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
-            sectorsize: SECTOR_SIZE as u32,
+            sectorsize: DEFAULT_SECTORSIZE,
             alignment: DEFAULT_ALIGNMENT,
             force: false,
         }

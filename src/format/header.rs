@@ -5,13 +5,16 @@
 use std::path::Path;
 
 use crate::format::error::{DiskError, Result};
+use crate::units::SECTOR_BYTES;
 
 pub const COW_MAGIC: u32 = 0x4f4f4f4d;
 pub const COW_VERSION: u32 = 3;
-/// Guest sectors are always 512 bytes; the header's sectorsize is the size
-/// of the chunk one bitmap bit covers.
-pub const SECTOR_SIZE: u64 = 512;
-pub const MAX_SECTOR_SIZE: u64 = 65536;
+/// The header's `sectorsize` is the chunk one bitmap bit covers (guest
+/// sectors are always [`SECTOR_BYTES`]); this is what `create` writes by
+/// default, as UML does.
+pub const DEFAULT_SECTORSIZE: u32 = 512;
+/// The largest `sectorsize` accepted (the smallest is one sector).
+pub const MAX_SECTORSIZE: u64 = 65536;
 /// Alignments beyond this are not something any writer produces; refusing
 /// them keeps hostile headers from pushing the data offset out of reach.
 pub const MAX_ALIGNMENT: u64 = 1 << 20;
@@ -301,7 +304,7 @@ impl CowHeader {
     /// kernel's formulas for this version.
     pub fn geometry(&self, path: &Path) -> Result<Geometry> {
         let ss = u64::from(self.sectorsize);
-        if !ss.is_power_of_two() || !(SECTOR_SIZE..=MAX_SECTOR_SIZE).contains(&ss) {
+        if !ss.is_power_of_two() || !(SECTOR_BYTES..=MAX_SECTORSIZE).contains(&ss) {
             return Err(DiskError::BadSectorSize {
                 path: path.to_owned(),
                 sectorsize: ss,

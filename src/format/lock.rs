@@ -19,14 +19,20 @@ pub enum LockKind {
     Write,
 }
 
+/// A value for a `c_short` field of `struct flock`: the lock types and
+/// whence are `c_int` constants of libc, all small (0 to 2).
+fn short(v: libc::c_int) -> libc::c_short {
+    libc::c_short::try_from(v).expect("fcntl lock constants fit a c_short")
+}
+
 fn flock_for(kind: LockKind) -> libc::flock {
     // SAFETY: flock is plain data; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = match kind {
+    fl.l_type = short(match kind {
         LockKind::Read => libc::F_RDLCK,
         LockKind::Write => libc::F_WRLCK,
-    } as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    });
+    fl.l_whence = short(libc::SEEK_SET);
     // l_start = 0, l_len = 0: the whole file, however it grows.
     fl
 }
@@ -53,7 +59,7 @@ pub fn lock_holder(file: &File, kind: LockKind) -> Option<i32> {
     let mut fl = flock_for(kind);
     // SAFETY: valid fd and flock.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) } == 0
-        && fl.l_type != libc::F_UNLCK as libc::c_short
+        && fl.l_type != short(libc::F_UNLCK)
         && fl.l_pid > 0
     {
         return Some(fl.l_pid);

@@ -14,11 +14,10 @@ use std::path::{Path, PathBuf};
 
 use super::bitmap::Bitmap;
 use super::error::{DiskError, Result};
-use super::header::{
-    has_cow_magic, CowHeader, Geometry, HeaderLayout, MAX_HEADER_LEN, SECTOR_SIZE,
-};
+use super::header::{has_cow_magic, CowHeader, Geometry, HeaderLayout, MAX_HEADER_LEN};
 use super::lock::{lock_file, LockKind};
 use crate::fsutil::files::{file_kind, mtime32, size_of, usable};
+use crate::units::{to_usize, SECTOR_BYTES};
 
 /// The on-disk format of a served file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +210,7 @@ pub fn read_bitmap(file: &File, path: &Path, geometry: &Geometry) -> Result<Bitm
         }
     })?;
     let room = geometry.data_offset - geometry.bitmap_offset;
-    let on_disk = room.min(bitmap.byte_len() as u64) as usize;
+    let on_disk = to_usize(room.min(bitmap.byte_len() as u64));
     read_full_at(
         file,
         &mut bitmap.as_bytes_mut()[..on_disk],
@@ -306,7 +305,7 @@ impl Disk {
                 file,
                 lock_holder,
                 cow: None,
-                size: len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE,
+                size: len.div_ceil(SECTOR_BYTES) * SECTOR_BYTES,
                 read_only: opts.read_only,
                 format_guessed,
             });
@@ -356,7 +355,7 @@ impl Disk {
             path: path.to_owned(),
             file,
             lock_holder,
-            size: size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE,
+            size: size.div_ceil(SECTOR_BYTES) * SECTOR_BYTES,
             read_only: opts.read_only,
             format_guessed,
             cow: Some(CowParts {

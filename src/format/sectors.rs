@@ -10,12 +10,12 @@ use std::path::Path;
 
 use super::bitmap::Extent;
 use super::error::{DiskError, Result};
-use super::header::SECTOR_SIZE;
 use super::open::{read_full_at, Disk};
+use crate::units::{to_usize, SECTOR_BYTES};
 
 impl Disk {
     pub fn sectors(&self) -> u64 {
-        self.size / SECTOR_SIZE
+        self.size / SECTOR_BYTES
     }
 
     fn check_range(&self, sector: u64, count: u64) -> Result<()> {
@@ -45,12 +45,12 @@ impl Disk {
 
     /// Reads whole sectors synchronously (tools and tests).
     pub fn read_sectors(&self, sector: u64, buf: &mut [u8]) -> Result<()> {
-        let count = buf.len() as u64 / SECTOR_SIZE;
-        assert_eq!(buf.len() as u64 % SECTOR_SIZE, 0);
+        let count = buf.len() as u64 / SECTOR_BYTES;
+        assert_eq!(buf.len() as u64 % SECTOR_BYTES, 0);
         self.check_range(sector, count)?;
         let mut done = 0usize;
         for e in self.extents(sector, count) {
-            let len = (e.count * SECTOR_SIZE) as usize;
+            let len = to_usize(e.count * SECTOR_BYTES);
             let dst = &mut buf[done..done + len];
             let (file, path, off) = self.locate(e);
             read_full_at(file, dst, off, path)?;
@@ -65,10 +65,10 @@ impl Disk {
             Some(c) if e.in_cow => (
                 &self.file,
                 &self.path,
-                c.geometry.data_offset + e.sector * SECTOR_SIZE,
+                c.geometry.data_offset + e.sector * SECTOR_BYTES,
             ),
-            Some(c) => (&c.backing, &c.backing_path, e.sector * SECTOR_SIZE),
-            None => (&self.file, &self.path, e.sector * SECTOR_SIZE),
+            Some(c) => (&c.backing, &c.backing_path, e.sector * SECTOR_BYTES),
+            None => (&self.file, &self.path, e.sector * SECTOR_BYTES),
         }
     }
 
@@ -76,8 +76,8 @@ impl Disk {
     /// uses: data (with copy-up of partial chunks), then bits, then the
     /// bitmap bytes.
     pub fn write_sectors(&mut self, sector: u64, buf: &[u8]) -> Result<()> {
-        let count = buf.len() as u64 / SECTOR_SIZE;
-        assert_eq!(buf.len() as u64 % SECTOR_SIZE, 0);
+        let count = buf.len() as u64 / SECTOR_BYTES;
+        assert_eq!(buf.len() as u64 % SECTOR_BYTES, 0);
         if self.read_only {
             return Err(DiskError::ReadOnly {
                 path: self.path.clone(),
@@ -87,7 +87,7 @@ impl Disk {
         let Some(cow) = &mut self.cow else {
             return self
                 .file
-                .write_all_at(buf, sector * SECTOR_SIZE)
+                .write_all_at(buf, sector * SECTOR_BYTES)
                 .map_err(DiskError::io(&self.path, "write"));
         };
         let spc = cow.bitmap.sectors_per_chunk();
@@ -102,7 +102,7 @@ impl Disk {
         }
         // Copy-up: an unset chunk only partly covered gets the rest of its
         // sectors from the backing file first.
-        let mut chunk_buf = vec![0u8; (spc * SECTOR_SIZE) as usize];
+        let mut chunk_buf = vec![0u8; to_usize(spc * SECTOR_BYTES)];
         for chunk in first..first + nchunks {
             let c_start = chunk * spc;
             let c_end = c_start + spc;
@@ -113,22 +113,25 @@ impl Disk {
             read_full_at(
                 &cow.backing,
                 &mut chunk_buf,
-                c_start * SECTOR_SIZE,
+                c_start * SECTOR_BYTES,
                 &cow.backing_path,
             )?;
             self.file
-                .write_all_at(&chunk_buf, cow.geometry.data_offset + c_start * SECTOR_SIZE)
+                .write_all_at(
+                    &chunk_buf,
+                    cow.geometry.data_offset + c_start * SECTOR_BYTES,
+                )
                 .map_err(DiskError::io(&self.path, "copy-up write"))?;
         }
         self.file
-            .write_all_at(buf, cow.geometry.data_offset + sector * SECTOR_SIZE)
+            .write_all_at(buf, cow.geometry.data_offset + sector * SECTOR_BYTES)
             .map_err(DiskError::io(&self.path, "write"))?;
         if cow.bitmap.next_change(first, first + nchunks, true) == first + nchunks {
             return Ok(());
         }
         cow.bitmap.set_range(first, nchunks);
         let b0 = (first / 8) as usize;
-        let b1 = (first + nchunks).div_ceil(8) as usize;
+        let b1 = to_usize((first + nchunks).div_ceil(8));
         self.file
             .write_all_at(
                 &cow.bitmap.as_bytes()[b0..b1],

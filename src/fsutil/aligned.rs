@@ -13,6 +13,9 @@ pub struct AlignedBuf {
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: as for Vec<u8>: shared references only read through `&self`
+// methods; writing needs `&mut self` or an unsafe raw pointer whose user
+// must rule out races.
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {

@@ -43,7 +43,7 @@ pub fn size_of(file: &File) -> io::Result<u64> {
 
 /// The low 32 bits of the mtime's seconds, as UML records it.
 pub fn mtime32(meta: &Metadata) -> u32 {
-    meta.mtime() as u32
+    (meta.mtime() & 0xffff_ffff) as u32
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the

@@ -25,7 +25,9 @@ fn execute(op: &IoOp) -> i64 {
                 return -i64::from(libc::EINVAL);
             };
             // `validate` caps the count at IOV_MAX, so it fits in c_int.
-            let cnt = iov.len() as libc::c_int;
+            let Ok(cnt) = libc::c_int::try_from(iov.len()) else {
+                return -i64::from(libc::EINVAL);
+            };
             if matches!(op, IoOp::Readv { .. }) {
                 // SAFETY: the iovec array is owned by `op` and valid for the
                 // call; the memory it points to is valid and writable until

@@ -6,7 +6,7 @@
 //! so it hands every such write to an io-wq kernel thread: a wake-up and
 //! two context switches per write, more than the copy itself costs. Doing
 //! the `pwritev` on the queue thread, as cloud-hypervisor's backend does,
-//! measured 1.45x the IOPS at 4 KiB QD32 (docs/benchmarks.md). The price:
+//! avoids that (figures in docs/benchmarks.md). The price:
 //! a write that blocks (dirty-page throttling) stalls the thread's other
 //! requests meanwhile, which is why `serve --no-inline-writes` exists, and
 //! why only plain buffered files use it (an O_DIRECT or O_DSYNC write

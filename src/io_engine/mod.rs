@@ -42,6 +42,8 @@ mod uring;
 use std::io;
 use std::os::unix::io::RawFd;
 
+use crate::units::to_usize;
+
 pub use inline::InlineWrites;
 pub use threads::ThreadsEngine;
 pub use uring::UringEngine;
@@ -186,7 +188,7 @@ impl IoVecs {
             let seg = first.iov_len as u64;
             if n < seg {
                 // `n < iov_len`, so it fits in usize and stays in bounds.
-                let n = n as usize;
+                let n = to_usize(n);
                 // wrapping_add: the pointer is never dereferenced here.
                 first.iov_base = first.iov_base.cast::<u8>().wrapping_add(n).cast();
                 first.iov_len -= n;

@@ -7,7 +7,10 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{new_eventfd, Completion, EngineError, IoEngine, IoOp, OpState, Step, SubmitError};
+use super::{
+    new_eventfd, Completion, EngineError, IoEngine, IoOp, IoVecs, OpState, Step, SubmitError,
+};
+use crate::units::to_usize;
 
 /// Largest ring the kernel accepts (IORING_MAX_ENTRIES).
 const MAX_RING_ENTRIES: usize = 32768;
@@ -41,6 +44,7 @@ impl UringEngine {
         // The SQ holds at least one entry per in-flight operation (each has
         // at most one SQE outstanding), so pushing never finds it full in
         // normal operation; the CQ is twice that, so it never overflows.
+        #[allow(clippy::cast_possible_truncation)] // bounded: at most MAX_RING_ENTRIES (2^15)
         let entries = capacity.next_power_of_two() as u32;
         let ring = IoUring::new(entries).map_err(EngineError::Uring)?;
         let mut probe = Probe::new();
@@ -80,26 +84,18 @@ impl UringEngine {
         let entry = match &state.op {
             IoOp::Readv { fd, offset, iov } => {
                 let fd = types::Fd(*fd);
-                match iov.as_slice() {
-                    [one] if u32::try_from(one.iov_len).is_ok() => {
-                        opcode::Read::new(fd, one.iov_base.cast(), one.iov_len as u32)
-                            .offset(*offset)
-                            .build()
-                    }
-                    all => opcode::Readv::new(fd, all.as_ptr(), all.len() as u32)
+                match single(iov.as_slice()) {
+                    Some((base, len)) => opcode::Read::new(fd, base, len).offset(*offset).build(),
+                    None => opcode::Readv::new(fd, iov.as_slice().as_ptr(), iov_count(iov))
                         .offset(*offset)
                         .build(),
                 }
             }
             IoOp::Writev { fd, offset, iov } => {
                 let fd = types::Fd(*fd);
-                match iov.as_slice() {
-                    [one] if u32::try_from(one.iov_len).is_ok() => {
-                        opcode::Write::new(fd, one.iov_base.cast(), one.iov_len as u32)
-                            .offset(*offset)
-                            .build()
-                    }
-                    all => opcode::Writev::new(fd, all.as_ptr(), all.len() as u32)
+                match single(iov.as_slice()) {
+                    Some((base, len)) => opcode::Write::new(fd, base, len).offset(*offset).build(),
+                    None => opcode::Writev::new(fd, iov.as_slice().as_ptr(), iov_count(iov))
                         .offset(*offset)
                         .build(),
                 }
@@ -183,7 +179,7 @@ impl UringEngine {
                 break;
             };
             self.sqes_outstanding = self.sqes_outstanding.saturating_sub(1);
-            let slot = cqe.user_data() as usize;
+            let slot = to_usize(cqe.user_data());
             let Some(state) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
                 log::error!("io_uring: completion for unknown slot {slot}");
                 continue;
@@ -224,6 +220,21 @@ impl UringEngine {
         }
         Ok(())
     }
+}
+
+/// The one segment of a single-segment operation, for a plain READ/WRITE
+/// (whose length is a u32); `None` for several segments, or one too long.
+fn single(iov: &[libc::iovec]) -> Option<(*mut u8, u32)> {
+    match iov {
+        [one] => Some((one.iov_base.cast(), u32::try_from(one.iov_len).ok()?)),
+        _ => None,
+    }
+}
+
+/// The segment count for READV/WRITEV. `validate` caps it at IOV_MAX; a
+/// larger one saturates, and the kernel refuses it (EINVAL).
+fn iov_count(iov: &IoVecs) -> u32 {
+    u32::try_from(iov.len()).unwrap_or(u32::MAX)
 }
 
 fn is_backpressure(e: &io::Error) -> bool {

@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use super::inspect::{open_for_inspection, scan_bitmap, BackingInfo, Inspected};
 use crate::format::error::Result;
-use crate::format::header::SECTOR_SIZE;
 use crate::fsutil::escape::Escaped;
+use crate::units::SECTOR_BYTES;
 
 /// Everything `info` reports; serialized as-is for `--json`.
 #[derive(Debug, Clone, Serialize)]
@@ -81,8 +81,8 @@ pub fn inspect(path: &Path, backing: Option<&Path>) -> Result<Info> {
     };
     let g = header.geometry(path)?;
     let scan = scan_bitmap(&file, path, &g, header.size, len)?;
-    let disk_sectors = header.size.div_ceil(SECTOR_SIZE);
-    let spc = g.sectorsize / SECTOR_SIZE;
+    let disk_sectors = header.size.div_ceil(SECTOR_BYTES);
+    let spc = g.sectorsize / SECTOR_BYTES;
     // The last chunk may reach past the end of the disk; those sectors are
     // not part of the disk and are not counted.
     let overhang = g.chunks * spc - disk_sectors;
@@ -107,7 +107,7 @@ pub fn inspect(path: &Path, backing: Option<&Path>) -> Result<Info> {
         chunks: g.chunks,
         allocated_chunks: scan.allocated_chunks,
         allocated_sectors,
-        allocated_bytes: allocated_sectors * SECTOR_SIZE,
+        allocated_bytes: allocated_sectors * SECTOR_BYTES,
         allocated_percent: allocated_sectors as f64 * 100.0 / disk_sectors as f64,
         host_bytes: host_bytes(&meta),
         backing: BackingInfo::examine(path, &header, backing),

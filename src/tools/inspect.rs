@@ -19,6 +19,7 @@ use crate::format::open::{
     resolve_header_backing,
 };
 use crate::fsutil::files::{file_kind, mtime32, usable};
+use crate::units::to_usize;
 
 /// The backing file as the header names it and as it is on disk now.
 #[derive(Debug, Clone, Serialize)]
@@ -143,10 +144,10 @@ pub fn scan_bitmap(
     };
     let mut scan = BitmapScan::default();
     let region = g.data_offset - g.bitmap_offset;
-    let mut buf = vec![0u8; PIECE.min(region) as usize];
+    let mut buf = vec![0u8; to_usize(PIECE.min(region))];
     let mut done = 0u64;
     while done < region {
-        let n = PIECE.min(region - done) as usize;
+        let n = to_usize(PIECE.min(region - done));
         read_full_at(file, &mut buf[..n], g.bitmap_offset + done, path)?;
         for (i, &byte) in buf[..n].iter().enumerate() {
             if byte == 0 {

@@ -18,10 +18,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use thiserror::Error;
 
 use crate::format::error::DiskError;
-use crate::format::header::SECTOR_SIZE;
 use crate::format::lock::{lock_file, LockKind};
 use crate::format::open::{check_usable, read_full_at, CowParts, Disk, DiskOptions};
 use crate::fsutil::files::NewFile;
+use crate::units::{to_usize, SECTOR_BYTES};
 
 /// Bytes moved per read: large enough that syscalls do not dominate.
 const STEP: u64 = 4 << 20;
@@ -181,21 +181,21 @@ fn copy_all(
 ) -> Result<u64, DiskError> {
     let parts = disk.cow.as_ref().expect("a COW disk");
     let bar = progress_bar(progress, size);
-    let mut buf = vec![0u8; STEP as usize];
+    let mut buf = vec![0u8; to_usize(STEP)];
     let mut cow_bytes = 0;
     let mut pos = 0u64;
     while pos < size {
         let len = STEP.min(disk.size - pos);
-        let sector = pos / SECTOR_SIZE;
-        disk.read_sectors(sector, &mut buf[..len as usize])?;
+        let sector = pos / SECTOR_BYTES;
+        disk.read_sectors(sector, &mut buf[..to_usize(len)])?;
         cow_bytes += parts
             .bitmap
-            .map(sector, len / SECTOR_SIZE)
+            .map(sector, len / SECTOR_BYTES)
             .filter(|e| e.in_cow)
-            .map(|e| ((e.sector + e.count) * SECTOR_SIZE).min(size) - e.sector * SECTOR_SIZE)
+            .map(|e| ((e.sector + e.count) * SECTOR_BYTES).min(size) - e.sector * SECTOR_BYTES)
             .sum::<u64>();
         // The device is rounded up to whole sectors; the image is not.
-        let keep = len.min(size - pos) as usize;
+        let keep = to_usize(len.min(size - pos));
         write_nonzero(f, path, &buf[..keep], pos)?;
         pos += len;
         bar.set_position(pos.min(size));
@@ -276,14 +276,14 @@ fn copy_cow_extents(
 ) -> Result<u64, DiskError> {
     let total: u64 = parts.bitmap.count_ones() * parts.geometry.sectorsize;
     let bar = progress_bar(progress, total.min(size));
-    let mut buf = vec![0u8; STEP as usize];
+    let mut buf = vec![0u8; to_usize(STEP)];
     let mut written = 0u64;
     for e in parts.bitmap.map(0, disk.sectors()).filter(|e| e.in_cow) {
-        let start = e.sector * SECTOR_SIZE;
-        let end = ((e.sector + e.count) * SECTOR_SIZE).min(size);
+        let start = e.sector * SECTOR_BYTES;
+        let end = ((e.sector + e.count) * SECTOR_BYTES).min(size);
         let mut pos = start;
         while pos < end {
-            let n = STEP.min(end - pos) as usize;
+            let n = to_usize(STEP.min(end - pos));
             read_full_at(
                 &disk.file,
                 &mut buf[..n],

@@ -13,6 +13,7 @@ use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 use super::framing::{copy_from_guest, frame, truncate_pieces, Frame, Piece};
 use super::request::*;
+use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
 
 /// Parse and validate the request in `chain`.
 ///
@@ -36,6 +37,7 @@ where
 }
 
 /// Gives a framed request its meaning by type.
+#[inline]
 fn decode<G: GuestMemory + ?Sized>(
     mem: &G,
     frame: Frame,
@@ -79,6 +81,7 @@ fn decode<G: GuestMemory + ?Sized>(
 
 /// Refuses request types the device does not offer, and, like QEMU, any
 /// write to a read-only disk before any other validation.
+#[inline]
 fn check_type(req_type: RequestType, raw_type: u32, limits: &Limits) -> Result<(), RequestError> {
     match req_type {
         RequestType::Unsupported(t) => Err(RequestError::UnsupportedType(t)),
@@ -96,6 +99,7 @@ fn check_type(req_type: RequestType, raw_type: u32, limits: &Limits) -> Result<(
 }
 
 /// Data in the direction a request type does not use is an error.
+#[inline]
 fn no_data(req_type: RequestType, pieces: &[Piece]) -> Result<(), RequestError> {
     match pieces.first() {
         Some(p) => Err(RequestError::WrongDirection {
@@ -109,6 +113,7 @@ fn no_data(req_type: RequestType, pieces: &[Piece]) -> Result<(), RequestError> 
 
 /// IN/OUT data: within the segment limits, whole sectors, inside the disk,
 /// inside guest memory.
+#[inline]
 fn decode_data<G: GuestMemory + ?Sized>(
     mem: &G,
     req: &mut BlkRequest,
@@ -118,7 +123,7 @@ fn decode_data<G: GuestMemory + ?Sized>(
 ) -> Result<(), RequestError> {
     check_data_segments(data, limits)?;
     let len: u64 = data.iter().map(|p| p.len).sum();
-    if len % SECTOR_SIZE != 0 {
+    if len % SECTOR_BYTES != 0 {
         return Err(RequestError::UnalignedLength { len });
     }
     // Zero-length IN/OUT: the spec is silent; QEMU's virtio-blk handler
@@ -141,6 +146,7 @@ fn decode_data<G: GuestMemory + ?Sized>(
 /// GET_ID: any writable buffer size works, we fill min(len, 20) bytes. A
 /// GET_ID without a data buffer is, as in QEMU, answered OK with only the
 /// status written; readable extras are ignored (QEMU ignores them too).
+#[inline]
 fn decode_get_id<G: GuestMemory + ?Sized>(
     mem: &G,
     req: &mut BlkRequest,
@@ -241,10 +247,10 @@ fn parse_ranges<G: GuestMemory + ?Sized>(
             max: max_seg,
         });
     }
-    let mut bytes = vec![0u8; len as usize];
+    let mut bytes = vec![0u8; to_usize(len)];
     copy_from_guest(mem, payload, &mut bytes)?;
 
-    let mut ranges = Vec::with_capacity(count as usize);
+    let mut ranges = Vec::with_capacity(to_usize(count));
     for seg in bytes.chunks_exact(DISCARD_SEGMENT_SIZE) {
         let mut s = [0u8; 8];
         s.copy_from_slice(&seg[0..8]);

@@ -48,6 +48,7 @@ pub(super) struct Frame {
 
 /// Walks `chain` (on a clone: the caller keeps it for completing the
 /// request) and splits it into header, data and status.
+#[inline]
 pub(super) fn frame<M>(chain: &DescriptorChain<M>) -> Result<Frame, RequestFailure>
 where
     M: Deref + Clone,

@@ -11,10 +11,8 @@ use virtio_bindings::virtio_blk::{
 };
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
-/// Bytes per virtio-blk sector (always 512, whatever the logical block size).
-pub const SECTOR_SIZE: u64 = 512;
-/// log2 of [`SECTOR_SIZE`].
-pub const SECTOR_SHIFT: u32 = 9;
+use crate::units::SECTOR_SHIFT;
+
 /// Size of `struct virtio_blk_outhdr` (type, ioprio, sector).
 pub const HEADER_SIZE: usize = 16;
 /// Size of one `struct virtio_blk_discard_write_zeroes` segment.
@@ -26,10 +24,16 @@ pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// memory; `seg_max` must be set below this (minus header and status).
 pub const MAX_CHAIN_DESCRIPTORS: usize = 1024;
 
-/// Guest-visible status byte values.
-pub const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
-pub const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-pub const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+/// Guest-visible status byte values (virtio_bindings has them as u32;
+/// checked against it below).
+pub const STATUS_OK: u8 = 0;
+pub const STATUS_IOERR: u8 = 1;
+pub const STATUS_UNSUPP: u8 = 2;
+const _: () = assert!(
+    STATUS_OK as u32 == VIRTIO_BLK_S_OK
+        && STATUS_IOERR as u32 == VIRTIO_BLK_S_IOERR
+        && STATUS_UNSUPP as u32 == VIRTIO_BLK_S_UNSUPP
+);
 
 /// The limits requests are validated against (the same values are advertised
 /// in the config space, see [`crate::virtio::config::BlkConfig::from_limits`]).

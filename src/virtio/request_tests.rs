@@ -2,6 +2,7 @@
 //! over arbitrary chains. Included from `decode.rs`.
 
 use super::*;
+use crate::units::to_usize;
 use proptest::prelude::*;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -16,9 +17,15 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 type Mem = GuestMemoryMmap<()>;
 
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+// Descriptor flags as u16 (virtio_bindings has them as u32).
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+const INDIRECT: u16 = 4;
+const _: () = assert!(
+    NEXT as u32 == VRING_DESC_F_NEXT
+        && WRITE as u32 == VRING_DESC_F_WRITE
+        && INDIRECT as u32 == VRING_DESC_F_INDIRECT
+);
 const R: bool = false;
 const W: bool = true;
 
@@ -38,8 +45,8 @@ const CAP: u64 = 1000;
 
 fn mem() -> Mem {
     Mem::from_ranges(&[
-        (GuestAddress(0), REGION_B as usize),
-        (GuestAddress(REGION_B), (MEM_END - REGION_B) as usize),
+        (GuestAddress(0), to_usize(REGION_B)),
+        (GuestAddress(REGION_B), to_usize(MEM_END - REGION_B)),
     ])
     .unwrap()
 }
@@ -69,8 +76,8 @@ fn chain_raw<'a>(
     let mut q = Queue::new(qsize).unwrap();
     q.set_size(qsize);
     q.set_desc_table_address(Some(0), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
+    q.set_avail_ring_address(Some(u32::try_from(AVAIL).unwrap()), Some(0));
+    q.set_used_ring_address(Some(u32::try_from(USED).unwrap()), Some(0));
     q.set_ready(true);
     let mut it = q.iter(m).unwrap();
     it.next().unwrap()
@@ -85,7 +92,7 @@ fn linked(descs: &[(u64, u32, bool)]) -> Vec<RawDescriptor> {
             if i + 1 < descs.len() {
                 f |= NEXT;
             }
-            raw(a, l, f, i as u16 + 1)
+            raw(a, l, f, u16::try_from(i + 1).unwrap())
         })
         .collect()
 }
@@ -849,7 +856,12 @@ fn too_many_descriptors() {
     l.capacity_sectors = u64::MAX;
     expect_status_err(
         parse_request(
-            &chain_raw(&m, 16, &[raw(ITABLE, 16 * n as u32, INDIRECT, 0)], 0),
+            &chain_raw(
+                &m,
+                16,
+                &[raw(ITABLE, 16 * u32::try_from(n).unwrap(), INDIRECT, 0)],
+                0,
+            ),
             &l,
         ),
         RequestError::TooManyDescriptors {
@@ -1284,7 +1296,7 @@ proptest! {
         for (i, d) in itable.iter().enumerate() {
             m.write_obj(*d, GuestAddress(ITABLE + 16 * i as u64)).unwrap();
         }
-        let head = head % table.len() as u16;
+        let head = head % u16::try_from(table.len()).unwrap();
         let c = chain_raw(&m, 16, &table, head);
         let mut l = Limits::new(4096);
         l.seg_max = seg_max;

@@ -4,10 +4,13 @@
 use std::ops::Range;
 use std::path::Path;
 
+use vhost_user_cow::units::to_usize;
+
 use super::daemon::{Image, Peer};
 use super::Rng;
 
-pub const SECTOR: usize = 512;
+/// The frontend's sector, as a `usize` for indexing the model.
+pub const SECTOR: usize = to_usize(super::vhost_frontend::SECTOR);
 
 /// What the disk must contain. Sectors that were discarded have
 /// unspecified contents (virtio 1.2 §5.2.6: a discarded range may read as
@@ -33,9 +36,9 @@ impl Model {
     }
 
     pub fn write(&mut self, sector: u64, bytes: &[u8]) {
-        let at = sector as usize * SECTOR;
+        let at = to_usize(sector) * SECTOR;
         self.data[at..at + bytes.len()].copy_from_slice(bytes);
-        for s in sector as usize..(at + bytes.len()).div_ceil(SECTOR) {
+        for s in to_usize(sector)..(at + bytes.len()).div_ceil(SECTOR) {
             self.unknown[s] = false;
         }
     }
@@ -46,21 +49,21 @@ impl Model {
 
     pub fn discard(&mut self, sector: u64, n: u32) {
         for s in sector..sector + u64::from(n) {
-            self.unknown[s as usize] = true;
+            self.unknown[to_usize(s)] = true;
         }
     }
 
     /// Panics, naming the first differing sector, unless `got` (read at
     /// `sector`) matches the model.
     pub fn check(&self, sector: u64, got: &[u8], what: &str) {
-        let at = sector as usize * SECTOR;
+        let at = to_usize(sector) * SECTOR;
         assert!(
             at + got.len() <= self.data.len(),
             "{what}: {} bytes at sector {sector} past the model",
             got.len()
         );
         for (i, chunk) in got.chunks(SECTOR).enumerate() {
-            let s = sector as usize + i;
+            let s = to_usize(sector) + i;
             if self.unknown[s] {
                 continue;
             }
@@ -81,9 +84,9 @@ impl Model {
 /// sectors that each start with their own number, then seeded noise.
 pub fn pattern(sectors: u64, seed: u64) -> Vec<u8> {
     let mut rng = Rng::new(seed);
-    let mut v = vec![0u8; sectors as usize * SECTOR];
+    let mut v = vec![0u8; to_usize(sectors) * SECTOR];
     for s in sectors / 4..sectors {
-        let c = &mut v[s as usize * SECTOR..(s as usize + 1) * SECTOR];
+        let c = &mut v[to_usize(s) * SECTOR..(to_usize(s) + 1) * SECTOR];
         rng.fill(c);
         c[..8].copy_from_slice(&s.to_le_bytes());
     }

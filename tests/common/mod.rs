@@ -210,6 +210,7 @@ pub fn snapshot(path: &Path) -> (Vec<u8>, i64, i64) {
 }
 
 use vhost_user_cow::format::error::DiskError;
+use vhost_user_cow::units::to_usize;
 
 /// Through which door a bad file is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,7 +272,7 @@ pub fn bad_cases(root: &Path) -> Vec<BadCase> {
     // A good backing file and the fields of a good header over it.
     let base = |dir: &Path| -> (PathBuf, Fields) {
         let b = dir.join("base.img");
-        let mtime = write_file(&b, &vec![0x5a; SIZE as usize]);
+        let mtime = write_file(&b, &vec![0x5a; to_usize(SIZE)]);
         let f = Fields::new(&b, mtime, SIZE);
         (b, f)
     };
@@ -501,7 +502,7 @@ pub fn bad_cases(root: &Path) -> Vec<BadCase> {
         },
         &|d| {
             let (b, f) = base(d);
-            let mtime = write_file(&b, &vec![0x5a; SIZE as usize + 512]);
+            let mtime = write_file(&b, &vec![0x5a; to_usize(SIZE) + 512]);
             assert_eq!(mtime, f.mtime);
             (v3_file(d, &f, 12288 + SIZE), Some(b))
         },

@@ -10,6 +10,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
+use vhost_user_cow::units::to_usize;
 
 use vhost_user_cow::io_engine::{Completion, IoEngine, IoOp, SubmitError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -200,7 +201,7 @@ impl State {
                 for v in iov.as_slice() {
                     let mut seg = 0usize;
                     while seg < v.iov_len && done < limit {
-                        let want = (v.iov_len - seg).min((limit - done) as usize);
+                        let want = (v.iov_len - seg).min(to_usize(limit - done));
                         // SAFETY: the worker keeps the buffer valid and
                         // untouched until this completion is reaped.
                         let n = unsafe {

@@ -5,6 +5,7 @@
 //! virtio-blk requests: header, data, status.
 
 use std::sync::Arc;
+use vhost_user_cow::units::to_usize;
 
 use vhost_user_cow::daemon::guest_memory::Memory;
 use vhost_user_cow::daemon::virtqueue::Virtqueue;
@@ -56,7 +57,7 @@ pub struct Guest {
 
 impl Guest {
     pub fn new(event_idx: bool) -> Guest {
-        let m = Memory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let m = Memory::from_ranges(&[(GuestAddress(0), to_usize(MEM_SIZE))]).unwrap();
         let mem = GuestMemoryAtomic::new(m);
         let vq = Arc::new(Virtqueue::new(0, QUEUE_SIZE).unwrap());
         {
@@ -86,7 +87,7 @@ impl Guest {
         let m = self.mem.memory();
         let r = m.find_region(GuestAddress(0)).unwrap();
         let start = m.get_host_address(GuestAddress(0)).unwrap() as usize;
-        start..start + r.len() as usize
+        start..start + to_usize(r.len())
     }
 
     fn alloc(&mut self, len: u64, fill: u8) -> u64 {
@@ -95,7 +96,7 @@ impl Guest {
         assert!(self.next_buf <= MEM_SIZE, "test guest memory exhausted");
         self.mem
             .memory()
-            .write_slice(&vec![fill; len as usize], GuestAddress(at))
+            .write_slice(&vec![fill; to_usize(len)], GuestAddress(at))
             .unwrap();
         at
     }
@@ -120,7 +121,7 @@ impl Guest {
             "descriptor table exhausted"
         );
         for (i, &(addr, len, w)) in descs.iter().enumerate() {
-            let slot = first + i as u16;
+            let slot = first + u16::try_from(i).unwrap();
             let mut flags = if w { F_WRITE } else { 0 };
             if i + 1 < descs.len() {
                 flags |= F_NEXT;
@@ -131,7 +132,7 @@ impl Guest {
             m.write_obj(flags, GuestAddress(at + 12)).unwrap();
             m.write_obj(slot + 1, GuestAddress(at + 14)).unwrap();
         }
-        self.next_desc += descs.len() as u16;
+        self.next_desc += u16::try_from(descs.len()).unwrap();
         let ring_slot = u64::from(self.avail_idx % QUEUE_SIZE);
         m.write_obj(first, GuestAddress(AVAIL + 4 + 2 * ring_slot))
             .unwrap();
@@ -160,7 +161,11 @@ impl Guest {
 
     pub fn write(&mut self, sector: u64, bytes: &[u8]) -> Req {
         let at = self.put(bytes);
-        self.request(T_OUT, sector, &[(at, bytes.len() as u32, false)])
+        self.request(
+            T_OUT,
+            sector,
+            &[(at, u32::try_from(bytes.len()).unwrap(), false)],
+        )
     }
 
     /// A read into buffers of the given lengths, pre-filled with `fill`.
@@ -190,7 +195,7 @@ impl Guest {
             seg.extend_from_slice(&flags.to_le_bytes());
         }
         let at = self.put(&seg);
-        self.request(t, 0, &[(at, seg.len() as u32, false)])
+        self.request(t, 0, &[(at, u32::try_from(seg.len()).unwrap(), false)])
     }
 
     pub fn status(&self, r: &Req) -> u8 {

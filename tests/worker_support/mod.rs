@@ -32,7 +32,7 @@ const MAX_ITERATIONS: usize = 10_000;
 /// The byte a backing file or raw image holds at `off` before any write:
 /// differs between neighbouring sectors and within one.
 pub fn pattern(off: u64) -> u8 {
-    ((off >> 9) as u8).wrapping_mul(31) ^ (off as u8) ^ 0x5a
+    (off >> 9).to_le_bytes()[0].wrapping_mul(31) ^ off.to_le_bytes()[0] ^ 0x5a
 }
 
 pub fn patterned(off: u64, len: usize) -> Vec<u8> {
@@ -41,7 +41,8 @@ pub fn patterned(off: u64, len: usize) -> Vec<u8> {
 
 fn patterned_file(path: &Path, len: u64) {
     let f = File::create(path).unwrap();
-    f.write_all_at(&patterned(0, len as usize), 0).unwrap();
+    f.write_all_at(&patterned(0, vhost_user_cow::units::to_usize(len)), 0)
+        .unwrap();
 }
 
 /// The disk under test.
@@ -198,7 +199,8 @@ impl Harness {
 
     /// The loop would go round again without sleeping.
     pub fn busy(&self) -> bool {
-        self.worker.has_sched_input() || self.worker.has_done() || self.take || self.woken
+        // The same decision as WorkerLoop::run's.
+        self.worker.has_work_now() || self.take || self.woken
     }
 
     /// Runs the loop. Where it would sleep in epoll, the engine's eventfd

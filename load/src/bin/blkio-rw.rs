@@ -12,11 +12,16 @@
 //! daemon completes nothing for 10 s (a daemon that died leaves libblkio
 //! waiting for a completion forever).
 
+#[path = "../convert.rs"]
+mod convert;
+
 use std::mem::MaybeUninit;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+
+use convert::to_usize;
 
 const SECTOR: u64 = 512;
 const REQ_BYTES: u64 = 64 << 10;
@@ -106,8 +111,8 @@ fn run() -> Result<(), String> {
     let mut b = Blkio::new("virtio-blk-vhost-user").map_err(e("new"))?;
     b.set_str("path", &socket).map_err(e("path"))?;
     b.connect().map_err(e("connect"))?;
-    b.set_i32("num-queues", num_queues as i32)
-        .map_err(e("num-queues"))?;
+    let nq = i32::try_from(num_queues).map_err(|_| "NUM_QUEUES too large".to_string())?;
+    b.set_i32("num-queues", nq).map_err(e("num-queues"))?;
     let mut queues = b.start().map_err(e("start"))?.queues;
     let capacity = b.get_u64("capacity").map_err(e("capacity"))?;
     if (start + sectors) * SECTOR > capacity {
@@ -121,13 +126,13 @@ fn run() -> Result<(), String> {
         .max(4096);
     let region_len = (2 * len).div_ceil(align) * align;
     let region = b
-        .alloc_mem_region(region_len as usize)
+        .alloc_mem_region(to_usize(region_len))
         .map_err(e("alloc_mem_region"))?;
     b.map_mem_region(&region).map_err(e("map_mem_region"))?;
     // SAFETY: the region is ours, mapped read-write, region_len bytes long.
     let buf =
-        unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region_len as usize) };
-    let (wbuf, rbuf) = buf.split_at_mut(len as usize);
+        unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, to_usize(region_len)) };
+    let (wbuf, rbuf) = buf.split_at_mut(to_usize(len));
     let base = start * SECTOR;
     for (i, byte) in wbuf.iter_mut().enumerate() {
         *byte = pattern(seed, base + i as u64);
@@ -142,8 +147,8 @@ fn run() -> Result<(), String> {
             let l = REQ_BYTES.min((qi as u64 + 1) * share - off);
             q.write(
                 base + off,
-                wbuf[off as usize..].as_ptr(),
-                l as usize,
+                wbuf[to_usize(off)..].as_ptr(),
+                to_usize(l),
                 n,
                 ReqFlags::empty(),
             );
@@ -164,8 +169,8 @@ fn run() -> Result<(), String> {
             let l = REQ_BYTES.min(len - off);
             q.read(
                 base + off,
-                rbuf[off as usize..].as_mut_ptr(),
-                l as usize,
+                rbuf[to_usize(off)..].as_mut_ptr(),
+                to_usize(l),
                 n,
                 ReqFlags::empty(),
             );
@@ -173,7 +178,7 @@ fn run() -> Result<(), String> {
             n += 1;
         }
         complete(q, n, "read")?;
-        if let Some(i) = (0..len as usize).find(|&i| rbuf[i] != wbuf[i]) {
+        if let Some(i) = (0..to_usize(len)).find(|&i| rbuf[i] != wbuf[i]) {
             return Err(format!(
                 "queue {qi}: byte {} of the range reads {:#04x}, wrote {:#04x}",
                 i, rbuf[i], wbuf[i]
@@ -190,12 +195,12 @@ fn run() -> Result<(), String> {
     q.read(
         zoff,
         rbuf.as_mut_ptr(),
-        (64 * SECTOR) as usize,
+        to_usize(64 * SECTOR),
         0,
         ReqFlags::empty(),
     );
     complete(q, 1, "read zeroes")?;
-    if rbuf[..(64 * SECTOR) as usize].iter().any(|&x| x != 0) {
+    if rbuf[..to_usize(64 * SECTOR)].iter().any(|&x| x != 0) {
         return Err("write zeroes: range does not read as zeroes".into());
     }
     println!("blkio-rw: {sectors} sectors verified on {num_queues} queues");

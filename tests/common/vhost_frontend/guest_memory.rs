@@ -8,6 +8,8 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
+use vhost_user_cow::units::to_usize;
+
 /// Guest physical address of the first byte of guest memory.
 pub const GUEST_BASE: u64 = 0x10_0000;
 
@@ -41,7 +43,7 @@ impl Region {
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size as usize,
+                to_usize(size),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
@@ -87,7 +89,7 @@ impl Region {
 impl Drop for Region {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.size as usize) };
+        unsafe { libc::munmap(self.ptr.cast(), to_usize(self.size)) };
     }
 }
 
@@ -172,7 +174,7 @@ impl GuestMemory {
             "gpa {gpa:#x}+{len} outside one region of guest memory"
         );
         // SAFETY: off <= size: inside (or one past) the mapping.
-        unsafe { r.ptr.add(off as usize) }
+        unsafe { r.ptr.add(to_usize(off)) }
     }
 
     /// Splits `gpa..gpa+len` at region boundaries (adjacent regions only).
@@ -182,7 +184,7 @@ impl GuestMemory {
             let r = self
                 .region_of(gpa)
                 .unwrap_or_else(|| panic!("gpa {gpa:#x} outside guest memory"));
-            let n = len.min((r.end() - gpa) as usize);
+            let n = len.min(to_usize(r.end() - gpa));
             out.push((self.check(gpa, n), n));
             gpa += n as u64;
             len -= n;

@@ -111,7 +111,7 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     // SAFETY: all-zero is a valid sockaddr_un.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap();
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() >= addr.sun_path.len() {
         return Err(io::Error::new(
@@ -142,7 +142,7 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
             libc::connect(
                 sock.as_raw_fd(),
                 (&addr as *const libc::sockaddr_un).cast(),
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap(),
             )
         };
         if r == 0 {
@@ -340,7 +340,7 @@ impl VhostUserBlk {
         let (_, raw) = wd.run("GET_CONFIG", || {
             fe.get_config(
                 0,
-                CONFIG_LEN as u32,
+                u32::try_from(CONFIG_LEN).unwrap(),
                 VhostUserConfigFlags::empty(),
                 &[0u8; CONFIG_LEN],
             )

@@ -54,8 +54,9 @@ fn send(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
     };
+    let fds_len = u32::try_from(std::mem::size_of_val(fds)).expect("a few fds");
     // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(fds_len) } as usize;
     let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
     // SAFETY: all-zero is a valid msghdr.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -70,7 +71,7 @@ fn send(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
             let c = libc::CMSG_FIRSTHDR(&msg);
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
+            (*c).cmsg_len = libc::CMSG_LEN(fds_len) as _;
             std::ptr::copy_nonoverlapping(
                 fds.as_ptr(),
                 libc::CMSG_DATA(c).cast::<RawFd>(),
@@ -174,7 +175,11 @@ impl VhostUserBlk {
         let mut msg = Vec::with_capacity(12 + body.len());
         msg.extend_from_slice(&code.to_le_bytes());
         msg.extend_from_slice(&(VERSION | flags).to_le_bytes());
-        msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        msg.extend_from_slice(
+            &u32::try_from(body.len())
+                .expect("a small body")
+                .to_le_bytes(),
+        );
         msg.extend_from_slice(body);
         match send(fd, &msg, fds) {
             Ok(()) => {}

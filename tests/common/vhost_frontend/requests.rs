@@ -7,6 +7,7 @@
 //! is only good until the next completed wait that leaves the device idle.
 
 use std::time::Duration;
+use vhost_user_cow::units::to_usize;
 
 use super::config::feature;
 use super::handshake::VhostUserBlk;
@@ -30,6 +31,9 @@ pub const STATUS_UNTOUCHED: u8 = 0xee;
 
 pub const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 pub const ID_BYTES: u32 = 20;
+/// The virtio-blk sector. The test frontend keeps its own protocol
+/// constants (not the daemon's) so that it checks the daemon against the
+/// specification rather than against itself.
 pub const SECTOR: u64 = 512;
 
 /// `struct virtio_blk_outhdr`.
@@ -121,7 +125,7 @@ impl Chain<'_> {
     /// A device-readable buffer holding `bytes`.
     pub fn readable(self, bytes: &[u8]) -> Self {
         let gpa = self.dev.place(bytes);
-        self.auto(gpa, bytes.len() as u32, 0)
+        self.auto(gpa, u32::try_from(bytes.len()).unwrap(), 0)
     }
 
     /// The 16-byte request header in its own descriptor.
@@ -200,7 +204,7 @@ impl Chain<'_> {
         self.entries.clear();
         self.auto(
             gpa,
-            len.unwrap_or(table.len() as u32),
+            len.unwrap_or(u32::try_from(table.len()).unwrap()),
             VIRTQ_DESC_F_INDIRECT,
         )
     }
@@ -300,7 +304,8 @@ impl VhostUserBlk {
         if self.has_feature(feature::BLK_SIZE_MAX) && self.config.size_max != 0 {
             s = s.min(self.config.size_max as usize);
         }
-        (s / 512).max(1) * 512
+        let sector = to_usize(SECTOR);
+        (s / sector).max(1) * sector
     }
 
     pub fn submit_read(&mut self, queue: usize, sector: u64, len: usize) -> Pending {
@@ -309,7 +314,7 @@ impl VhostUserBlk {
         let mut left = len;
         while left > 0 {
             let n = left.min(seg);
-            c = c.writable(n as u32);
+            c = c.writable(u32::try_from(n).unwrap());
             left -= n;
         }
         c.status().submit(queue)
@@ -404,8 +409,8 @@ impl VhostUserBlk {
 /// Data buffers of whole sectors are 512-byte aligned, as Linux's block
 /// layer aligns them (and O_DIRECT needs); headers and status bytes less.
 fn buffer_align(len: usize) -> u64 {
-    if len >= 512 {
-        512
+    if len as u64 >= SECTOR {
+        SECTOR
     } else {
         16
     }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use vhost_user_cow::units::to_usize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::guest_memory::{Arena, GuestMemory};
@@ -102,9 +103,9 @@ impl SplitQueue {
         let desc_gpa = arena.alloc(16 * n, 4096);
         let avail_gpa = arena.alloc(6 + 2 * n, 4096);
         let used_gpa = arena.alloc(6 + 8 * n, 4096);
-        mem.fill(desc_gpa, 16 * n as usize, 0);
-        mem.fill(avail_gpa, 6 + 2 * n as usize, 0);
-        mem.fill(used_gpa, 6 + 8 * n as usize, 0);
+        mem.fill(desc_gpa, 16 * to_usize(n), 0);
+        mem.fill(avail_gpa, 6 + 2 * to_usize(n), 0);
+        mem.fill(used_gpa, 6 + 8 * to_usize(n), 0);
         SplitQueue {
             index,
             size,
@@ -262,7 +263,7 @@ impl SplitQueue {
                     revents: 0,
                 },
             ];
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
             // SAFETY: two valid pollfds.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
             if r < 0 {
@@ -296,7 +297,7 @@ pub fn indirect_table(descs: &[RawDesc]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 * descs.len());
     for d in descs {
         let next = match d.next {
-            Next::Chain(k) => k as u16,
+            Next::Chain(k) => u16::try_from(k).unwrap(),
             Next::Table(t) => t,
         };
         out.extend_from_slice(&d.addr.to_le_bytes());
