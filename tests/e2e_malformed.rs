@@ -585,20 +585,7 @@ fn catalogue() -> Vec<Case> {
         Case {
             name: "indirect table inside an indirect table",
             submit: |d, _| {
-                let h = d.place(&header(T_IN, 0));
-                let data = d.place_zeroed(512);
-                let st = d.place(&[STATUS_UNTOUCHED]);
-                let inner = indirect_table(&[
-                    RawDesc { addr: h, len: 16, flags: VIRTQ_DESC_F_NEXT, next: Next::Chain(1) },
-                    RawDesc {
-                        addr: data,
-                        len: 512,
-                        flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
-                        next: Next::Chain(2),
-                    },
-                    RawDesc { addr: st, len: 1, flags: VIRTQ_DESC_F_WRITE, next: Next::Table(0) },
-                ]);
-                let t = d.place(&inner);
+                let (t, inner, st) = read_as_indirect_table(d);
                 d.chain()
                     .raw(RawDesc {
                         addr: t,
@@ -647,20 +634,7 @@ fn catalogue() -> Vec<Case> {
         Case {
             name: "indirect descriptor marked device-writable",
             submit: |d, _| {
-                let h = d.place(&header(T_IN, 0));
-                let data = d.place_zeroed(512);
-                let st = d.place(&[STATUS_UNTOUCHED]);
-                let table = indirect_table(&[
-                    RawDesc { addr: h, len: 16, flags: VIRTQ_DESC_F_NEXT, next: Next::Chain(1) },
-                    RawDesc {
-                        addr: data,
-                        len: 512,
-                        flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
-                        next: Next::Chain(2),
-                    },
-                    RawDesc { addr: st, len: 1, flags: VIRTQ_DESC_F_WRITE, next: Next::Table(0) },
-                ]);
-                let t = d.place(&table);
+                let (t, table, st) = read_as_indirect_table(d);
                 d.chain()
                     .raw(RawDesc {
                         addr: t,
@@ -768,6 +742,35 @@ fn catalogue() -> Vec<Case> {
             why: "qsd reference: IOERR",
         },
     ]
+}
+
+/// A one-sector read (header, data, status) placed as an indirect table:
+/// its guest address, its bytes, and the status byte's address.
+fn read_as_indirect_table(d: &mut VhostUserBlk) -> (u64, Vec<u8>, u64) {
+    let h = d.place(&header(T_IN, 0));
+    let data = d.place_zeroed(512);
+    let st = d.place(&[STATUS_UNTOUCHED]);
+    let table = indirect_table(&[
+        RawDesc {
+            addr: h,
+            len: 16,
+            flags: VIRTQ_DESC_F_NEXT,
+            next: Next::Chain(1),
+        },
+        RawDesc {
+            addr: data,
+            len: 512,
+            flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+            next: Next::Chain(2),
+        },
+        RawDesc {
+            addr: st,
+            len: 1,
+            flags: VIRTQ_DESC_F_WRITE,
+            next: Next::Table(0),
+        },
+    ]);
+    (d.place(&table), table, st)
 }
 
 fn snapshot(files: &[PathBuf]) -> Vec<Vec<u8>> {

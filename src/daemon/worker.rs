@@ -550,6 +550,15 @@ impl Worker {
         }
     }
 
+    /// The copy-up bounce buffer `bounce` (made on first use), as iovecs.
+    fn bounce(&mut self, bounce: u64, len: u64) -> IoVecs {
+        let buf = self
+            .bounces
+            .entry(bounce)
+            .or_insert_with(|| AlignedBuf::zeroed(to_usize(len)));
+        IoVecs::single(buf.as_ptr(), to_usize(len))
+    }
+
     fn io_op(&mut self, dev: &Device, sched: &Scheduler, op: &Op) -> (IoOp, Tracked) {
         fn segments(inflight: &Slab<InFlight>, id: ReqId) -> &[Segment] {
             inflight
@@ -561,20 +570,14 @@ impl Worker {
                 offset,
                 len,
                 bounce,
-            } => {
-                let buf = self
-                    .bounces
-                    .entry(bounce)
-                    .or_insert_with(|| AlignedBuf::zeroed(to_usize(len)));
-                (
-                    IoOp::Readv {
-                        fd: dev.backing_fd(),
-                        offset,
-                        iov: IoVecs::single(buf.as_ptr(), to_usize(len)),
-                    },
-                    Tracked::CopyRead { bounce, len },
-                )
-            }
+            } => (
+                IoOp::Readv {
+                    fd: dev.backing_fd(),
+                    offset,
+                    iov: self.bounce(bounce, len),
+                },
+                Tracked::CopyRead { bounce, len },
+            ),
             OpKind::CopyWrite {
                 offset,
                 len,
@@ -582,15 +585,11 @@ impl Worker {
             } => {
                 // The scheduler issues a CopyWrite only after its CopyRead
                 // succeeded, which keeps the buffer.
-                let buf = self
-                    .bounces
-                    .entry(bounce)
-                    .or_insert_with(|| AlignedBuf::zeroed(to_usize(len)));
                 (
                     IoOp::Writev {
                         fd: dev.cow_fd(),
                         offset,
-                        iov: IoVecs::single(buf.as_ptr(), to_usize(len)),
+                        iov: self.bounce(bounce, len),
                     },
                     Tracked::CopyWrite { bounce },
                 )

@@ -1,7 +1,7 @@
 //! Creating a COW file over a backing file, as `uml_mkcow` does.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -75,14 +75,6 @@ pub fn create_cow(cow: &Path, backing: &Path, opts: &CreateOptions) -> Result<Co
     f.write_all(&bytes)
         .and_then(|_| f.set_len(geometry.data_offset + size))
         .map_err(DiskError::io(new.tmp_path(), "write"))?;
-    new.persist(opts.force).map_err(|e| {
-        if e.kind() == io::ErrorKind::AlreadyExists {
-            DiskError::AlreadyExists {
-                path: cow.to_owned(),
-            }
-        } else {
-            DiskError::io(cow, "move into place")(e)
-        }
-    })?;
+    new.persist(opts.force).map_err(DiskError::persist(cow))?;
     Ok(header)
 }

@@ -140,6 +140,20 @@ impl DiskError {
         let path = path.into();
         move |source| DiskError::Io { path, op, source }
     }
+
+    /// Wraps the error of moving a finished new file to `path`
+    /// ([`crate::fsutil::files::NewFile::persist`]): an existing file there
+    /// is [`DiskError::AlreadyExists`].
+    pub fn persist(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> DiskError {
+        let path = path.into();
+        move |e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                DiskError::AlreadyExists { path }
+            } else {
+                DiskError::io(path, "move into place")(e)
+            }
+        }
+    }
 }
 
 pub type Result<T, E = DiskError> = std::result::Result<T, E>;

@@ -10,7 +10,6 @@
 //! results are byte-identical.
 
 use std::fs::{File, OpenOptions};
-use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -153,15 +152,7 @@ fn merge_into(cow: &Path, out: &Path, opts: &MergeOptions) -> Result<MergeSummar
     let cow_bytes = copy_all(&disk, f, &tmp, size, opts.progress)?;
     // The length is set explicitly: trailing holes are never written.
     f.set_len(size).map_err(DiskError::io(&tmp, "set length"))?;
-    new.persist(opts.force).map_err(|e| {
-        if e.kind() == io::ErrorKind::AlreadyExists {
-            DiskError::AlreadyExists {
-                path: out.to_owned(),
-            }
-        } else {
-            DiskError::io(out, "move into place")(e)
-        }
-    })?;
+    new.persist(opts.force).map_err(DiskError::persist(out))?;
     Ok(MergeSummary {
         output: out.to_owned(),
         size,
