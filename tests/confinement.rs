@@ -110,7 +110,8 @@ fn serve(dir: &Path, args: &[&str], env: &[(&str, &str)], uid: Option<u32>) -> S
 }
 
 fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e} (the daemon exited?)"));
     status
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")))

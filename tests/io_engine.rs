@@ -522,10 +522,10 @@ for_both_engines!(
 
 #[test]
 fn new_engine_builds_requested_or_fallback() {
-    let t = new_engine(EngineKind::Threads, 8).expect("threads");
+    let t = new_engine(EngineKind::Threads, 8, None).expect("threads");
     assert_eq!(t.name(), "threads");
     assert_eq!(t.capacity(), 8);
-    let u = new_engine(EngineKind::IoUring, 8).expect("engine");
+    let u = new_engine(EngineKind::IoUring, 8, None).expect("engine");
     assert!(u.name() == "io_uring" || u.name() == "threads");
     assert_eq!(u.capacity(), 8);
 }
@@ -582,4 +582,71 @@ fn uring_continues_short_reads() {
     assert_eq!(buf, data);
     drop(e);
     drop(rd);
+}
+
+/// A restricted ring (the daemon's) serves its registered files and
+/// refuses any other descriptor before it reaches the kernel; the kernel
+/// holds it to the engine's opcodes and fixed files besides.
+#[test]
+fn restricted_ring_serves_only_its_files() {
+    use std::os::unix::io::AsRawFd;
+    let ours = tmpfile(1 << 16);
+    let other = tmpfile(1 << 16);
+    let mut e = match UringEngine::restricted(8, &[ours.as_raw_fd()]) {
+        Ok(e) => e,
+        Err(EngineError::Uring(err))
+            if matches!(err.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) =>
+        {
+            eprintln!("SKIPPED: io_uring not available here: {err}");
+            return;
+        }
+        Err(err) => panic!("restricted ring: {err}"),
+    };
+    assert!(e.is_restricted());
+    let mut data = vec![0x5au8; 4096];
+    let c = run(
+        &mut e,
+        IoOp::Writev {
+            fd: ours.as_raw_fd(),
+            offset: 4096,
+            iov: IoVecs::single(data.as_mut_ptr(), data.len()),
+        },
+        1,
+    );
+    assert_eq!(c.result, Ok(4096), "write through a registered file");
+    let c = run(
+        &mut e,
+        IoOp::Fdatasync {
+            fd: ours.as_raw_fd(),
+        },
+        2,
+    );
+    assert_eq!(c.result, Ok(0));
+    let mut back = vec![0u8; 4096];
+    let c = run(
+        &mut e,
+        IoOp::Readv {
+            fd: ours.as_raw_fd(),
+            offset: 4096,
+            iov: IoVecs::single(back.as_mut_ptr(), back.len()),
+        },
+        3,
+    );
+    assert_eq!(c.result, Ok(4096));
+    assert_eq!(back, data);
+    // SAFETY: the buffer outlives the (refused) operation.
+    let refused = unsafe {
+        e.submit(
+            IoOp::Readv {
+                fd: other.as_raw_fd(),
+                offset: 0,
+                iov: IoVecs::single(back.as_mut_ptr(), back.len()),
+            },
+            4,
+        )
+    };
+    assert!(
+        matches!(refused, Err(SubmitError::Invalid(_))),
+        "an unregistered fd: {refused:?}"
+    );
 }

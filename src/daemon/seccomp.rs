@@ -86,6 +86,9 @@ fn allowed() -> Vec<libc::c_long> {
         libc::SYS_statx,
         libc::SYS_close,
         libc::SYS_io_uring_enter,
+        // The rings are restricted (io_engine/uring.rs): the only register
+        // call they accept is dropping their files at the end.
+        libc::SYS_io_uring_register,
         // The socket and the frontend's file descriptors.
         libc::SYS_accept4,
         libc::SYS_recvmsg,

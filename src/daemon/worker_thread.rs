@@ -132,7 +132,9 @@ impl WorkerPool {
         let mut workers = Vec::with_capacity(n);
         let mut mailboxes = Vec::with_capacity(n);
         for t in 0..n {
-            let mut engine = new_engine(opts.engine, opts.queue_depth)?;
+            // The ring may touch the disk's files and nothing else.
+            let files = [dev.cow_fd(), dev.backing_fd()];
+            let mut engine = new_engine(opts.engine, opts.queue_depth, Some(&files))?;
             if inline {
                 engine = Box::new(InlineWrites::new(engine));
             }

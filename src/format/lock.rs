@@ -37,20 +37,35 @@ fn flock_for(kind: LockKind) -> libc::flock {
     fl
 }
 
+/// How long a lock held by no process is waited for: a daemon that just
+/// died leaves its files registered with an io_uring that the kernel
+/// tears down in the background, locks and all.
+const ORPHAN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Takes the lock, or says which process holds a conflicting one.
 pub fn lock_file(file: &File, path: &Path, kind: LockKind) -> Result<()> {
     let fl = flock_for(kind);
-    // SAFETY: valid fd and a valid flock struct.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(DiskError::Locked {
-            path: path.to_owned(),
-            pid: lock_holder(file, kind).unwrap_or(-1),
-        }),
-        _ => Err(DiskError::io(path, "lock")(err)),
+    let deadline = std::time::Instant::now() + ORPHAN_LOCK_WAIT;
+    loop {
+        // SAFETY: valid fd and a valid flock struct.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => match lock_holder(file, kind) {
+                None if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                holder => {
+                    return Err(DiskError::Locked {
+                        path: path.to_owned(),
+                        pid: holder.unwrap_or(-1),
+                    })
+                }
+            },
+            _ => return Err(DiskError::io(path, "lock")(err)),
+        }
     }
 }
 

@@ -312,12 +312,22 @@ pub enum EngineKind {
     Threads,
 }
 
-/// Builds an engine bounded by `queue_depth` in-flight operations. An
-/// io_uring that cannot be set up falls back to the thread pool, logging
-/// why; only a failing thread-pool engine is an error.
-pub fn new_engine(kind: EngineKind, queue_depth: usize) -> Result<Box<dyn IoEngine>, EngineError> {
+/// Builds an engine bounded by `queue_depth` in-flight operations; with
+/// `files`, an io_uring is restricted to its own operations on those
+/// files ([`UringEngine::restricted`]). An io_uring that cannot be set up
+/// falls back to the thread pool, logging why; only a failing thread-pool
+/// engine is an error.
+pub fn new_engine(
+    kind: EngineKind,
+    queue_depth: usize,
+    files: Option<&[RawFd]>,
+) -> Result<Box<dyn IoEngine>, EngineError> {
     if kind == EngineKind::IoUring {
-        match UringEngine::new(queue_depth) {
+        let ring = match files {
+            Some(files) => UringEngine::restricted(queue_depth, files),
+            None => UringEngine::new(queue_depth),
+        };
+        match ring {
             Ok(e) => return Ok(Box::new(e)),
             Err(e) => log::warn!("io_uring unavailable ({e}); using the thread-pool I/O engine"),
         }

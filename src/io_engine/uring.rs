@@ -4,6 +4,7 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::unix::io::{AsRawFd, RawFd};
 
+use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -35,30 +36,58 @@ pub struct UringEngine {
     sqes_outstanding: usize,
     efd: EventFd,
     capacity: usize,
+    /// With a restricted ring: the registered files, by fixed index.
+    files: Option<Vec<RawFd>>,
 }
 
+/// IORING_UNREGISTER_FILES.
+const UNREGISTER_FILES: u8 = 3;
+
+/// The operations the engine submits: all a restricted ring allows.
+const OPCODES: [(u8, &str); 6] = [
+    (opcode::Read::CODE, "READ"),
+    (opcode::Write::CODE, "WRITE"),
+    (opcode::Readv::CODE, "READV"),
+    (opcode::Writev::CODE, "WRITEV"),
+    (opcode::Fsync::CODE, "FSYNC"),
+    (opcode::Fallocate::CODE, "FALLOCATE"),
+];
+
 impl UringEngine {
-    /// A ring for up to `queue_depth` (at least 1) operations in flight.
+    /// A ring for up to `queue_depth` (at least 1) operations in flight on
+    /// any file.
     pub fn new(queue_depth: usize) -> Result<Self, EngineError> {
+        Self::build(queue_depth, None)
+    }
+
+    /// A ring restricted to the engine's own operations on `files` (the
+    /// daemon's): seccomp does not see what a ring does, so a ring that
+    /// could open files or touch other descriptors would be a way around
+    /// the filter. `files` are registered; every operation must use one of
+    /// them (IOSQE_FIXED_FILE required), and no other opcode nor any
+    /// further io_uring_register call is allowed once the ring is enabled.
+    pub fn restricted(queue_depth: usize, files: &[RawFd]) -> Result<Self, EngineError> {
+        Self::build(queue_depth, Some(files))
+    }
+
+    fn build(queue_depth: usize, files: Option<&[RawFd]>) -> Result<Self, EngineError> {
         let capacity = queue_depth.clamp(1, MAX_RING_ENTRIES);
         // The SQ holds at least one entry per in-flight operation (each has
         // at most one SQE outstanding), so pushing never finds it full in
         // normal operation; the CQ is twice that, so it never overflows.
         #[allow(clippy::cast_possible_truncation)] // bounded: at most MAX_RING_ENTRIES (2^15)
         let entries = capacity.next_power_of_two() as u32;
-        let ring = IoUring::new(entries).map_err(EngineError::Uring)?;
+        let ring = match files {
+            // Created disabled: restrictions can only be set before enabling.
+            Some(_) => IoUring::builder().setup_r_disabled().build(entries),
+            None => IoUring::new(entries),
+        }
+        .map_err(EngineError::Uring)?;
         let mut probe = Probe::new();
         ring.submitter()
             .register_probe(&mut probe)
             .map_err(EngineError::Uring)?;
-        for (code, name) in [
-            (opcode::Read::CODE, "READ"),
-            (opcode::Write::CODE, "WRITE"),
-            (opcode::Readv::CODE, "READV"),
-            (opcode::Writev::CODE, "WRITEV"),
-            (opcode::Fsync::CODE, "FSYNC"),
-            (opcode::Fallocate::CODE, "FALLOCATE"),
-        ] {
+        for (code, name) in OPCODES {
             if !probe.is_supported(code) {
                 return Err(EngineError::UringOpcode(name));
             }
@@ -67,6 +96,29 @@ impl UringEngine {
         ring.submitter()
             .register_eventfd(efd.as_raw_fd())
             .map_err(EngineError::Uring)?;
+        let files = match files {
+            None => None,
+            Some(files) => {
+                let mut files = files.to_vec();
+                files.dedup();
+                let s = ring.submitter();
+                s.register_files(&files).map_err(EngineError::Uring)?;
+                let fixed = squeue::Flags::FIXED_FILE.bits();
+                let mut rules: Vec<Restriction> = OPCODES
+                    .iter()
+                    .map(|&(code, _)| Restriction::sqe_op(code))
+                    .collect();
+                rules.push(Restriction::sqe_flags_allowed(fixed));
+                rules.push(Restriction::sqe_flags_required(fixed));
+                // The one register call left: dropping the files at the
+                // end (see Drop).
+                rules.push(Restriction::register_op(UNREGISTER_FILES));
+                s.register_restrictions(&mut rules)
+                    .map_err(EngineError::Uring)?;
+                s.register_enable_rings().map_err(EngineError::Uring)?;
+                Some(files)
+            }
+        };
         Ok(Self {
             ring: ManuallyDrop::new(ring),
             slots: (0..capacity).map(|_| None).collect(),
@@ -75,45 +127,85 @@ impl UringEngine {
             sqes_outstanding: 0,
             efd,
             capacity,
+            files,
         })
+    }
+
+    /// Whether the ring is restricted to registered files.
+    pub fn is_restricted(&self) -> bool {
+        self.files.is_some()
     }
 
     /// Builds the SQE for the remainder of the operation in `slot`.
     fn sqe(&self, slot: usize) -> Option<squeue::Entry> {
         let state = self.slots[slot].as_ref()?;
+        // The same SQE on a plain fd or, on a restricted ring, on the fd's
+        // fixed index (the opcode builders take either type).
+        macro_rules! on_file {
+            ($fd:expr, |$f:ident| $build:expr) => {
+                match self.fixed_index($fd) {
+                    Some(i) => {
+                        let $f = types::Fixed(i);
+                        $build
+                    }
+                    None => {
+                        let $f = types::Fd($fd);
+                        $build
+                    }
+                }
+            };
+        }
         let entry = match &state.op {
-            IoOp::Readv { fd, offset, iov } => {
-                let fd = types::Fd(*fd);
-                match single(iov.as_slice()) {
-                    Some((base, len)) => opcode::Read::new(fd, base, len).offset(*offset).build(),
-                    None => opcode::Readv::new(fd, iov.as_slice().as_ptr(), iov_count(iov))
+            IoOp::Readv { fd, offset, iov } => match single(iov.as_slice()) {
+                Some((base, len)) => {
+                    on_file!(*fd, |f| opcode::Read::new(f, base, len)
                         .offset(*offset)
-                        .build(),
+                        .build())
                 }
-            }
-            IoOp::Writev { fd, offset, iov } => {
-                let fd = types::Fd(*fd);
-                match single(iov.as_slice()) {
-                    Some((base, len)) => opcode::Write::new(fd, base, len).offset(*offset).build(),
-                    None => opcode::Writev::new(fd, iov.as_slice().as_ptr(), iov_count(iov))
+                None => on_file!(*fd, |f| opcode::Readv::new(
+                    f,
+                    iov.as_slice().as_ptr(),
+                    iov_count(iov)
+                )
+                .offset(*offset)
+                .build()),
+            },
+            IoOp::Writev { fd, offset, iov } => match single(iov.as_slice()) {
+                Some((base, len)) => {
+                    on_file!(*fd, |f| opcode::Write::new(f, base, len)
                         .offset(*offset)
-                        .build(),
+                        .build())
                 }
-            }
-            IoOp::Fdatasync { fd } => opcode::Fsync::new(types::Fd(*fd))
+                None => on_file!(*fd, |f| opcode::Writev::new(
+                    f,
+                    iov.as_slice().as_ptr(),
+                    iov_count(iov)
+                )
+                .offset(*offset)
+                .build()),
+            },
+            IoOp::Fdatasync { fd } => on_file!(*fd, |f| opcode::Fsync::new(f)
                 .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+                .build()),
             IoOp::Fallocate {
                 fd,
                 mode,
                 offset,
                 len,
-            } => opcode::Fallocate::new(types::Fd(*fd), *len)
+            } => on_file!(*fd, |f| opcode::Fallocate::new(f, *len)
                 .offset(*offset)
                 .mode(*mode)
-                .build(),
+                .build()),
         };
         Some(entry.user_data(slot as u64))
+    }
+
+    /// On a restricted ring, the fixed index of `fd` (submit refuses fds
+    /// that are not registered).
+    fn fixed_index(&self, fd: RawFd) -> Option<u32> {
+        let files = self.files.as_ref()?;
+        let i = files.iter().position(|&f| f == fd).unwrap_or(0);
+        u32::try_from(i).ok()
     }
 
     /// Pushes the SQE of `slot`; false if the SQ is full.
@@ -244,6 +336,17 @@ fn is_backpressure(e: &io::Error) -> bool {
 impl IoEngine for UringEngine {
     unsafe fn submit(&mut self, op: IoOp, user_data: u64) -> Result<(), SubmitError> {
         OpState::validate(&op)?;
+        if let Some(files) = &self.files {
+            let fd = match &op {
+                IoOp::Readv { fd, .. }
+                | IoOp::Writev { fd, .. }
+                | IoOp::Fdatasync { fd }
+                | IoOp::Fallocate { fd, .. } => *fd,
+            };
+            if !files.contains(&fd) {
+                return Err(SubmitError::Invalid("file not registered with the ring"));
+            }
+        }
         // Completions taken off the CQ by `wait` still count until reaped,
         // although their slots are already free.
         if self.in_flight() >= self.capacity {
@@ -357,6 +460,12 @@ impl Drop for UringEngine {
             let n = cq.by_ref().count();
             drop(cq);
             self.sqes_outstanding = self.sqes_outstanding.saturating_sub(n);
+        }
+        // The kernel tears a ring down in the background: registered files
+        // (and the locks on them) would outlive this process for a moment,
+        // and a daemon restarted at once would find its disk locked.
+        if self.files.is_some() {
+            let _ = self.ring.submitter().unregister_files();
         }
         // SAFETY: the ring is not used after this point, and this is the
         // only place it is dropped.

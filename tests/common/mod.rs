@@ -84,7 +84,7 @@ pub fn output(c: &mut std::process::Command) -> std::process::Output {
 }
 
 pub fn bin() -> &'static str {
-    option_env!("VUC_DEBUG_BIN").unwrap_or(env!("CARGO_BIN_EXE_vhost-user-cow"))
+    env!("CARGO_BIN_EXE_vhost-user-cow")
 }
 
 /// Writes `data` as a file with a fixed mtime, returning that mtime.
