@@ -68,6 +68,8 @@ pub struct Device {
     /// on a COW file with larger chunks, the chunk (up to 4 KiB), so that
     /// every guest I/O covers whole chunks and stays aligned.
     pub block_size: u32,
+    /// Worker threads the scheduler keeps queues for (at least 1).
+    pub threads: usize,
     /// Up to 20 bytes, the GET_ID answer.
     pub serial: Vec<u8>,
     /// COW extents mapped, allocated share etc., for the startup line.
@@ -183,6 +185,7 @@ impl Device {
             cache: opts.cache,
             limits,
             block_size,
+            threads: threads.max(1),
             serial,
             description,
             format_guessed,

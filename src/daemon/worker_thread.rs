@@ -38,6 +38,8 @@ use crate::io_engine::{new_engine, EngineError, EngineKind, InlineWrites};
 /// How the workers are built.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
+    /// Wanted; `serve` clamps it to the virtqueues and opens the device
+    /// for that many, and the pool makes as many as the device has.
     pub threads: usize,
     pub engine: EngineKind,
     pub queue_depth: usize,
@@ -127,7 +129,9 @@ impl WorkerPool {
     /// Builds `opts.threads` workers, each with its own engine, and starts
     /// them; they wait for a connection.
     pub fn start(dev: Arc<Device>, opts: &WorkerOptions) -> Result<WorkerPool, EngineError> {
-        let n = opts.threads.max(1);
+        // The scheduler was made for this many threads (Device::open): a
+        // worker more would index past its queues.
+        let n = dev.threads;
         let inline = inline_writes_apply(opts, &dev);
         let mut workers = Vec::with_capacity(n);
         let mut mailboxes = Vec::with_capacity(n);
