@@ -67,12 +67,20 @@ def v1(size, ss=512, mtime=3, name=BACKING, little=True):
     return h + b"\x80" * blen
 
 
+def full(f, data_offset, size):
+    f = f + b"\0" * (data_offset - len(f))
+    return f + bytes(i % 251 for i in range(size))
+
+
 def cow_header_seeds():
     seeds = {
         "v3-64k": v3(65536),
         "v3-odd-size": v3(65536 + 17, bits=b"\x05"),
         "v3-align512": v3(40960, align=512),
-        "v3-ss4096": v3(1 << 20, ss=4096, bits=b"\xff\x01"),
+        "v3-ss4096": v3(512 << 10, ss=4096, bits=b"\xff\x01"),
+        # Whole files (data area included): check finds them clean.
+        "v3-clean": full(v3(4096, align=512, bits=b"\x0f"), 5120, 4096),
+        "v1-clean": full(v1(4096), 512, 4096),
         "v3-relative-name": v3(65536, name=b"base.img"),
         "v3-broken": v3_broken(65536),
         "v2": v2(65536 + 512),
@@ -83,10 +91,11 @@ def cow_header_seeds():
         "raw": b"hello raw image " * 40,
     }
     for name, body in seeds.items():
-        # 0x07: fix up size/mtime, write the backing's path, pass it
-        # explicitly; 0x03: the header's path; 0x10: open even if the
-        # header does not parse; 0x19: named format.
-        for control in (0x07, 0x03, 0x10, 0x19):
+        # 0x03: fix up size/mtime and write the backing file's path into
+        # the header; 0x10: open even if the header does not parse; 0x1D:
+        # fix up, the header's name kept but the backing file passed
+        # explicitly, the format named.
+        for control in (0x03, 0x10, 0x1D):
             put("cow_header", f"{name}-{control:02x}", bytes([control]) + body)
 
 

@@ -18,7 +18,8 @@
 //! * bit 2: pass the backing file explicitly (`--backing`);
 //! * bit 3: name the format (`Some(Cow)`) instead of guessing it.
 //!
-//! Nothing may panic; errors are fine.
+//! Nothing may panic; errors are fine. `FUZZ_TRACE=1` prints the open's
+//! and the check's outcome.
 
 #![no_main]
 
@@ -171,6 +172,12 @@ fn check_geometry(h: &CowHeader, path: &Path) {
     }
 }
 
+/// FUZZ_TRACE=1 prints what the open path did (to check seeds by hand).
+fn trace() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("FUZZ_TRACE").is_some())
+}
+
 fn write_file(path: &Path, bytes: &[u8]) {
     let mut f = OpenOptions::new()
         .write(true)
@@ -197,7 +204,11 @@ fn open_all(f: &Files, bytes: &[u8], control: u8, backing_len: Option<(u64, u32)
         format: (control & 8 != 0).then_some(DiskFormat::Cow),
         ..Default::default()
     };
-    if let Ok(disk) = Disk::open(&f.cow, &opts) {
+    let opened = Disk::open(&f.cow, &opts);
+    if trace() {
+        eprintln!("Disk::open: {:?}", opened.as_ref().map(|d| d.size));
+    }
+    if let Ok(disk) = opened {
         assert_eq!(disk.size % 512, 0);
         if let Some(c) = &disk.cow {
             assert_eq!(c.bitmap.chunks(), c.geometry.chunks);
@@ -217,6 +228,9 @@ fn open_all(f: &Files, bytes: &[u8], control: u8, backing_len: Option<(u64, u32)
         let _ = serde_json::to_string(&i);
     }
     let report = check::check(&f.cow, backing);
+    if trace() {
+        eprintln!("check: {:?} {:?}", report.verdict(), report.problems);
+    }
     let _ = report.verdict().exit_code();
     if let Some(e) = &report.fatal {
         let _ = e.to_string();
