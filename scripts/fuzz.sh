@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the cargo-fuzz targets in fuzz/ and runs each for a bounded time
 # from its committed seed corpus (fuzz/README.md). Exits non-zero if any
-# target crashed (the crashing input is kept under fuzz/artifacts/<target>/).
+# target crashed or hung (over 20 s on one input; the input is kept under
+# fuzz/artifacts/<target>/).
 #
 #   FUZZ_SECONDS    seconds per target (default 30; four targets)
 #   FUZZ_TARGETS    the targets to run (default: all four)
@@ -33,7 +34,7 @@ for t in "${targets[@]}"; do
     echo "== fuzz $t for ${seconds}s" >&2
     mkdir -p "$work/$t" "fuzz/artifacts/$t"
     if ! RUSTC_BOOTSTRAP=1 cargo fuzz run -s "$sanitizer" "$t" "$work/$t" "fuzz/corpus/$t" -- \
-        -max_total_time="$seconds" -print_final_stats=1 \
+        -max_total_time="$seconds" -timeout=20 -print_final_stats=1 \
         -artifact_prefix="fuzz/artifacts/$t/" 2>"$work/$t.log"; then
         failed+=("$t")
         tail -n 60 "$work/$t.log" >&2
