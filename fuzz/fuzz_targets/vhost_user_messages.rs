@@ -377,6 +377,15 @@ fuzz_target!(|data: &[u8]| {
     }
     drop(req);
     handler.lock().unwrap().disconnect();
+    // The connection's I/O has finished: nothing is left in the write path.
+    {
+        let sched = b.dev.sched();
+        assert!(
+            sched.is_idle(),
+            "scheduler busy after disconnect: {sched:?}"
+        );
+        assert_eq!(sched.copy_up_records(), 0);
+    }
     if trace() {
         eprintln!("write path: {:?}", b.dev.sched().stats());
     }
