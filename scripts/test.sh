@@ -48,6 +48,11 @@ echo "== shellcheck" >&2
 shellcheck scripts/*.sh scripts/qemu/*.sh
 (cd scripts/qemu/guest && shellcheck -- *.sh init initramfs-init)
 
+# Every fuzz target for a short bounded time (FUZZ_SECONDS each, default
+# 30): a regression in a parser shows here. Longer campaigns: fuzz/README.md.
+echo "== fuzz (scripts/fuzz.sh, ${FUZZ_SECONDS:-30}s per target)" >&2
+bash scripts/fuzz.sh
+
 # VM tests: boot guests on vhost-user-blk disks under QEMU (TCG where KVM
 # cannot run them). VUC_BACKEND=ours (default) or qsd picks the daemon;
 # VUC_SKIP_VM=1 skips them (said loudly, for quick local runs).
