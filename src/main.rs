@@ -78,7 +78,12 @@ enum EngineArg {
 #[command(group(ArgGroup::new("cache").args(["direct", "sync"])))]
 struct ServeArgs {
     /// The unix socket to listen on (created mode 0600).
-    #[arg(long, alias = "socket", value_name = "PATH")]
+    #[arg(
+        long,
+        alias = "socket",
+        value_name = "PATH",
+        required_unless_present_any = ["fd", "print_capabilities"]
+    )]
     socket_path: Option<PathBuf>,
     /// An inherited listening socket (systemd socket activation).
     #[arg(long, value_name = "N")]
@@ -87,7 +92,12 @@ struct ServeArgs {
     #[arg(long)]
     print_capabilities: bool,
     /// The COW file or raw image to serve.
-    #[arg(long, alias = "blk-file", value_name = "FILE")]
+    #[arg(
+        long,
+        alias = "blk-file",
+        value_name = "FILE",
+        required_unless_present = "print_capabilities"
+    )]
     disk: Option<PathBuf>,
     /// Backing file to use instead of the one the COW header names.
     #[arg(long, short = 'b')]

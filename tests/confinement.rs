@@ -27,6 +27,18 @@ impl Served {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (at most TIMEOUT) until the log holds `text`; the log so far.
+    fn wait_log(&self, text: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(text) || start.elapsed() > TIMEOUT {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -181,11 +193,8 @@ fn a_blocked_system_call_ends_the_daemon_with_one_line_naming_it() {
         &[("VUC_TEST_OPEN", "/etc/passwd")],
         None,
     );
-    assert!(
-        d.log().contains("test hook: opened /etc/passwd"),
-        "{}",
-        d.log()
-    );
+    let log = d.wait_log("test hook: opened /etc/passwd");
+    assert!(log.contains("test hook: opened /etc/passwd"), "{log}");
     assert!(d.terminate().success());
 }
 
@@ -201,11 +210,10 @@ fn the_namespace_sandbox_hides_host_paths() {
         &hook,
         None,
     );
+    let log = d.wait_log("test hook: open /etc/passwd");
     assert!(
-        d.log()
-            .contains("test hook: open /etc/passwd: No such file or directory"),
-        "{}",
-        d.log()
+        log.contains("test hook: open /etc/passwd: No such file or directory"),
+        "{log}"
     );
     assert!(d.terminate().success(), "{}", d.log());
     assert!(
@@ -219,11 +227,8 @@ fn the_namespace_sandbox_hides_host_paths() {
         &hook,
         None,
     );
-    assert!(
-        d.log().contains("test hook: opened /etc/passwd"),
-        "{}",
-        d.log()
-    );
+    let log = d.wait_log("test hook: opened /etc/passwd");
+    assert!(log.contains("test hook: opened /etc/passwd"), "{log}");
     assert!(d.terminate().success());
 }
 

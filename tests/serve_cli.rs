@@ -221,8 +221,38 @@ fn capabilities_and_usage_errors() {
         .arg(dir.path().join("x"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    // Usage errors exit 2, as the README promises.
+    assert_eq!(out.status.code(), Some(2), "serve without a socket");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--socket-path"));
+    for args in [
+        &["serve", "--socket-path", "/tmp/x.sock"][..],
+        &[
+            "serve",
+            "--socket-path",
+            "/tmp/x.sock",
+            "--disk",
+            "d",
+            "--num-queues",
+            "0",
+        ][..],
+        &[
+            "serve",
+            "--socket-path",
+            "/tmp/x.sock",
+            "--disk",
+            "d",
+            "--queue-size",
+            "1000",
+        ][..],
+    ] {
+        let out = bin().args(args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     let missing = run(
         &[],

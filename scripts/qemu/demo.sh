@@ -65,7 +65,6 @@ backend_info "$overlay"
 
 step "check it"
 backend_check "$overlay"
-echo "clean"
 
 step "merge it into a raw image and look inside (no mount)"
 backend_merge "$overlay" "$WORK/merged.img"

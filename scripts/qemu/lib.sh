@@ -334,7 +334,7 @@ backend_used_bytes() { echo $(($(stat -c %b "$1") * 512)); }
 backend_check() {
     case "$VUC_BACKEND" in
     ours) "$VUC_BIN" check "$1" ;;
-    qsd) qemu-img check -q "$1" ;;
+    qsd) qemu-img check "$1" ;;
     esac
 }
 

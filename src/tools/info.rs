@@ -114,22 +114,33 @@ pub fn inspect(path: &Path, backing: Option<&Path>) -> Result<Info> {
     })))
 }
 
-/// Bytes with a binary-unit figure for people.
-struct Bytes(u64);
+/// Bytes with a binary-unit figure for people, and more in the same
+/// parentheses: "33554432 bytes (32.0 MiB, 3.13%)".
+struct Bytes(u64, Option<String>);
+
+fn bytes(n: u64) -> Bytes {
+    Bytes(n, None)
+}
 
 impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-        if self.0 < 1024 {
-            return write!(f, "{} bytes", self.0);
+        write!(f, "{} bytes", self.0)?;
+        let human = (self.0 >= 1024).then(|| {
+            let mut v = self.0 as f64 / 1024.0;
+            let mut unit = 0;
+            while v >= 1024.0 && unit + 1 < UNITS.len() {
+                v /= 1024.0;
+                unit += 1;
+            }
+            format!("{v:.1} {}", UNITS[unit])
+        });
+        match (human, &self.1) {
+            (Some(h), Some(more)) => write!(f, " ({h}, {more})"),
+            (Some(h), None) => write!(f, " ({h})"),
+            (None, Some(more)) => write!(f, " ({more})"),
+            (None, None) => Ok(()),
         }
-        let mut v = self.0 as f64 / 1024.0;
-        let mut unit = 0;
-        while v >= 1024.0 && unit + 1 < UNITS.len() {
-            v /= 1024.0;
-            unit += 1;
-        }
-        write!(f, "{} bytes ({v:.1} {})", self.0, UNITS[unit])
     }
 }
 
@@ -147,13 +158,13 @@ impl fmt::Display for Info {
             Info::Raw(r) => {
                 writeln!(f, "file:            {}", r.path)?;
                 writeln!(f, "format:          raw image")?;
-                writeln!(f, "size:            {}", Bytes(r.size))?;
-                writeln!(f, "host bytes used: {}", Bytes(r.host_bytes))
+                writeln!(f, "size:            {}", bytes(r.size))?;
+                writeln!(f, "host bytes used: {}", bytes(r.host_bytes))
             }
             Info::Cow(c) => {
                 writeln!(f, "file:            {}", c.path)?;
                 writeln!(f, "format:          UML COW, layout {}", c.layout)?;
-                writeln!(f, "virtual size:    {}", Bytes(c.virtual_size))?;
+                writeln!(f, "virtual size:    {}", bytes(c.virtual_size))?;
                 writeln!(f, "sector size:     {}", c.sector_size)?;
                 writeln!(f, "alignment:       {}", c.alignment)?;
                 if c.cow_format != 0 {
@@ -165,17 +176,19 @@ impl fmt::Display for Info {
                     c.bitmap_offset, c.bitmap_len
                 )?;
                 writeln!(f, "data offset:     {}", c.data_offset)?;
-                writeln!(f, "file size:       {}", Bytes(c.file_size))?;
+                writeln!(f, "file size:       {}", bytes(c.file_size))?;
                 writeln!(
                     f,
-                    "allocated:       {} of {} chunks, {} sectors, {} ({:.2}%)",
+                    "allocated:       {} of {} chunks, {} sectors, {}",
                     c.allocated_chunks,
                     c.chunks,
                     c.allocated_sectors,
-                    Bytes(c.allocated_bytes),
-                    c.allocated_percent
+                    Bytes(
+                        c.allocated_bytes,
+                        Some(format!("{:.2}%", c.allocated_percent))
+                    ),
                 )?;
-                writeln!(f, "host bytes used: {}", Bytes(c.host_bytes))?;
+                writeln!(f, "host bytes used: {}", bytes(c.host_bytes))?;
                 let b = &c.backing;
                 let origin = if b.overridden {
                     format!(
