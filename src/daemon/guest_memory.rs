@@ -233,8 +233,4 @@ impl GuestMemoryMap {
             .map(|m| addr - m.frontend_addr + m.gpa)
             .ok_or(MemoryError::Unmapped(addr))
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.mappings.is_empty()
-    }
 }

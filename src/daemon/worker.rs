@@ -504,14 +504,6 @@ impl Worker {
         }
     }
 
-    /// Blocks until some I/O completes (the loop's wait when only the
-    /// engine can make progress).
-    pub fn wait_engine(&mut self) {
-        if self.engine.in_flight() > 0 {
-            let _ = self.engine.wait(1);
-        }
-    }
-
     /// Frees what an operation that never reached the engine held.
     fn forget(&mut self, tracked: Tracked) {
         match tracked {
