@@ -9,9 +9,11 @@
 //! - [`io_engine`]: asynchronous file I/O (io_uring, a thread pool);
 //! - [`virtio`]: virtio-blk requests and config space, parsed from guest
 //!   memory;
+//! - [`control`]: the control socket's JSON protocol, server and client;
 //! - [`daemon`]: the write-path scheduler, the served device, the queue
 //!   threads and the vhost-user protocol.
 
+pub mod control;
 pub mod daemon;
 pub mod format;
 pub mod fsutil;

@@ -44,6 +44,31 @@ enum Command {
     Merge(MergeArgs),
     /// Serve a COW disk or raw image over vhost-user-blk.
     Serve(Box<ServeArgs>),
+    /// Send a command to a serving daemon's control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// The daemon's control socket (serve --control-socket).
+    #[arg(value_name = "SOCKET")]
+    socket: PathBuf,
+    /// The command (`query-commands` lists them), or `events` to print
+    /// the daemon's events as they happen.
+    #[arg(value_name = "COMMAND")]
+    command: String,
+    /// The command's arguments as key=value (values in JSON, or strings).
+    #[arg(value_name = "KEY=VALUE")]
+    args: Vec<String>,
+    /// Print the answer (or each event) as JSON.
+    #[arg(long)]
+    json: bool,
+    /// With `events`: stop after this many.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Seconds to wait for an answer (or, with `events`, for each event).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    timeout: f64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -160,6 +185,10 @@ struct ServeArgs {
     /// through a user namespace), an empty chroot (root only), or all.
     #[arg(long, value_enum, default_value = "namespace")]
     sandbox: SandboxArg,
+    /// A control socket to create (mode as --socket-mode), for
+    /// `vhost-user-cow ctl` (docs/control.md).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -279,6 +308,53 @@ fn cmd_check(a: CheckArgs) -> CmdResult {
     Ok(ExitCode::from(report.verdict().exit_code()))
 }
 
+fn cmd_ctl(a: CtlArgs) -> CmdResult {
+    use vhost_user_cow::control::client::Client;
+    use vhost_user_cow::control::ctl::{parse_arguments, readable};
+
+    let timeout = std::time::Duration::try_from_secs_f64(a.timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or("--timeout must be a positive number of seconds")?;
+    let mut client = Client::connect(&a.socket, Some(timeout))?;
+    if a.command == "events" {
+        if !a.args.is_empty() {
+            return Err("events takes no arguments".into());
+        }
+        if let Err(e) = client.execute("subscribe-events", serde_json::Value::Null)? {
+            return Err(format!("subscribe-events: {}", e.desc).into());
+        }
+        let mut seen = 0;
+        while a.count.is_none_or(|n| seen < n) {
+            let (name, data) = client.next_event()?;
+            if a.json {
+                println!("{}", serde_json::json!({ "event": name, "data": data }));
+            } else {
+                let text = readable(&name, &data);
+                println!("{name}");
+                print!("{}", textwrap_indent(&text));
+            }
+            seen += 1;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let args = parse_arguments(&a.args)?;
+    match client.execute(&a.command, serde_json::Value::Object(args))? {
+        Ok(v) if a.json => println!("{}", serde_json::to_string_pretty(&v)?),
+        Ok(v) => print!("{}", readable(&a.command, &v)),
+        Err(e) => return Err(format!("{}: {} ({:?})", a.command, e.desc, e.class).into()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Indents every line by two spaces (event data under the event's name).
+fn textwrap_indent(text: &str) -> String {
+    text.lines()
+        .filter(|l| *l != "ok")
+        .map(|l| format!("  {l}\n"))
+        .collect()
+}
+
 fn cmd_serve(a: ServeArgs) -> CmdResult {
     use vhost_user_cow::daemon::device::{CacheMode, DeviceOptions};
     use vhost_user_cow::daemon::protocol::ProtocolOptions;
@@ -344,6 +420,7 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
             inline_writes: !a.no_inline_writes,
         },
         socket,
+        control_socket: a.control_socket,
         confinement: Confinement {
             seccomp: match a.seccomp {
                 SeccompArg::Kill => SeccompMode::Kill,
@@ -428,6 +505,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd_check(a),
         Command::Merge(a) => cmd_merge(a),
         Command::Serve(a) => cmd_serve(*a),
+        Command::Ctl(a) => cmd_ctl(a),
     };
     match result {
         Ok(code) => code,

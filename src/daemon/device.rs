@@ -5,8 +5,10 @@
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::control::events::EventBus;
 use crate::daemon::scheduler::{CowLayout, Scheduler};
 use crate::format::error::{DiskError, Result};
 use crate::format::{Disk, DiskFormat, DiskOptions};
@@ -54,8 +56,40 @@ pub struct DeviceOptions {
     pub serial: Option<String>,
 }
 
+/// What a COW file's header says, for `query-disk`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CowSummary {
+    pub version: &'static str,
+    /// Bytes one bitmap bit covers.
+    pub chunk_size: u64,
+    pub chunks: u64,
+    pub storable_chunks: u64,
+    pub bitmap_offset: u64,
+    pub data_offset: u64,
+    pub backing: BackingSummary,
+}
+
+/// The backing file and what was checked when it was opened.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackingSummary {
+    pub path: String,
+    /// Named with `--backing` rather than taken from the header.
+    pub overridden: bool,
+    pub size: u64,
+    /// Equal to the size the header records (a mismatch refuses to open).
+    pub size_matches: bool,
+    pub recorded_mtime: u32,
+    /// The mtime was compared (regular files; block devices have none
+    /// that means anything) and matched.
+    pub mtime_checked: bool,
+    /// Opened read-only with a shared lock.
+    pub locked: bool,
+}
+
 pub struct Device {
     pub path: PathBuf,
+    /// The COW side's header facts (None for a raw image).
+    pub cow_summary: Option<CowSummary>,
     /// The COW file (or raw image).
     pub file: File,
     pub backing: Option<File>,
@@ -81,6 +115,10 @@ pub struct Device {
     /// cannot turn its disk into a COW file naming a host file.
     pub guards_cow_magic: bool,
     sched: Mutex<Scheduler>,
+    /// Events for control-socket clients (a no-op without a control socket).
+    pub events: Arc<EventBus>,
+    /// The metadata failure (rule 8) was announced as an event.
+    failure_announced: AtomicBool,
     /// Holds the COW file's lock when `file` was opened a second time.
     _lock_holder: Option<File>,
 }
@@ -123,6 +161,7 @@ impl Device {
         } = disk;
         let guards_cow_magic = format_guessed && cow.is_none() && !opts.read_only;
         let mut block_size = 1u32 << SECTOR_SHIFT; // one sector
+        let mut cow_summary = None;
         let (sched, backing, backing_path, description) = match cow {
             None => (
                 Scheduler::new_raw(sectors, threads, opts.read_only),
@@ -149,6 +188,28 @@ impl Device {
                     block_size = c.geometry.sectorsize.min(4096) as u32;
                 }
                 let allocated = c.bitmap.count_ones();
+                let backing_is_file = c
+                    .backing
+                    .metadata()
+                    .map(|m| m.file_type().is_file())
+                    .unwrap_or(false);
+                cow_summary = Some(CowSummary {
+                    version: c.header.layout.name(),
+                    chunk_size: c.geometry.sectorsize,
+                    chunks: c.geometry.chunks,
+                    storable_chunks: c.storable_chunks,
+                    bitmap_offset: c.geometry.bitmap_offset,
+                    data_offset: c.geometry.data_offset,
+                    backing: BackingSummary {
+                        path: crate::fsutil::escape::escape_path(&c.backing_path),
+                        overridden: opts.backing.is_some(),
+                        size: c.header.size,
+                        size_matches: true,
+                        recorded_mtime: c.header.mtime,
+                        mtime_checked: backing_is_file,
+                        locked: true,
+                    },
+                });
                 let description = format!(
                     "COW {} over {} ({} sectors, {} of {} chunks allocated)",
                     c.header.layout.name(),
@@ -175,8 +236,12 @@ impl Device {
             Some(s) => s.as_bytes()[..s.len().min(20)].to_vec(),
             None => default_serial(&path),
         };
+        let events = Arc::new(
+            EventBus::new().map_err(DiskError::io(&path, "create the event queue's eventfd"))?,
+        );
         Ok(Device {
             path,
+            cow_summary,
             file,
             backing,
             backing_path,
@@ -191,6 +256,8 @@ impl Device {
             format_guessed,
             guards_cow_magic,
             sched: Mutex::new(sched),
+            events,
+            failure_announced: AtomicBool::new(false),
             _lock_holder: lock_holder,
         })
     }
@@ -213,6 +280,19 @@ impl Device {
     /// the state it left is still the best there is to drain.
     pub fn sched(&self) -> MutexGuard<'_, Scheduler> {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Announces the scheduler's metadata failure once (called after each
+    /// scheduler step; a load and a branch when there is none).
+    pub fn announce_failure(&self, sched: &Scheduler) {
+        if let Some(why) = sched.failure() {
+            if !self.failure_announced.swap(true, Ordering::AcqRel) {
+                self.events.emit(
+                    "METADATA_FAILURE",
+                    serde_json::json!({ "path": crate::fsutil::escape::escape_path(&self.path), "reason": why }),
+                );
+            }
+        }
     }
 
     pub fn sync(&self) -> Result<()> {

@@ -144,6 +144,11 @@ impl GuestMemoryMap {
         self.mem.clone()
     }
 
+    /// Regions mapped now.
+    pub fn regions(&self) -> usize {
+        self.mappings.len()
+    }
+
     /// SET_MEM_TABLE: replaces every region.
     pub fn set_table(
         &mut self,

@@ -2,11 +2,13 @@
 //! device, the worker threads that drive the engines, and the vhost-user
 //! protocol and life cycle.
 
+pub mod control_commands;
 pub mod cow_magic_guard;
 pub mod device;
 pub mod guest_memory;
 pub mod log_limit;
 pub mod protocol;
+pub mod request_stats;
 pub mod sandbox;
 pub mod scheduler;
 pub mod seccomp;

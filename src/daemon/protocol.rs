@@ -490,3 +490,63 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         Err(unsupported("SET_LOG_BASE"))
     }
 }
+
+/// What `query-connection` shows of one queue.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStatus {
+    pub index: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub enabled: bool,
+    /// Being served by its worker.
+    pub started: bool,
+    pub broken: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// What `query-connection` shows of a connection.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionStatus {
+    pub features: Vec<String>,
+    pub protocol_features: Vec<String>,
+    pub memory_regions: usize,
+    /// Queues the frontend set up (ready) or that are served.
+    pub queues: Vec<QueueStatus>,
+}
+
+impl FrontendHandler {
+    /// Takes each virtqueue's lock in turn (lock order: this handler, then
+    /// a virtqueue; docs/design.md).
+    pub fn status(&self) -> ConnectionStatus {
+        let queues = self
+            .queues
+            .iter()
+            .filter_map(|q| {
+                let st = q.lock();
+                let shown = st.queue.ready() || st.started || st.enabled;
+                shown.then(|| QueueStatus {
+                    index: q.index,
+                    size: st.queue.size(),
+                    ready: st.queue.ready(),
+                    enabled: st.enabled,
+                    started: st.started,
+                    broken: st.broken,
+                    next_avail: st.queue.next_avail(),
+                    next_used: st.queue.next_used(),
+                })
+            })
+            .collect();
+        ConnectionStatus {
+            features: crate::virtio::config::feature_names(self.acked_features),
+            protocol_features: VhostUserProtocolFeatures::from_bits_truncate(
+                self.acked_protocol_features,
+            )
+            .iter_names()
+            .map(|(n, _)| n.to_ascii_lowercase().replace('_', "-"))
+            .collect(),
+            memory_regions: self.memory.regions(),
+            queues,
+        }
+    }
+}

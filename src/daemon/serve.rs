@@ -12,12 +12,15 @@ use thiserror::Error;
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::control_commands::{ConnectionSlot, DaemonCommands};
 use super::device::{Device, DeviceOptions};
 use super::protocol::{FrontendHandler, ProtocolOptions};
+use super::request_stats::RequestStats;
 use super::sandbox::{self, SandboxError, SandboxMode, SocketDir};
 use super::seccomp::{self, SeccompError, SeccompMode};
 use super::truncation_guard;
 use super::worker_thread::{WorkerOptions, WorkerPool};
+use crate::control::server::ControlServer;
 use crate::format::error::DiskError;
 use crate::io_engine::EngineError;
 
@@ -70,6 +73,8 @@ pub struct ServeOptions {
     pub workers: WorkerOptions,
     pub protocol: ProtocolOptions,
     pub socket: SocketSource,
+    /// The control socket's path (created with the data socket's mode).
+    pub control_socket: Option<PathBuf>,
     pub confinement: Confinement,
 }
 
@@ -213,9 +218,55 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         }
     };
 
+    let control = match &opts.control_socket {
+        None => None,
+        Some(path) => {
+            let mode = match &opts.socket {
+                SocketSource::Path { mode, .. } => *mode,
+                SocketSource::Fd(_) => 0o600,
+            };
+            let bound = bind(path, mode).and_then(|l| {
+                SocketDir::open(path)
+                    .map(|d| (l, d))
+                    .map_err(|source| ServeError::Socket {
+                        path: path.clone(),
+                        op: "open its directory",
+                        source,
+                    })
+            });
+            match bound {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    if let Some(d) = &socket_dir {
+                        d.remove();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    };
+
     // From here on, whatever happens, the cleanup below runs.
-    let result = serve_bound(&opts, &dev, &workers, &listener, &name, signals, &shutdown);
+    let (control_listener, control_dir) = match control {
+        Some((l, d)) => (Some(l), Some(d)),
+        None => (None, None),
+    };
+    let result = serve_bound(
+        &opts,
+        &dev,
+        &workers,
+        Bound {
+            listener: &listener,
+            name: &name,
+            control: control_listener,
+        },
+        signals,
+        &shutdown,
+    );
     drop(listener);
+    if let Some(d) = &control_dir {
+        d.remove();
+    }
     let sched_stats = dev.sched().stats().clone();
     if let Err(e) = dev.sync() {
         log::error!("{e}");
@@ -234,16 +285,27 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     result
 }
 
+/// The sockets the daemon listens on.
+struct Bound<'a> {
+    listener: &'a UnixListener,
+    name: &'a str,
+    control: Option<UnixListener>,
+}
+
 /// Confines the daemon, starts its threads and serves until a signal.
 fn serve_bound(
     opts: &ServeOptions,
     dev: &Arc<Device>,
     workers: &WorkerOptions,
-    listener: &UnixListener,
-    name: &str,
+    bound: Bound<'_>,
     mut signals: signal_hook::iterator::Signals,
     shutdown: &Arc<EventFd>,
 ) -> Result<(), ServeError> {
+    let Bound {
+        listener,
+        name,
+        control,
+    } = bound;
     sandbox::enter(opts.confinement.sandbox)?;
     {
         let shutdown = shutdown.clone();
@@ -256,7 +318,28 @@ fn serve_bound(
         .map_err(ServeError::Signals)?;
     }
     // io_uring rings and pool threads are made here, before the filter.
-    let pool = Arc::new(WorkerPool::start(dev.clone(), workers)?);
+    let stats = Arc::new(RequestStats::new(usize::from(opts.protocol.num_queues)));
+    let pool = Arc::new(WorkerPool::start(dev.clone(), workers, stats.clone())?);
+    let slot = Arc::new(ConnectionSlot::default());
+    if let (Some(l), Some(path)) = (control, &opts.control_socket) {
+        let commands = Arc::new(DaemonCommands {
+            dev: dev.clone(),
+            stats,
+            connection: slot.clone(),
+            events: dev.events.clone(),
+            started: std::time::Instant::now(),
+        });
+        let server =
+            ControlServer::new(l, path.display().to_string(), commands, dev.events.clone())
+                .map_err(|source| ServeError::Socket {
+                    path: path.clone(),
+                    op: "set up the control socket",
+                    source,
+                })?;
+        let shutdown = shutdown.clone();
+        crate::spawn::spawn_started("control".into(), move || server.run(&shutdown))
+            .map_err(ServeError::Signals)?;
+    }
     sandbox::drop_privileges()?;
     seccomp::install(opts.confinement.seccomp)?;
     log::info!(
@@ -277,7 +360,7 @@ fn serve_bound(
     #[cfg(feature = "test-hooks")]
     test_hooks::after_confinement();
 
-    let result = accept_loop(dev, &pool, opts, listener, name, shutdown);
+    let result = accept_loop(dev, &pool, opts, (listener, name), &slot, shutdown);
     match Arc::try_unwrap(pool) {
         Ok(mut pool) => pool.shutdown(),
         Err(_) => log::error!("worker threads still referenced at exit"),
@@ -305,8 +388,8 @@ fn accept_loop(
     dev: &Arc<Device>,
     pool: &Arc<WorkerPool>,
     opts: &ServeOptions,
-    listener: &UnixListener,
-    name: &str,
+    (listener, name): (&UnixListener, &str),
+    slot: &ConnectionSlot,
     shutdown: &EventFd,
 ) -> Result<(), ServeError> {
     // Signalled when a guest memory file was truncated under our mapping.
@@ -326,9 +409,19 @@ fn accept_loop(
             .map_err(|e| ServeError::Virtqueue(e.to_string()))?;
         let handler = Arc::new(Mutex::new(handler));
         crate::log_limited!(log::Level::Info, "connected", "frontend connected");
+        let number = slot.connected(handler.clone());
+        dev.events.emit(
+            "FRONTEND_CONNECTED",
+            serde_json::json!({ "connection": number }),
+        );
         let stopped = serve_connection(stream, &handler, shutdown, truncated);
+        slot.disconnected();
         let mut h = handler.lock().unwrap_or_else(|p| p.into_inner());
         h.disconnect();
+        dev.events.emit(
+            "FRONTEND_DISCONNECTED",
+            serde_json::json!({ "connection": number }),
+        );
         if h.acked_features() == 0 && !stopped {
             crate::log_limited!(
                 log::Level::Info,

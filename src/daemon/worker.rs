@@ -19,6 +19,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use super::cow_magic_guard::{pin_first_sector, FirstSector};
 use super::device::Device;
 use super::guest_memory::{Memory, MemoryGuard};
+use super::request_stats::{self, RequestStats};
 use super::scheduler::{
     DiskRequest, Done, Op, OpId, OpKind, ReqId, ReqKind, Scheduler, Status, Target, ThreadId,
 };
@@ -55,6 +56,9 @@ struct InFlight {
     status: u8,
     /// Writethrough: the flush that follows the write has been submitted.
     flushed: bool,
+    /// When the sweep that took it began (microseconds on the worker's
+    /// clock, wrapping): fits in the padding after the fields above.
+    taken_us: u32,
     /// The checked copy a guarded sector-0 write is done from. Boxed:
     /// it is rare, and 8 bytes less keep `InFlight` within the size the
     /// compiler copies inline when the slab takes it.
@@ -111,6 +115,26 @@ pub struct Worker {
     /// A ring was left with descriptors because of backpressure: it must
     /// be looked at again when requests finish, as no kick will come.
     throttled: bool,
+    /// Per-queue counters for the control socket, when kept.
+    stats: Option<Arc<RequestStats>>,
+    /// The clock request latencies are measured on.
+    epoch: std::time::Instant,
+    /// The current sweep's start on that clock.
+    sweep_us: u32,
+}
+
+/// Counts a request published at `now_us` in its queue's stats.
+fn count_finished(stats: &RequestStats, f: &InFlight, now_us: u32) {
+    let kind = match f.req.req_type {
+        RequestType::In => request_stats::Kind::Read,
+        RequestType::Out => request_stats::Kind::Write,
+        RequestType::Flush => request_stats::Kind::Flush,
+        _ => request_stats::Kind::Other,
+    };
+    let ns = u64::from(now_us.wrapping_sub(f.taken_us)) * 1000;
+    stats
+        .queue(f.ring)
+        .finished(kind, f.status == STATUS_OK, f.req.data_len, ns);
 }
 
 /// Builds the iovecs for bytes `[offset, offset + len)` of a request's
@@ -159,7 +183,27 @@ impl Worker {
             touched: Vec::new(),
             max_inflight,
             throttled: false,
+            stats: None,
+            epoch: std::time::Instant::now(),
+            sweep_us: 0,
         }
+    }
+
+    /// Counts finished requests per queue into `stats`.
+    pub fn with_stats(mut self, stats: Arc<RequestStats>) -> Worker {
+        self.stats = Some(stats);
+        self
+    }
+
+    /// Microseconds on the worker's clock, wrapping (every 71 minutes;
+    /// latencies are differences). Not read at all without stats.
+    fn clock_us(&self) -> u32 {
+        if self.stats.is_none() {
+            return 0;
+        }
+        #[allow(clippy::cast_possible_truncation)] // wrapping on purpose
+        let us = self.epoch.elapsed().as_micros() as u32;
+        us
     }
 
     pub fn engine_fd(&self) -> i32 {
@@ -244,6 +288,7 @@ impl Worker {
         mode: RingMode,
     ) {
         self.throttled = false;
+        self.sweep_us = self.clock_us();
         for ring in rings {
             self.take_from(dev, ring, mem, mode);
         }
@@ -434,6 +479,7 @@ impl Worker {
             parts_left: parts,
             status: STATUS_OK,
             flushed: false,
+            taken_us: self.sweep_us,
             _first_sector: first_sector,
         })
     }
@@ -674,6 +720,7 @@ impl Worker {
         let mut touched = std::mem::take(&mut self.touched);
         touched.clear();
         touched.resize_with(rings.len(), || None);
+        let now_us = self.clock_us();
         for d in done.drain(..) {
             let slot = Self::slot_of(d.id);
             let Some(f) = self.inflight.get_mut(slot) else {
@@ -704,6 +751,9 @@ impl Worker {
                 continue;
             }
             let f = self.inflight.remove(slot);
+            if let Some(stats) = &self.stats {
+                count_finished(stats, &f, now_us);
+            }
             let Some(i) = rings.iter().position(|r| r.index == f.ring) else {
                 continue;
             };

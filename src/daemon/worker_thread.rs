@@ -30,6 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{CacheMode, Device};
 use super::guest_memory::Memory;
+use super::request_stats::RequestStats;
 use super::scheduler::ThreadId;
 use super::virtqueue::Virtqueue;
 use super::worker::{RingMode, Worker};
@@ -128,7 +129,12 @@ fn inline_writes_apply(opts: &WorkerOptions, dev: &Device) -> bool {
 impl WorkerPool {
     /// Builds `opts.threads` workers, each with its own engine, and starts
     /// them; they wait for a connection.
-    pub fn start(dev: Arc<Device>, opts: &WorkerOptions) -> Result<WorkerPool, EngineError> {
+    /// Finished requests are counted per queue in `stats`.
+    pub fn start(
+        dev: Arc<Device>,
+        opts: &WorkerOptions,
+        stats: Arc<RequestStats>,
+    ) -> Result<WorkerPool, EngineError> {
         // The scheduler was made for this many threads (Device::open): a
         // worker more would index past its queues.
         let n = dev.threads;
@@ -142,7 +148,7 @@ impl WorkerPool {
             if inline {
                 engine = Box::new(InlineWrites::new(engine));
             }
-            workers.push(Worker::new(t, engine));
+            workers.push(Worker::new(t, engine).with_stats(stats.clone()));
             mailboxes.push(Mailbox {
                 commands: Mutex::new(Vec::new()),
                 wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
@@ -357,6 +363,7 @@ impl WorkerLoop {
                 woken = false;
                 let mut sched = dev.sched();
                 worker.sched_step(&dev, &mut sched);
+                dev.announce_failure(&sched);
                 drop(sched);
                 for t in worker.take_kicks() {
                     if t != thread {

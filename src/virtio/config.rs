@@ -233,10 +233,48 @@ pub fn virtio_features(read_only: bool) -> u64 {
     features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
 }
 
+/// The names of the feature bits set in `features` ("bit N" for bits
+/// this backend does not know), for people reading `query-connection`.
+pub fn feature_names(features: u64) -> Vec<String> {
+    let known: [(u32, &str); 15] = [
+        (VIRTIO_BLK_F_SIZE_MAX, "size-max"),
+        (VIRTIO_BLK_F_SEG_MAX, "seg-max"),
+        (VIRTIO_BLK_F_RO, "ro"),
+        (VIRTIO_BLK_F_BLK_SIZE, "blk-size"),
+        (VIRTIO_BLK_F_FLUSH, "flush"),
+        (VIRTIO_BLK_F_TOPOLOGY, "topology"),
+        (VIRTIO_BLK_F_CONFIG_WCE, "config-wce"),
+        (VIRTIO_BLK_F_MQ, "mq"),
+        (VIRTIO_BLK_F_DISCARD, "discard"),
+        (VIRTIO_BLK_F_WRITE_ZEROES, "write-zeroes"),
+        (VIRTIO_RING_F_INDIRECT_DESC, "indirect-desc"),
+        (VIRTIO_RING_F_EVENT_IDX, "event-idx"),
+        (VIRTIO_F_VERSION_1, "version-1"),
+        (30, "protocol-features"),
+        (26, "log-all"),
+    ];
+    (0..64)
+        .filter(|b| features & (1u64 << b) != 0)
+        .map(|b| {
+            known
+                .iter()
+                .find(|(k, _)| *k == b)
+                .map_or_else(|| format!("bit {b}"), |(_, n)| (*n).to_owned())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use virtio_bindings::virtio_blk::virtio_blk_config;
+
+    #[test]
+    fn feature_names_name_known_bits_and_number_the_rest() {
+        let names = feature_names((1 << VIRTIO_BLK_F_FLUSH) | (1 << 30) | (1 << 50));
+        assert_eq!(names, ["flush", "protocol-features", "bit 50"]);
+        assert!(feature_names(0).is_empty());
+    }
 
     fn sample() -> BlkConfig {
         let mut limits = Limits::new(0x0102_0304_0506_0708);

@@ -1,0 +1,175 @@
+//! The daemon's control-socket commands (docs/control.md): what the disk
+//! is, how its queues are doing, who is connected. They run on the control
+//! thread; each takes at most one lock at a time, briefly (the scheduler's
+//! to copy its counters, or a connection's handler and then its
+//! virtqueues; docs/design.md, "Threads, the run loop and locks").
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+
+use super::device::Device;
+use super::protocol::FrontendHandler;
+use super::request_stats::RequestStats;
+use crate::control::events::EventBus;
+use crate::control::server::Commands;
+use crate::control::wire::{ErrorBody, ErrorClass};
+use crate::units::SECTOR_BYTES;
+
+/// A connection's number (1 for the first) and its handler.
+type Numbered = (u64, Arc<Mutex<FrontendHandler>>);
+
+/// The connection being served, if any: set by the accept loop.
+#[derive(Default)]
+pub struct ConnectionSlot {
+    current: Mutex<Option<Numbered>>,
+    /// Connections accepted since the daemon started.
+    served: Mutex<u64>,
+}
+
+impl ConnectionSlot {
+    /// A connection begins; returns its number (1 for the first).
+    pub fn connected(&self, handler: Arc<Mutex<FrontendHandler>>) -> u64 {
+        let n = {
+            let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+            *served += 1;
+            *served
+        };
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((n, handler));
+        n
+    }
+
+    pub fn disconnected(&self) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn get(&self) -> (Option<Numbered>, u64) {
+        let served = *self.served.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            self.current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            served,
+        )
+    }
+}
+
+pub struct DaemonCommands {
+    pub dev: Arc<Device>,
+    pub stats: Arc<RequestStats>,
+    pub connection: Arc<ConnectionSlot>,
+    pub events: Arc<EventBus>,
+    pub started: Instant,
+}
+
+const COMMANDS: &[(&str, &str)] = &[
+    (
+        "query-disk",
+        "the disk: format, sizes, chunk size, allocation, backing file and its checks",
+    ),
+    (
+        "query-stats",
+        "requests, bytes and latency percentiles per queue and in total; the write path's counters",
+    ),
+    (
+        "query-connection",
+        "whether a frontend is connected, the features it acked, its queues",
+    ),
+];
+
+fn no_arguments(name: &str, args: &Map<String, Value>) -> Result<(), ErrorBody> {
+    match args.keys().next() {
+        None => Ok(()),
+        Some(k) => Err(ErrorBody::new(
+            ErrorClass::InvalidParameter,
+            format!("{name} takes no arguments (got '{k}')"),
+        )),
+    }
+}
+
+impl DaemonCommands {
+    fn query_disk(&self) -> Value {
+        let dev = &self.dev;
+        let allocated_chunks = dev.sched().bitmap().map(|b| b.count_ones());
+        let mut v = json!({
+            "path": crate::fsutil::escape::escape_path(&dev.path),
+            "format": if dev.is_cow() { "cow" } else { "raw" },
+            "format_guessed": dev.format_guessed,
+            "read_only": dev.read_only,
+            "cache": dev.cache.name(),
+            "virtual_size": dev.sectors * SECTOR_BYTES,
+            "sectors": dev.sectors,
+            "sector_size": SECTOR_BYTES,
+            "logical_block_size": dev.block_size,
+            "serial": String::from_utf8_lossy(&dev.serial),
+        });
+        if let (Some(cow), Some(allocated)) = (&dev.cow_summary, allocated_chunks) {
+            let mut c = serde_json::to_value(cow).unwrap_or(Value::Null);
+            c["allocated_chunks"] = json!(allocated);
+            c["allocated_bytes"] =
+                json!((allocated * cow.chunk_size).min(dev.sectors * SECTOR_BYTES));
+            v["cow"] = c;
+        }
+        v
+    }
+
+    fn query_stats(&self) -> Value {
+        let n = self.stats.len();
+        let queues: Vec<Value> = (0..n)
+            .filter_map(|i| {
+                let s = self.stats.snapshot(i..i + 1);
+                let used = s.reads + s.writes + s.flushes + s.others > 0;
+                used.then(|| {
+                    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+                    v["queue"] = json!(i);
+                    v
+                })
+            })
+            .collect();
+        let (write_path, failure) = {
+            let sched = self.dev.sched();
+            (sched.stats().clone(), sched.failure().map(str::to_owned))
+        };
+        json!({
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "total": self.stats.snapshot(0..n),
+            "queues": queues,
+            "write_path": write_path,
+            "metadata_failure": failure,
+        })
+    }
+
+    fn query_connection(&self) -> Value {
+        let (current, served) = self.connection.get();
+        let Some((number, handler)) = current else {
+            return json!({ "connected": false, "connections_served": served });
+        };
+        let status = handler.lock().unwrap_or_else(|p| p.into_inner()).status();
+        let mut v = serde_json::to_value(status).unwrap_or(Value::Null);
+        v["connected"] = json!(true);
+        v["connection"] = json!(number);
+        v["connections_served"] = json!(served);
+        v
+    }
+}
+
+impl Commands for DaemonCommands {
+    fn list(&self) -> Vec<(&'static str, &'static str)> {
+        COMMANDS.to_vec()
+    }
+
+    fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, ErrorBody> {
+        no_arguments(name, args)?;
+        match name {
+            "query-disk" => Ok(self.query_disk()),
+            "query-stats" => Ok(self.query_stats()),
+            "query-connection" => Ok(self.query_connection()),
+            _ => Err(ErrorBody::new(
+                ErrorClass::CommandNotFound,
+                format!("no such command: {name}"),
+            )),
+        }
+    }
+}
