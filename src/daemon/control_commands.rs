@@ -5,7 +5,7 @@
 //! virtqueues; docs/design.md, "Threads, the run loop and locks").
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
@@ -63,6 +63,9 @@ pub struct DaemonCommands {
     pub events: Arc<EventBus>,
     pub started: Instant,
 }
+
+/// How long `query-connection` waits for a frontend message to finish.
+const HANDLER_WAIT: Duration = Duration::from_millis(200);
 
 const COMMANDS: &[(&str, &str)] = &[
     (
@@ -141,17 +144,35 @@ impl DaemonCommands {
         })
     }
 
-    fn query_connection(&self) -> Value {
+    fn query_connection(&self) -> Result<Value, ErrorBody> {
         let (current, served) = self.connection.get();
         let Some((number, handler)) = current else {
-            return json!({ "connected": false, "connections_served": served });
+            return Ok(json!({ "connected": false, "connections_served": served }));
         };
-        let status = handler.lock().unwrap_or_else(|p| p.into_inner()).status();
+        // The message thread holds the handler across a frontend message,
+        // which may wait up to a minute for a worker: never stall every
+        // control client behind that.
+        let deadline = Instant::now() + HANDLER_WAIT;
+        let status = loop {
+            match handler.try_lock() {
+                Ok(h) => break h.status(),
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().status(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(ErrorBody::new(
+                        ErrorClass::GenericError,
+                        "the connection is busy with a frontend message; try again",
+                    ))
+                }
+            }
+        };
         let mut v = serde_json::to_value(status).unwrap_or(Value::Null);
         v["connected"] = json!(true);
         v["connection"] = json!(number);
         v["connections_served"] = json!(served);
-        v
+        Ok(v)
     }
 }
 
@@ -165,7 +186,7 @@ impl Commands for DaemonCommands {
         match name {
             "query-disk" => Ok(self.query_disk()),
             "query-stats" => Ok(self.query_stats()),
-            "query-connection" => Ok(self.query_connection()),
+            "query-connection" => self.query_connection(),
             _ => Err(ErrorBody::new(
                 ErrorClass::CommandNotFound,
                 format!("no such command: {name}"),
