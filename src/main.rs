@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, ArgGroup, Args, Parser, Subcommand};
 
+use vhost_user_cow::daemon::throttle::{self, Limit, Unit};
 use vhost_user_cow::format::header::DEFAULT_ALIGNMENT;
 use vhost_user_cow::format::{create_cow, CreateOptions, DiskFormat};
 use vhost_user_cow::tools::check::check;
@@ -185,6 +186,15 @@ struct ServeArgs {
     /// through a user namespace), an empty chroot (root only), or all.
     #[arg(long, value_enum, default_value = "namespace")]
     sandbox: SandboxArg,
+    /// An IOPS limit, [read=|write=|total=]RATE[:BURST] (burst: one
+    /// second's worth by default); repeat for reads and writes. Requests
+    /// over it are delayed, never failed.
+    #[arg(long, value_name = "LIMIT", value_parser = parse_iops_limit)]
+    throttle_iops: Vec<Limit>,
+    /// A bytes-per-second limit, [read=|write=|total=]RATE[:BURST], with
+    /// K/M/G suffixes (powers of 1024).
+    #[arg(long, value_name = "LIMIT", value_parser = parse_bps_limit)]
+    throttle_bps: Vec<Limit>,
     /// A control socket to create (mode as --socket-mode), for
     /// `vhost-user-cow ctl` (docs/control.md).
     #[arg(long, value_name = "PATH")]
@@ -199,6 +209,14 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
         .ok()
         .filter(|n| n.is_power_of_two() && *n <= 32768)
         .ok_or_else(|| format!("{s:?} is not a power of two from 1 to 32768"))
+}
+
+fn parse_iops_limit(s: &str) -> Result<Limit, String> {
+    Limit::parse(Unit::Iops, s).map_err(|e| e.to_string())
+}
+
+fn parse_bps_limit(s: &str) -> Result<Limit, String> {
+    Limit::parse(Unit::Bps, s).map_err(|e| e.to_string())
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -382,6 +400,14 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
         create_cow(&disk, backing, &CreateOptions::default())?;
         log::info!("{}: created over {}", disk.display(), backing.display());
     }
+    let mut limits = a.throttle_iops;
+    limits.extend(a.throttle_bps);
+    if let Err(e) = throttle::validate(&limits) {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e.to_string())
+            .exit();
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cache = if a.direct {
         CacheMode::Direct
@@ -404,6 +430,7 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
             read_only: a.read_only,
             cache,
             serial: a.serial,
+            throttle: limits,
         },
         protocol: ProtocolOptions {
             num_queues: a.num_queues,

@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use super::device::Device;
 use super::protocol::FrontendHandler;
 use super::request_stats::RequestStats;
+use super::throttle::{Limit, Unit};
 use crate::control::events::EventBus;
 use crate::control::server::Commands;
 use crate::control::wire::{ErrorBody, ErrorClass};
@@ -80,7 +81,57 @@ const COMMANDS: &[(&str, &str)] = &[
         "query-connection",
         "whether a frontend is connected, the features it acked, its queues",
     ),
+    (
+        "set-throttle",
+        "replace the I/O limits: iops-read, iops-write, iops-total, bps-read, bps-write, \
+         bps-total, each RATE, \"RATE:BURST\" or {rate, burst}; none: no limits",
+    ),
+    ("query-throttle", "the I/O limits in force"),
 ];
+
+/// `set-throttle`'s arguments as limits.
+fn parse_limits(args: &Map<String, Value>) -> Result<Vec<Limit>, ErrorBody> {
+    let bad = |what: String| ErrorBody::new(ErrorClass::InvalidParameter, what);
+    let mut limits = Vec::new();
+    for (key, value) in args {
+        let (unit, direction) = match key.as_str() {
+            "iops-read" => (Unit::Iops, "read"),
+            "iops-write" => (Unit::Iops, "write"),
+            "iops-total" => (Unit::Iops, "total"),
+            "bps-read" => (Unit::Bps, "read"),
+            "bps-write" => (Unit::Bps, "write"),
+            "bps-total" => (Unit::Bps, "total"),
+            _ => {
+                return Err(bad(format!(
+                    "unknown argument '{key}' (iops-read, iops-write, iops-total, bps-read, \
+                     bps-write, bps-total)"
+                )))
+            }
+        };
+        let spec = match value {
+            Value::Number(n) if n.as_u64().is_some() => n.to_string(),
+            Value::String(s) => s.clone(),
+            Value::Object(o) => match (o.get("rate"), o.get("burst"), o.len()) {
+                (Some(r), None, 1) if r.is_u64() => r.to_string(),
+                (Some(r), Some(b), 2) if r.is_u64() && b.is_u64() => format!("{r}:{b}"),
+                _ => {
+                    return Err(bad(format!(
+                        "{key}: expected {{\"rate\": N, \"burst\": M}}"
+                    )))
+                }
+            },
+            _ => {
+                return Err(bad(format!(
+                    "{key}: expected a rate, \"RATE:BURST\" or an object"
+                )))
+            }
+        };
+        let limit = Limit::parse(unit, &format!("{direction}={spec}"))
+            .map_err(|e| bad(format!("{key}: {e}")))?;
+        limits.push(limit);
+    }
+    Ok(limits)
+}
 
 fn no_arguments(name: &str, args: &Map<String, Value>) -> Result<(), ErrorBody> {
     match args.keys().next() {
@@ -182,8 +233,22 @@ impl Commands for DaemonCommands {
     }
 
     fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, ErrorBody> {
+        if name == "set-throttle" {
+            let limits = parse_limits(args)?;
+            self.dev.throttle.set(&limits);
+            log::info!(
+                "I/O limits set through the control socket: {}",
+                if limits.is_empty() {
+                    "none".to_owned()
+                } else {
+                    serde_json::to_string(&limits).unwrap_or_default()
+                }
+            );
+            return Ok(json!({ "limits": limits }));
+        }
         no_arguments(name, args)?;
         match name {
+            "query-throttle" => Ok(json!({ "limits": self.dev.throttle.limits() })),
             "query-disk" => Ok(self.query_disk()),
             "query-stats" => Ok(self.query_stats()),
             "query-connection" => self.query_connection(),

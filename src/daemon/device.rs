@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::control::events::EventBus;
 use crate::daemon::scheduler::{CowLayout, Scheduler};
+use crate::daemon::throttle::{Limit, Throttle};
 use crate::format::error::{DiskError, Result};
 use crate::format::{Disk, DiskFormat, DiskOptions};
 use crate::units::{SECTOR_BYTES, SECTOR_SHIFT};
@@ -54,6 +55,8 @@ pub struct DeviceOptions {
     pub read_only: bool,
     pub cache: CacheMode,
     pub serial: Option<String>,
+    /// I/O limits from the start (the control socket may change them).
+    pub throttle: Vec<Limit>,
 }
 
 /// What a COW file's header says, for `query-disk`.
@@ -115,6 +118,8 @@ pub struct Device {
     /// cannot turn its disk into a COW file naming a host file.
     pub guards_cow_magic: bool,
     sched: Mutex<Scheduler>,
+    /// The I/O limits.
+    pub throttle: Throttle,
     /// Events for control-socket clients (a no-op without a control socket).
     pub events: Arc<EventBus>,
     /// The metadata failure (rule 8) was announced as an event.
@@ -257,6 +262,7 @@ impl Device {
             guards_cow_magic,
             sched: Mutex::new(sched),
             events,
+            throttle: Throttle::new(&opts.throttle),
             failure_announced: AtomicBool::new(false),
             _lock_holder: lock_holder,
         })

@@ -13,6 +13,7 @@ pub mod sandbox;
 pub mod scheduler;
 pub mod seccomp;
 pub mod serve;
+pub mod throttle;
 pub mod truncation_guard;
 pub mod virtqueue;
 pub mod worker;

@@ -357,6 +357,13 @@ fn serve_bound(
         opts.confinement.sandbox.name(),
         opts.confinement.seccomp.name(),
     );
+    let limits = dev.throttle.limits();
+    if !limits.is_empty() {
+        log::info!(
+            "I/O limits: {}",
+            serde_json::to_string(&limits).unwrap_or_default()
+        );
+    }
     #[cfg(feature = "test-hooks")]
     test_hooks::after_confinement();
 

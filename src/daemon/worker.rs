@@ -23,6 +23,7 @@ use super::request_stats::{self, RequestStats};
 use super::scheduler::{
     DiskRequest, Done, Op, OpId, OpKind, ReqId, ReqKind, Scheduler, Status, Target, ThreadId,
 };
+use super::throttle::Charge;
 use super::virtqueue::Virtqueue;
 use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
@@ -121,6 +122,32 @@ pub struct Worker {
     epoch: std::time::Instant,
     /// The current sweep's start on that clock.
     sweep_us: u32,
+    /// Requests over the I/O limits (`throttle.rs`), oldest first: their
+    /// scheduler parts, held back until the limits admit them.
+    delayed: std::collections::VecDeque<Vec<DiskRequest>>,
+    /// When the oldest delayed request may be admitted.
+    retry_at: Option<std::time::Instant>,
+}
+
+/// What a request's parts cost against the I/O limits (a request counts
+/// once however many parts it has).
+fn charge_of(parts: &[DiskRequest]) -> Charge {
+    let mut c = Charge::default();
+    for p in parts {
+        match p.kind {
+            ReqKind::Read => {
+                c.reads = 1;
+                c.read_bytes += p.count << SECTOR_SHIFT;
+            }
+            ReqKind::Write => {
+                c.writes = 1;
+                c.write_bytes += p.count << SECTOR_SHIFT;
+            }
+            ReqKind::Zero => c.writes = 1,
+            ReqKind::Flush => {}
+        }
+    }
+    c
 }
 
 /// Counts a request published at `now_us` in its queue's stats.
@@ -186,7 +213,60 @@ impl Worker {
             stats: None,
             epoch: std::time::Instant::now(),
             sweep_us: 0,
+            delayed: std::collections::VecDeque::new(),
+            retry_at: None,
         }
+    }
+
+    /// Holds the request whose parts start at `first_part` of `to_submit`
+    /// back if the I/O limits do not admit it now (or older ones wait).
+    fn throttle(&mut self, dev: &Device, first_part: usize) {
+        let charge = charge_of(&self.to_submit[first_part..]);
+        if charge.is_free() {
+            return;
+        }
+        if self.delayed.is_empty() {
+            let now = std::time::Instant::now();
+            match dev.throttle.admit(&charge, now) {
+                Ok(()) => return,
+                Err(wait) => self.retry_at = Some(now + wait),
+            }
+        }
+        let parts = self.to_submit.drain(first_part..).collect();
+        self.delayed.push_back(parts);
+    }
+
+    /// Submits the delayed requests the I/O limits admit now, oldest
+    /// first.
+    pub fn release_delayed(&mut self, dev: &Device) {
+        if self.delayed.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        while let Some(parts) = self.delayed.front() {
+            if let Err(wait) = dev.throttle.admit(&charge_of(parts), now) {
+                self.retry_at = Some(now + wait);
+                return;
+            }
+            let parts = self.delayed.pop_front().unwrap_or_default();
+            self.to_submit.extend(parts);
+        }
+        self.retry_at = None;
+    }
+
+    /// Submits every delayed request whatever the limits (a ring is being
+    /// stopped: it must not wait for the limits).
+    pub fn release_all_delayed(&mut self) {
+        for parts in self.delayed.drain(..) {
+            self.to_submit.extend(parts);
+        }
+        self.retry_at = None;
+    }
+
+    /// How long until a delayed request may be admitted (None: none is).
+    pub fn delayed_wait(&self) -> Option<std::time::Duration> {
+        self.retry_at
+            .map(|at| at.saturating_duration_since(std::time::Instant::now()))
     }
 
     /// Counts finished requests per queue into `stats`.
@@ -454,6 +534,9 @@ impl Worker {
         #[allow(clippy::cast_possible_truncation)] // bounded: at most max_discard_seg (u32) parts
         let parts = (self.to_submit.len() - first_part) as u32;
         let slot = self.insert(ring, head, req, mem, parts, first_sector);
+        if parts > 0 && dev.throttle.is_active() {
+            self.throttle(dev, first_part);
+        }
         if parts == 0 {
             self.done.push(Done {
                 id: self.req_id(slot, 0),

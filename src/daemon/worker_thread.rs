@@ -358,6 +358,13 @@ impl WorkerLoop {
                     worker.take_requests(&dev, &rings, &c.mem, mode);
                 }
             }
+            // Requests over the I/O limits: a ring being stopped (or the
+            // connection, or the thread) does not wait for the limits.
+            if !stopping.is_empty() || !detaching.is_empty() || exit {
+                worker.release_all_delayed();
+            } else {
+                worker.release_delayed(&dev);
+            }
             worker.reap();
             if worker.has_sched_input() || woken {
                 woken = false;
@@ -416,7 +423,11 @@ impl WorkerLoop {
                     continue;
                 }
             }
-            let n = match epoll.wait(-1, &mut events) {
+            // Delayed requests: wake when the limits admit the next one.
+            let timeout = worker.delayed_wait().map_or(-1, |d| {
+                i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            });
+            let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
                 Err(e) => {

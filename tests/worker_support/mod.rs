@@ -117,6 +117,7 @@ impl Harness {
                 read_only: false,
                 cache: CacheMode::Buffered,
                 serial: None,
+                throttle: Vec::new(),
             },
             1,
         )
