@@ -53,6 +53,17 @@ shellcheck scripts/*.sh scripts/qemu/*.sh
 echo "== fuzz (scripts/fuzz.sh, ${FUZZ_SECONDS:-30}s per target)" >&2
 bash scripts/fuzz.sh
 
+# The density benchmark's short run (scripts/density.py: N daemons on one
+# golden image vs qemu-storage-daemon): it must run end to end without I/O
+# errors. The real figures come from the long run (docs/benchmarks.md).
+echo "== density benchmark, short run" >&2
+cargo build --quiet -p vhost-user-cow --bin vhost-user-cow -p vhost-user-cow-load --bin vhost-user-cow-load
+density_dir=$(mktemp -d)
+python3 scripts/density.py --n 2 --size 64M --runtime 1 --ramp 0.2 \
+    --bin-dir "${CARGO_TARGET_DIR:-target}/debug" \
+    --workdir "$density_dir/work" --output "$density_dir/out" >/dev/null
+rm -rf "$density_dir"
+
 # VM tests: boot guests on vhost-user-blk disks under QEMU (TCG where KVM
 # cannot run them). VUC_BACKEND=ours (default) or qsd picks the daemon;
 # VUC_SKIP_VM=1 skips them (said loudly, for quick local runs).
