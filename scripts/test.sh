@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests need: uml-utilities provides uml_mkcow and
 # uml_moo, the reference implementations the tools are compared with; the
-# scripts are linted with shellcheck. The VM tests install what they need
+# scripts are linted with shellcheck; tests/install.rs checks the systemd
+# units with systemd-analyze and systemd-socket-activate (systemd) and
+# renders the man pages (man-db). The VM tests install what they need
 # themselves (scripts/qemu/setup.sh).
-DEB_PACKAGES=(uml-utilities shellcheck)
+DEB_PACKAGES=(uml-utilities shellcheck systemd man-db)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do

@@ -47,6 +47,16 @@ enum Command {
     Rebase(RebaseArgs),
     /// Serve a COW disk or raw image over vhost-user-blk.
     Serve(Box<ServeArgs>),
+    /// Write the man pages and shell completions into DIR (scripts/install.sh).
+    #[command(hide = true)]
+    GenerateDocs(GenerateDocsArgs),
+}
+
+#[derive(Debug, Args)]
+struct GenerateDocsArgs {
+    /// The directory to write man1/ and completions/ into.
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -410,6 +420,14 @@ fn cmd_rebase(a: RebaseArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
+fn cmd_generate_docs(a: GenerateDocsArgs) -> CmdResult {
+    use clap::CommandFactory;
+    for f in vhost_user_cow::cli_docs::generate_docs(Cli::command(), PROG, &a.dir)? {
+        println!("{}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn cmd_merge(a: MergeArgs) -> CmdResult {
     let target = match a.into {
         Some(p) => MergeTarget::Into(p),
@@ -477,6 +495,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd_check(a),
         Command::Merge(a) => cmd_merge(a),
         Command::Rebase(a) => cmd_rebase(a),
+        Command::GenerateDocs(a) => cmd_generate_docs(a),
         Command::Serve(a) => cmd_serve(*a),
     };
     match result {
