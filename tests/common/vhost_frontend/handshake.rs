@@ -50,6 +50,9 @@ pub struct FrontendOptions {
     /// How long the connect and each vhost-user message (its send and its
     /// reply or ack) may take.
     pub reply_timeout: Duration,
+    /// Negotiate as cloud-hypervisor does (`cloud_hypervisor.rs`) instead
+    /// of as QEMU does.
+    pub cloud_hypervisor: bool,
 }
 
 impl Default for FrontendOptions {
@@ -66,6 +69,7 @@ impl Default for FrontendOptions {
             // Replies are immediate (GET_VRING_BASE waits for in-flight
             // requests, which complete within `timeout` or fail the test).
             reply_timeout: Duration::from_secs(10),
+            cloud_hypervisor: false,
         }
     }
 }
@@ -284,11 +288,16 @@ pub struct VhostUserBlk {
     /// GET_QUEUE_NUM's answer (when MQ was negotiated).
     pub max_queues: Option<u64>,
     pub config: BlkConfigSpace,
+    /// Set on a connection made as cloud-hypervisor makes it.
+    pub(super) cloud_hypervisor: Option<super::cloud_hypervisor::ChState>,
 }
 
 impl VhostUserBlk {
     /// Connects to `socket` and starts `opts.num_queues` queues.
     pub fn connect(socket: &Path, opts: FrontendOptions) -> Result<VhostUserBlk, String> {
+        if opts.cloud_hypervisor {
+            return VhostUserBlk::connect_cloud_hypervisor(socket, opts);
+        }
         let stream = connect_unix(socket, opts.reply_timeout)
             .map_err(|e| format!("connect {}: {e}", socket.display()))?;
         let wd = Watchdog::new(
@@ -414,6 +423,7 @@ impl VhostUserBlk {
             protocol,
             max_queues,
             config,
+            cloud_hypervisor: None,
         })
     }
 
