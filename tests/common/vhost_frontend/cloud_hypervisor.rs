@@ -34,7 +34,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 
 use super::config::{feature, BlkConfigSpace, CONFIG_LEN};
 use super::guest_memory::{Arena, GuestMemory, GUEST_BASE};
-use super::handshake::{connect_unix, FrontendOptions, VhostUserBlk, Watchdog};
+use super::handshake::{open_frontend, FrontendOptions, VhostUserBlk, Watchdog};
 use super::virtqueue::SplitQueue;
 
 /// Bit numbers cloud-hypervisor offers that the test driver has no name
@@ -125,15 +125,7 @@ impl VhostUserBlk {
         socket: &Path,
         opts: FrontendOptions,
     ) -> Result<VhostUserBlk, String> {
-        let stream = connect_unix(socket, opts.reply_timeout)
-            .map_err(|e| format!("connect {}: {e}", socket.display()))?;
-        let wd = Watchdog::new(
-            stream
-                .try_clone()
-                .map_err(|e| format!("clone the socket: {e}"))?,
-            opts.reply_timeout,
-        );
-        let mut fe = Frontend::from_stream(stream, u64::from(opts.num_queues));
+        let (mut fe, wd) = open_frontend(socket, &opts)?;
         let mut sent = Vec::new();
         // Each message recorded in `sent` and bounded by the watchdog.
         fn send<T, E: std::fmt::Debug>(

@@ -269,6 +269,26 @@ impl Drop for Watchdog {
     }
 }
 
+/// Connects to `socket` (bounded in time) and wraps the stream in the
+/// `vhost` crate's frontend, with a watchdog on its exchanges.
+pub fn open_frontend(
+    socket: &Path,
+    opts: &FrontendOptions,
+) -> Result<(Frontend, Watchdog), String> {
+    let stream = connect_unix(socket, opts.reply_timeout)
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    let wd = Watchdog::new(
+        stream
+            .try_clone()
+            .map_err(|e| format!("clone the socket: {e}"))?,
+        opts.reply_timeout,
+    );
+    Ok((
+        Frontend::from_stream(stream, u64::from(opts.num_queues)),
+        wd,
+    ))
+}
+
 /// A connected, started vhost-user-blk device.
 pub struct VhostUserBlk {
     pub(super) fe: Frontend,
@@ -298,15 +318,7 @@ impl VhostUserBlk {
         if opts.cloud_hypervisor {
             return VhostUserBlk::connect_cloud_hypervisor(socket, opts);
         }
-        let stream = connect_unix(socket, opts.reply_timeout)
-            .map_err(|e| format!("connect {}: {e}", socket.display()))?;
-        let wd = Watchdog::new(
-            stream
-                .try_clone()
-                .map_err(|e| format!("clone the socket: {e}"))?,
-            opts.reply_timeout,
-        );
-        let mut fe = Frontend::from_stream(stream, u64::from(opts.num_queues));
+        let (mut fe, wd) = open_frontend(socket, &opts)?;
         wd.run("SET_OWNER", || fe.set_owner())?;
         let offered_features = wd.run("GET_FEATURES", || fe.get_features())?;
         for (bit, name) in [
