@@ -63,4 +63,8 @@ if [ "${VUC_SKIP_VM:-0}" = 1 ]; then
 else
     echo "== VM tests (scripts/qemu/vm-tests.sh, backend ${VUC_BACKEND:-ours})" >&2
     bash scripts/qemu/vm-tests.sh
+    # libvirt (session mode, started here) boots the guest from
+    # examples/libvirt/ on our daemon.
+    echo "== libvirt (scripts/qemu/libvirt-test.sh)" >&2
+    bash scripts/qemu/libvirt-test.sh
 fi
