@@ -29,7 +29,7 @@ while (($#)); do
     --prefix=*) prefix=${1#--prefix=}; shift ;;
     --binary) [ $# -ge 2 ] || usage; binary=$2; shift 2 ;;
     --destdir) [ $# -ge 2 ] || usage; destdir=$2; shift 2 ;;
-    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) usage ;;
     *) [ -z "$prefix" ] || usage; prefix=$1; shift ;;
     esac
