@@ -204,11 +204,14 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     install(&prefix);
     let o = verify(&prefix);
     assert!(o.status.success(), "verify: {}", text(&o));
-    assert!(
-        text(&o).trim().is_empty(),
-        "verify complained: {}",
-        text(&o)
-    );
+    // verify loads every installed unit; other packages' units may draw
+    // warnings of their own (a newer libvirt's Type=notify-reload).
+    let out = text(&o);
+    let ours: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("vhost-user-cow"))
+        .collect();
+    assert!(ours.is_empty(), "verify complained: {ours:?}");
     // It does check ExecStart: without the binary it fails.
     std::fs::remove_file(prefix.join("bin/vhost-user-cow")).unwrap();
     let o = verify(&prefix);
