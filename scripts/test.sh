@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests need: uml-utilities provides uml_mkcow and
 # uml_moo, the reference implementations the tools are compared with; the
-# scripts are linted with shellcheck. The VM tests install what they need
+# scripts are linted with shellcheck; tests/install.rs checks the systemd
+# units with systemd-analyze and systemd-socket-activate (systemd) and
+# renders the man pages (man-db). The VM tests install what they need
 # themselves (scripts/qemu/setup.sh).
-DEB_PACKAGES=(uml-utilities shellcheck)
+DEB_PACKAGES=(uml-utilities shellcheck systemd man-db)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -72,4 +74,8 @@ if [ "${VUC_SKIP_VM:-0}" = 1 ]; then
 else
     echo "== VM tests (scripts/qemu/vm-tests.sh, backend ${VUC_BACKEND:-ours})" >&2
     bash scripts/qemu/vm-tests.sh
+    # libvirt (session mode, started here) boots the guest from
+    # examples/libvirt/ on our daemon.
+    echo "== libvirt (scripts/qemu/libvirt-test.sh)" >&2
+    bash scripts/qemu/libvirt-test.sh
 fi

@@ -43,10 +43,16 @@ enum Command {
     Check(CheckArgs),
     /// Merge a COW file with its backing file (like `uml_moo`).
     Merge(MergeArgs),
+    /// Record another backing file, or its new mtime, in a COW header
+    /// (like `qemu-img rebase -u`).
+    Rebase(RebaseArgs),
     /// Serve a COW disk or raw image over vhost-user-blk.
     Serve(Box<ServeArgs>),
     /// Send a command to a serving daemon's control socket.
     Ctl(CtlArgs),
+    /// Write the man pages and shell completions into DIR (scripts/install.sh).
+    #[command(hide = true)]
+    GenerateDocs(GenerateDocsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +76,13 @@ struct CtlArgs {
     /// Seconds to wait for an answer (or, with `events`, for each event).
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     timeout: f64,
+}
+
+#[derive(Debug, Args)]
+struct GenerateDocsArgs {
+    /// The directory to write man1/ and completions/ into.
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -125,8 +138,10 @@ struct ServeArgs {
         required_unless_present = "print_capabilities"
     )]
     disk: Option<PathBuf>,
-    /// Backing file to use instead of the one the COW header names.
-    #[arg(long, short = 'b')]
+    /// Backing file to use instead of the one the COW header names (a v3
+    /// header is rewritten to name it); with --create, the file to create
+    /// the COW file over.
+    #[arg(long, short = 'b', value_name = "FILE")]
     backing: Option<PathBuf>,
     /// The disk's format. Without it the format is guessed from the COW
     /// magic, and a guessed raw image refuses guest writes that would give
@@ -229,9 +244,10 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 #[derive(Debug, Args)]
 struct CreateArgs {
     /// The COW file to create.
+    #[arg(value_name = "COW")]
     cow: PathBuf,
-    /// The backing file (recorded with an absolute path).
-    #[arg(long, short = 'b')]
+    /// The backing file (recorded with an absolute path, its size and mtime).
+    #[arg(long, short = 'b', value_name = "FILE")]
     backing: PathBuf,
     /// Bytes covered by one bitmap bit (a power of two, 512..=65536).
     #[arg(long, default_value_t = 512)]
@@ -246,26 +262,32 @@ struct CreateArgs {
 
 #[derive(Debug, Args)]
 struct InfoArgs {
+    /// The COW file or raw image to describe.
+    #[arg(value_name = "FILE")]
     file: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
     /// Compare against this backing file instead of the header's.
-    #[arg(long, short = 'b')]
+    #[arg(long, short = 'b', value_name = "FILE")]
     backing: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 struct CheckArgs {
+    /// The COW file or raw image to check.
+    #[arg(value_name = "FILE")]
     file: PathBuf,
     /// Check against this backing file instead of the header's.
-    #[arg(long, short = 'b')]
+    #[arg(long, short = 'b', value_name = "FILE")]
     backing: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["into", "in_place"])))]
 struct MergeArgs {
+    /// The COW file to merge.
+    #[arg(value_name = "COW")]
     cow: PathBuf,
     /// Write the merged disk to this new (sparse) raw image.
     #[arg(long, value_name = "NEW_IMAGE")]
@@ -274,11 +296,27 @@ struct MergeArgs {
     #[arg(long)]
     in_place: bool,
     /// Use this backing file instead of the header's (like `uml_moo -b`).
-    #[arg(long, short = 'b')]
+    #[arg(long, short = 'b', value_name = "FILE")]
     backing: Option<PathBuf>,
     /// Replace an existing NEW_IMAGE.
     #[arg(long, short)]
     force: bool,
+}
+
+#[derive(Debug, Args)]
+struct RebaseArgs {
+    /// The COW file whose header is rewritten (v3 headers only).
+    #[arg(value_name = "COW")]
+    cow: PathBuf,
+    /// The backing file to record: its absolute name and current mtime. Its
+    /// size must be the one the header records.
+    #[arg(long, short = 'b', value_name = "FILE")]
+    backing: PathBuf,
+    /// Rewrite the header without comparing any data, like `qemu-img
+    /// rebase -u`: right only if FILE holds the data the COW file was made
+    /// over. Without it, rebase shows what it would change and refuses.
+    #[arg(long = "unsafe")]
+    unsafe_: bool,
 }
 
 type CmdResult = Result<ExitCode, Box<dyn Error>>;
@@ -465,6 +503,35 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
+fn cmd_rebase(a: RebaseArgs) -> CmdResult {
+    use vhost_user_cow::tools::rebase::{plan, rebase_unsafe, UNSAFE_WARNING};
+    if !a.unsafe_ {
+        let p = plan(&a.cow, &a.backing)?;
+        print!("{p}");
+        eprintln!(
+            "{PROG}: rebase: refusing without --unsafe: it would rewrite only the header, \
+             reading no data (a safe rebase, which copies the sectors where two backing \
+             files differ, is not implemented); add --unsafe if {} holds the data {} was \
+             made over",
+            a.backing.display(),
+            a.cow.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let p = rebase_unsafe(&a.cow, &a.backing)?;
+    print!("{p}");
+    eprintln!("{PROG}: {UNSAFE_WARNING}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_generate_docs(a: GenerateDocsArgs) -> CmdResult {
+    use clap::CommandFactory;
+    for f in vhost_user_cow::cli_docs::generate_docs(Cli::command(), PROG, &a.dir)? {
+        println!("{}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn cmd_merge(a: MergeArgs) -> CmdResult {
     let target = match a.into {
         Some(p) => MergeTarget::Into(p),
@@ -531,6 +598,8 @@ fn main() -> ExitCode {
         Command::Info(a) => cmd_info(a),
         Command::Check(a) => cmd_check(a),
         Command::Merge(a) => cmd_merge(a),
+        Command::Rebase(a) => cmd_rebase(a),
+        Command::GenerateDocs(a) => cmd_generate_docs(a),
         Command::Serve(a) => cmd_serve(*a),
         Command::Ctl(a) => cmd_ctl(a),
     };

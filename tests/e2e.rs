@@ -36,7 +36,12 @@ crate::per_peer!(
     read_only_refuses_writes,
     second_connection_sees_first_ones_data,
     sigterm_exits_cleanly,
-    blkio_client_in_another_process;
+    blkio_client_in_another_process,
+    cloud_hypervisor_cow_round_trip_2_queues,
+    cloud_hypervisor_raw_round_trip_1_queue,
+    cloud_hypervisor_negotiation,
+    cloud_hypervisor_rings_stopped_and_restarted,
+    cloud_hypervisor_hotplugged_memory;
     ours_only: direct_4k_chunks_offer_4k_blocks,
 );
 
@@ -594,6 +599,186 @@ fn blkio_client_in_another_process(peer: Peer) {
     model.zero(start + sectors - 64, 64);
     let mut dev = d.connect();
     check_whole_disk(&mut dev, &model, "after libblkio");
+    disconnect(dev);
+    finish(d, &model, dir.path(), &ro_before);
+}
+
+/// The frontend options of a cloud-hypervisor guest (`cloud_hypervisor.rs`
+/// in the test frontend): Linux acks EVENT_IDX.
+fn cloud_hypervisor(queues: u16) -> FrontendOptions {
+    FrontendOptions {
+        num_queues: queues,
+        cloud_hypervisor: true,
+        event_idx: true,
+        ..FrontendOptions::default()
+    }
+}
+
+fn cloud_hypervisor_cow_round_trip_2_queues(peer: Peer) {
+    round_trip(peer, 2, false, cloud_hypervisor(2));
+}
+
+fn cloud_hypervisor_raw_round_trip_1_queue(peer: Peer) {
+    round_trip(peer, 1, true, cloud_hypervisor(1));
+}
+
+/// What cloud-hypervisor asks for and the order it asks in, as the
+/// backend answered it.
+fn cloud_hypervisor_negotiation(peer: Peer) {
+    use common::vhost_frontend::cloud_hypervisor::{offered_features, offered_protocol_features};
+    let dir = tempdir();
+    let (image, _) = make_cow(dir.path(), SECTORS, 11);
+    let opts = ServeOptions {
+        num_queues: 2,
+        ..ServeOptions::default()
+    };
+    let d = Daemon::start(peer, dir.path(), &image, &opts);
+    let dev = d.connect_with(cloud_hypervisor(2));
+    assert_eq!(dev.config.capacity, SECTORS);
+    assert_eq!(dev.config.num_queues, 2, "config num_queues");
+    for (bit, name) in [
+        (feature::VERSION_1, "VERSION_1"),
+        (feature::BLK_FLUSH, "FLUSH"),
+        (feature::BLK_MQ, "MQ"),
+        (feature::EVENT_IDX, "EVENT_IDX"),
+    ] {
+        assert!(dev.has_feature(bit), "{name} not negotiated");
+    }
+    assert_eq!(
+        dev.features & !offered_features(2),
+        0,
+        "acked beyond CH's offer"
+    );
+    let need = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    assert!(dev.protocol.contains(need), "{:?}", dev.protocol);
+    assert_eq!(
+        dev.protocol,
+        dev.offered_protocol & offered_protocol_features()
+    );
+    let inflight = dev
+        .offered_protocol
+        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+    let mut want: Vec<&str> = vec![
+        "SET_OWNER",
+        "GET_FEATURES",
+        "GET_PROTOCOL_FEATURES",
+        "SET_PROTOCOL_FEATURES",
+        "GET_QUEUE_NUM",
+        "GET_CONFIG",
+        "SET_FEATURES",
+        "SET_MEM_TABLE",
+        "SET_VRING_NUM",
+        "SET_VRING_NUM",
+    ];
+    if inflight {
+        want.extend(["GET_INFLIGHT_FD", "SET_INFLIGHT_FD"]);
+    }
+    for _ in 0..2 {
+        want.extend([
+            "SET_VRING_ADDR",
+            "SET_VRING_BASE",
+            "SET_VRING_CALL",
+            "SET_VRING_KICK",
+        ]);
+    }
+    want.extend(["SET_VRING_ENABLE", "SET_VRING_ENABLE"]);
+    assert_eq!(
+        dev.ch_sent(),
+        want,
+        "message sequence (INFLIGHT_SHMFD offered: {inflight})"
+    );
+    disconnect(dev);
+    let st = d.terminate();
+    assert!(st.status.success(), "{}", st.log);
+}
+
+/// Pause/resume (the rings disabled and enabled again) and a device reset
+/// (GET_VRING_BASE, the rings reset by the guest, a new activation), with
+/// I/O before, between and after, compared with the model.
+fn cloud_hypervisor_rings_stopped_and_restarted(peer: Peer) {
+    let dir = tempdir();
+    let (image, mut model) = make_cow(dir.path(), SECTORS, 12);
+    let opts = ServeOptions {
+        num_queues: 2,
+        ..ServeOptions::default()
+    };
+    let d = Daemon::start(peer, dir.path(), &image, &opts);
+    let ro_before = snapshot(&d.read_only_files());
+    let mut dev = d.connect_with(cloud_hypervisor(2));
+    let mut rng = Rng::new(12);
+    exercise(&mut dev, &mut model, &mut rng);
+
+    dev.ch_pause().expect("pause");
+    dev.ch_resume().expect("resume");
+    let data = rng.bytes(24 * SECTOR);
+    dev.write(1, 4000, &data).ok("write after resume");
+    model.write(4000, &data);
+    check_whole_disk(&mut dev, &model, "after pause and resume");
+
+    let want = dev.avail_indices();
+    assert_eq!(
+        dev.ch_reset().expect("reset"),
+        want,
+        "GET_VRING_BASE at reset"
+    );
+    dev.ch_reactivate().expect("activate again");
+    assert_eq!(dev.avail_indices(), [0, 0], "the guest's rings start over");
+    exercise(&mut dev, &mut model, &mut rng);
+    check_whole_disk(&mut dev, &model, "after the device reset");
+    let want = dev.avail_indices();
+    assert_eq!(
+        dev.ch_reset().expect("reset"),
+        want,
+        "GET_VRING_BASE at the end"
+    );
+    drop(dev);
+    finish(d, &model, dir.path(), &ro_before);
+}
+
+/// Memory hot-plugged with ADD_MEM_REGION carries request buffers; after
+/// a device reset the whole memory goes in one SET_MEM_TABLE.
+fn cloud_hypervisor_hotplugged_memory(peer: Peer) {
+    let dir = tempdir();
+    let (image, mut model) = make_cow(dir.path(), SECTORS, 13);
+    let d = Daemon::start(peer, dir.path(), &image, &ServeOptions::default());
+    let ro_before = snapshot(&d.read_only_files());
+    let mut dev = d.connect_with(FrontendOptions {
+        extra_regions: vec![(1 << 30, 4 << 20)],
+        ..cloud_hypervisor(1)
+    });
+    let (start, _) = dev.ch_hotplug_memory().expect("hot-plug");
+    assert_eq!(dev.ch_sent().last().unwrap(), "ADD_MEM_REGION");
+    let mut rng = Rng::new(13);
+    let mut write_and_read = |dev: &mut VhostUserBlk, sector: u64, what: &str| {
+        let data = rng.bytes(16 * SECTOR);
+        dev.mem().write(start, &data);
+        let p = dev
+            .chain()
+            .header(T_OUT, sector)
+            .desc(start, 16 * 512, false)
+            .status()
+            .submit(0);
+        dev.complete(p, what).ok(what);
+        model.write(sector, &data);
+        let back = start + (1 << 20);
+        dev.mem().fill(back, data.len(), 0);
+        let p = dev
+            .chain()
+            .header(T_IN, sector)
+            .desc(back, 16 * 512, true)
+            .status()
+            .submit(0);
+        dev.complete(p, what).ok(what);
+        model.check(sector, &dev.mem().read_vec(back, data.len()), what);
+    };
+    write_and_read(&mut dev, 300, "buffers in hot-plugged memory");
+    dev.ch_reset().expect("reset");
+    dev.ch_reactivate().expect("activate again");
+    write_and_read(&mut dev, 5000, "hot-plugged memory after a reset");
+    check_whole_disk(&mut dev, &model, "the whole disk");
     disconnect(dev);
     finish(d, &model, dir.path(), &ro_before);
 }

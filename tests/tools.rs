@@ -673,3 +673,180 @@ fn control_characters_in_the_backing_name_are_escaped() {
         "{merge}"
     );
 }
+
+#[test]
+fn a_changed_mtime_names_the_way_out_and_rebase_unsafe_takes_it() {
+    let Some(moo) = uml_tool("uml_moo") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (backing, cow) = setup_written(d, 2 << 20, 5);
+    let expected = read_all(&cow);
+    set_mtime(&backing, 1_700_000_000);
+
+    // Every tool says what to do.
+    let hint = format!(
+        "vhost-user-cow rebase {} --backing {} --unsafe",
+        cow.display(),
+        backing.display()
+    );
+    let (code, out) = check_code(&[&"check", &cow]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&hint), "check: {out}");
+    let out = stdout(&ok(run(&[&"info", &cow])));
+    assert!(out.contains(&hint), "info: {out}");
+    let o = run(&[&"merge", &cow, &"--into", &d.join("m.img")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains(&hint), "merge: {}", stderr(&o));
+    let o = run(&[&"serve", &"--socket-path", &d.join("s"), &"--disk", &cow]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains(&hint), "serve: {}", stderr(&o));
+
+    // Without --unsafe: what it would do, exit 2, nothing written.
+    let before = snapshot(&cow);
+    let o = run(&[&"rebase", &cow, &"--backing", &backing]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("refusing without --unsafe"));
+    assert!(
+        stdout(&o).contains("1600000000 -> 1700000000"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(snapshot(&cow) == before, "rebase without --unsafe wrote");
+
+    let o = ok(run(&[&"rebase", &cow, &"--backing", &backing, &"--unsafe"]));
+    assert!(
+        stderr(&o).contains("warning: rebase --unsafe"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(check_code(&[&"check", &cow]).0, 0);
+    assert_eq!(
+        info_json(&cow)["backing"]["recorded_mtime"],
+        1_700_000_000u32
+    );
+    assert!(read_all(&cow) == expected, "the disk's data changed");
+    let theirs = d.join("theirs.img");
+    tool(&moo, &[&cow, &theirs], d);
+    assert!(
+        std::fs::read(&theirs).unwrap() == expected,
+        "uml_moo reads the rebased file differently"
+    );
+}
+
+#[test]
+fn rebase_unsafe_onto_a_moved_copy_is_read_by_uml_moo() {
+    let Some(moo) = uml_tool("uml_moo") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (backing, cow) = setup_written(d, 2 << 20, 6);
+    let expected = read_all(&cow);
+    let sub = d.join("elsewhere");
+    std::fs::create_dir(&sub).unwrap();
+    let copy = sub.join("copy.img");
+    std::fs::copy(&backing, &copy).unwrap();
+    std::fs::remove_file(&backing).unwrap();
+    // A relative name is recorded absolute, as `create` records it.
+    ok(run_in(
+        d,
+        &[
+            &"rebase",
+            &"disk.cow",
+            &"-b",
+            &"elsewhere/copy.img",
+            &"--unsafe",
+        ],
+    ));
+    let j = info_json(&cow);
+    assert_eq!(j["backing"]["header_path"], copy.display().to_string());
+    assert_eq!(j["backing"]["matches"], true);
+    let theirs = d.join("theirs.img");
+    tool(&moo, &[&cow, &theirs], d);
+    assert!(
+        std::fs::read(&theirs).unwrap() == expected,
+        "uml_moo differs"
+    );
+    let ours = d.join("ours.img");
+    ok(run(&[&"merge", &cow, &"--into", &ours]));
+    assert!(std::fs::read(&ours).unwrap() == expected, "merge differs");
+}
+
+#[test]
+fn rebase_refuses_what_it_cannot_do_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (backing, cow) = setup_written(d, 1 << 20, 8);
+    let before = snapshot(&cow);
+    let refused = |args: &[&dyn AsRef<std::ffi::OsStr>], what: &str| {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
+        assert!(stderr(&o).contains(what), "{what}: {}", stderr(&o));
+    };
+
+    // Another size is another disk.
+    let big = d.join("big.img");
+    write_file(&big, &vec![0u8; 2 << 20]);
+    refused(
+        &[&"rebase", &cow, &"-b", &big, &"--unsafe"],
+        "has size 2097152, but the COW header records 1048576",
+    );
+    refused(
+        &[&"rebase", &cow, &"-b", &d.join("nope.img"), &"--unsafe"],
+        "No such file",
+    );
+    refused(
+        &[&"rebase", &backing, &"-b", &backing, &"--unsafe"],
+        "raw image",
+    );
+    // A disk in use (a daemon, a merge, UML) keeps its header.
+    {
+        // (No fork guard: `run` takes it; this disk is not reopened.)
+        let _open = Disk::open(&cow, &DiskOptions::default()).unwrap();
+        refused(
+            &[&"rebase", &cow, &"-b", &backing, &"--unsafe"],
+            "in use by process",
+        );
+    }
+    assert!(snapshot(&cow) == before, "a refused rebase wrote");
+
+    // Old layouts are not rewritten.
+    let v1 = d.join("v1.cow");
+    let f = Fields::new(&backing, 1_600_000_000, 1 << 20);
+    write_cow(
+        &v1,
+        &v1_header(&Fields { version: 1, ..f }),
+        280,
+        &[0u8; 256],
+        512 + (1 << 20),
+    );
+    refused(
+        &[&"rebase", &v1, &"-b", &backing, &"--unsafe"],
+        "only v3 headers are rewritten",
+    );
+}
+
+#[test]
+fn every_argument_in_help_has_a_description() {
+    for sub in ["create", "info", "check", "merge", "rebase", "serve"] {
+        let help = stdout(&ok(run(&[&sub, &"--help"])));
+        // clap lists each argument as "  <NAME>  text" or "  -x, --name <V>  text".
+        let args: Vec<&str> = help
+            .lines()
+            .filter(|l| {
+                let t = l.trim_start();
+                l.starts_with("  ") && (t.starts_with('-') || t.starts_with('<'))
+            })
+            .collect();
+        assert!(args.len() >= 3, "{sub}: no arguments found in\n{help}");
+        for l in args {
+            let text = l.trim_start().split_once("  ").map(|(_, t)| t.trim());
+            assert!(
+                text.is_some_and(|t| !t.is_empty()),
+                "{sub} --help: no description for {l:?}"
+            );
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! so a message shown to the user always says which file and what is wrong.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
@@ -92,8 +92,9 @@ pub enum DiskError {
 
     #[error(
         "{cow}: backing file {} has mtime {actual}, but the COW header records {recorded} \
-         (the backing file changed since the COW file was made)",
-        escape_path(.backing)
+         (the backing file changed since the COW file was made); {}",
+        escape_path(.backing),
+        mtime_hint(.cow, .backing)
     )]
     MtimeMismatch {
         cow: PathBuf,
@@ -154,6 +155,19 @@ impl DiskError {
             }
         }
     }
+}
+
+/// How to proceed after a backing file's mtime changed, for every tool
+/// that reports it.
+pub fn mtime_hint(cow: &Path, backing: &Path) -> String {
+    format!(
+        "if its data is still what the COW file was made over (copied or touched, not \
+         written), record the new mtime with `vhost-user-cow rebase {} --backing {} --unsafe`; \
+         if it was written to, the COW file no longer fits it: use the original backing \
+         file (--backing FILE)",
+        escape_path(cow),
+        escape_path(backing)
+    )
 }
 
 pub type Result<T, E = DiskError> = std::result::Result<T, E>;

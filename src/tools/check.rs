@@ -19,7 +19,7 @@
 use std::path::Path;
 
 use super::inspect::{open_for_inspection, scan_bitmap, BackingInfo, Inspected};
-use crate::format::error::DiskError;
+use crate::format::error::{mtime_hint, DiskError};
 use crate::fsutil::escape::Escaped;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,9 +141,10 @@ fn check_into(
     if b.mtime_matches == Some(false) {
         report.problems.push(format!(
             "{p}: backing file {bp} has mtime {}, but the header records {} \
-             (it changed since the COW file was made)",
+             (it changed since the COW file was made); {}",
             b.actual_mtime.unwrap_or(0),
-            b.recorded_mtime
+            b.recorded_mtime,
+            mtime_hint(path, Path::new(&b.path))
         ));
     }
     Ok(())

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::inspect::{open_for_inspection, scan_bitmap, BackingInfo, Inspected};
-use crate::format::error::Result;
+use crate::format::error::{mtime_hint, Result};
 use crate::fsutil::escape::Escaped;
 use crate::units::SECTOR_BYTES;
 
@@ -217,6 +217,13 @@ impl fmt::Display for Info {
                     actual(b.actual_mtime.map(|v| v.to_string())),
                     verdict(b.mtime_matches)
                 )?;
+                if b.mtime_matches == Some(false) {
+                    writeln!(
+                        f,
+                        "  to proceed:    {}",
+                        mtime_hint(Path::new(&c.path), Path::new(&b.path))
+                    )?;
+                }
                 if b.matches {
                     writeln!(f, "  status:        usable")
                 } else {

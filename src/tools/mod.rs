@@ -1,7 +1,8 @@
-//! The image tools: `info`, `check` and `merge`, and the inspection that
-//! `info` and `check` share.
+//! The image tools: `info`, `check`, `merge` and `rebase`, and the
+//! inspection that `info` and `check` share.
 
 pub mod check;
 pub mod info;
 pub mod inspect;
 pub mod merge;
+pub mod rebase;

@@ -9,8 +9,11 @@
 //! - [`handshake`]: the vhost-user negotiation and ring setup/teardown,
 //!   each message and the connect bounded in time;
 //! - [`requests`]: the chain builder and the read/write/flush/... helpers;
-//! - [`raw`]: hand-made vhost-user messages the `vhost` crate would refuse.
+//! - [`raw`]: hand-made vhost-user messages the `vhost` crate would refuse;
+//! - [`cloud_hypervisor`]: the negotiation, activation, memory hot-plug and
+//!   ring stop/restart of cloud-hypervisor's vhost-user-blk device.
 
+pub mod cloud_hypervisor;
 pub mod config;
 pub mod guest_memory;
 pub mod handshake;

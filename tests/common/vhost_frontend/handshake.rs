@@ -50,6 +50,9 @@ pub struct FrontendOptions {
     /// How long the connect and each vhost-user message (its send and its
     /// reply or ack) may take.
     pub reply_timeout: Duration,
+    /// Negotiate as cloud-hypervisor does (`cloud_hypervisor.rs`) instead
+    /// of as QEMU does.
+    pub cloud_hypervisor: bool,
 }
 
 impl Default for FrontendOptions {
@@ -66,6 +69,7 @@ impl Default for FrontendOptions {
             // Replies are immediate (GET_VRING_BASE waits for in-flight
             // requests, which complete within `timeout` or fail the test).
             reply_timeout: Duration::from_secs(10),
+            cloud_hypervisor: false,
         }
     }
 }
@@ -265,6 +269,26 @@ impl Drop for Watchdog {
     }
 }
 
+/// Connects to `socket` (bounded in time) and wraps the stream in the
+/// `vhost` crate's frontend, with a watchdog on its exchanges.
+pub fn open_frontend(
+    socket: &Path,
+    opts: &FrontendOptions,
+) -> Result<(Frontend, Watchdog), String> {
+    let stream = connect_unix(socket, opts.reply_timeout)
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    let wd = Watchdog::new(
+        stream
+            .try_clone()
+            .map_err(|e| format!("clone the socket: {e}"))?,
+        opts.reply_timeout,
+    );
+    Ok((
+        Frontend::from_stream(stream, u64::from(opts.num_queues)),
+        wd,
+    ))
+}
+
 /// A connected, started vhost-user-blk device.
 pub struct VhostUserBlk {
     pub(super) fe: Frontend,
@@ -284,20 +308,17 @@ pub struct VhostUserBlk {
     /// GET_QUEUE_NUM's answer (when MQ was negotiated).
     pub max_queues: Option<u64>,
     pub config: BlkConfigSpace,
+    /// Set on a connection made as cloud-hypervisor makes it.
+    pub(super) cloud_hypervisor: Option<super::cloud_hypervisor::ChState>,
 }
 
 impl VhostUserBlk {
     /// Connects to `socket` and starts `opts.num_queues` queues.
     pub fn connect(socket: &Path, opts: FrontendOptions) -> Result<VhostUserBlk, String> {
-        let stream = connect_unix(socket, opts.reply_timeout)
-            .map_err(|e| format!("connect {}: {e}", socket.display()))?;
-        let wd = Watchdog::new(
-            stream
-                .try_clone()
-                .map_err(|e| format!("clone the socket: {e}"))?,
-            opts.reply_timeout,
-        );
-        let mut fe = Frontend::from_stream(stream, u64::from(opts.num_queues));
+        if opts.cloud_hypervisor {
+            return VhostUserBlk::connect_cloud_hypervisor(socket, opts);
+        }
+        let (mut fe, wd) = open_frontend(socket, &opts)?;
         wd.run("SET_OWNER", || fe.set_owner())?;
         let offered_features = wd.run("GET_FEATURES", || fe.get_features())?;
         for (bit, name) in [
@@ -414,6 +435,7 @@ impl VhostUserBlk {
             protocol,
             max_queues,
             config,
+            cloud_hypervisor: None,
         })
     }
 
