@@ -5,6 +5,7 @@
 pub mod cow_magic_guard;
 pub mod device;
 pub mod guest_memory;
+pub mod inflight;
 pub mod log_limit;
 pub mod protocol;
 pub mod sandbox;
