@@ -484,3 +484,76 @@ fn hostile_inflight_areas_are_refused() {
     let st = d.terminate();
     assert!(st.status.success(), "exit {}:\n{}", st.status, st.log);
 }
+
+/// SIGTERM with writes in flight: the daemon completes and publishes
+/// every request it took before it disconnects, so the area ends with
+/// nothing marked, and a frontend that rewinds to the used index and
+/// reconnects without handing the area back (as to a daemon without
+/// in-flight tracking: a downgrade) gets every write done exactly once.
+#[test]
+fn sigterm_publishes_every_request_taken() {
+    let dir = tempfile::Builder::new()
+        .prefix("vuc-e2e-inflight-sigterm-")
+        .tempdir()
+        .unwrap();
+    let (image, mut model) = make_cow(dir.path(), SECTORS, 0x1f4);
+    let opts = opts_slow_writes(2);
+    let d = Daemon::start(Peer::Ours, dir.path(), &image, &opts);
+    let mut dev = d.connect_with(frontend(2));
+    let (layout, area) = {
+        let (l, f) = dev.inflight.as_ref().expect("GET_INFLIGHT_FD");
+        (*l, f.try_clone().unwrap())
+    };
+    let mut rng = Rng::new(0x1f4);
+    const LEN: usize = 64 * 1024;
+    let mut batch = Vec::new();
+    for i in 0..48u64 {
+        let data = rng.bytes(LEN);
+        let sector = i * (LEN / SECTOR) as u64;
+        batch.push((
+            dev.submit_write(to_usize(i % 2), sector, &data),
+            sector,
+            data,
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while marked(&area, &layout).iter().all(Vec::is_empty) && Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+    let st = d.terminate();
+    assert!(st.status.success(), "exit {}:\n{}", st.status, st.log);
+    assert!(
+        st.log.contains("published before disconnecting"),
+        "no drain logged:\n{}",
+        st.log
+    );
+    let left = marked(&area, &layout);
+    assert!(
+        left.iter().all(Vec::is_empty),
+        "marked in flight after SIGTERM: {left:?}"
+    );
+    let used: Vec<u16> = (0..2)
+        .map(|q| dev.mem().load_u16_acquire(dev.queue(q).used_gpa + 2))
+        .collect();
+    eprintln!("used indices at the exit: {used:?} of 24 each");
+    dev.inflight = None; // the next daemon is not given the area
+    let d = Daemon::start(Peer::Ours, dir.path(), &image, &opts);
+    dev.set_daemon_log(&d.log_path());
+    dev.reconnect(d.socket()).expect("reconnect");
+    for (p, sector, data) in batch.drain(..) {
+        dev.complete(p, "a write across the SIGTERM")
+            .expect_status(S_OK, "a write across the SIGTERM");
+        model.write(sector, &data);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for q in 0..2 {
+        let used = dev.mem().load_u16_acquire(dev.queue(q).used_gpa + 2);
+        assert_eq!(used, dev.queue(q).avail_idx(), "queue {q}");
+    }
+    let all = read_all(&mut dev);
+    model.check(0, &all, "after the SIGTERM and restart");
+    drop(dev);
+    let st = d.terminate();
+    assert!(st.status.success(), "exit {}:\n{}", st.status, st.log);
+    check_cow(&image);
+}

@@ -185,6 +185,18 @@ impl FrontendHandler {
         Ok(())
     }
 
+    /// The daemon is stopping (SIGTERM): stop every ring, which publishes
+    /// every request taken, before the connection ends. A frontend rewinds
+    /// its rings to the used index when its backend goes away, so then it
+    /// neither loses nor repeats a request, whichever daemon it reconnects
+    /// to, with in-flight tracking or without (an upgrade or a downgrade).
+    pub fn drain(&mut self) {
+        for i in 0..u32::from(self.opts.num_queues) {
+            let _ = self.stop(i);
+        }
+        log::info!("every request taken was completed and published before disconnecting");
+    }
+
     /// The connection ended: stop every ring and finish the I/O in flight.
     pub fn disconnect(&mut self) {
         for q in &self.queues {

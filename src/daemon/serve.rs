@@ -328,6 +328,9 @@ fn accept_loop(
         crate::log_limited!(log::Level::Info, "connected", "frontend connected");
         let stopped = serve_connection(stream, &handler, shutdown, truncated);
         let mut h = handler.lock().unwrap_or_else(|p| p.into_inner());
+        if stopped {
+            h.drain();
+        }
         h.disconnect();
         if h.acked_features() == 0 && !stopped {
             crate::log_limited!(
