@@ -39,6 +39,66 @@ fn region_size(queue_size: u16) -> u64 {
     (16 + 16 * u64::from(queue_size)).div_ceil(64) * 64
 }
 
+/// A write submitted and not yet completed: its request, sector and data.
+type Submitted = (Pending, u64, Vec<u8>);
+
+const WRITE_LEN: usize = 64 * 1024;
+
+/// `n` writes of 64 KiB of random data, alternating between two queues.
+fn submit_writes(dev: &mut VhostUserBlk, rng: &mut Rng, n: u64) -> Vec<Submitted> {
+    (0..n)
+        .map(|i| {
+            let data = rng.bytes(WRITE_LEN);
+            let sector = i * (WRITE_LEN / SECTOR) as u64;
+            (
+                dev.submit_write(to_usize(i % 2), sector, &data),
+                sector,
+                data,
+            )
+        })
+        .collect()
+}
+
+/// Spins until the area shows a request in flight (at most 10 s).
+fn wait_marked(area: &File, layout: &VhostUserInflight) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while marked(area, layout).iter().all(Vec::is_empty) && Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+}
+
+/// A new daemon on the same disk, the frontend reconnected to it: every
+/// write of `batch` completes with OK (into `model`), and, after a
+/// moment, no used element beyond the requests made (none twice).
+fn restart_and_finish(
+    dir: &std::path::Path,
+    image: &Image,
+    opts: &ServeOptions,
+    dev: &mut VhostUserBlk,
+    batch: Vec<Submitted>,
+    model: &mut common::disk_model::Model,
+) -> Daemon {
+    let d = Daemon::start(Peer::Ours, dir, image, opts);
+    dev.set_daemon_log(&d.log_path());
+    dev.reconnect(d.socket())
+        .unwrap_or_else(|e| panic!("reconnect: {e}\n{}", d.log_text()));
+    for (p, sector, data) in batch {
+        dev.complete(p, "a write across the restart")
+            .expect_status(S_OK, "a write across the restart");
+        model.write(sector, &data);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for q in 0..dev.num_queues() {
+        let used = dev.mem().load_u16_acquire(dev.queue(q).used_gpa + 2);
+        assert_eq!(
+            used,
+            dev.queue(q).avail_idx(),
+            "queue {q}: used index vs avail index"
+        );
+    }
+    d
+}
+
 /// The heads marked in flight in each queue's region.
 fn marked(file: &File, layout: &VhostUserInflight) -> Vec<Vec<u16>> {
     let mut buf = vec![0u8; to_usize(layout.mmap_size)];
@@ -140,23 +200,12 @@ fn killed_daemon_resubmits_requests_in_flight_exactly_once() {
         (*l, f.try_clone().unwrap())
     };
     let mut rng = Rng::new(0x1f1);
-    const N: u64 = 48;
-    const LEN: usize = 64 * 1024;
-    let sectors_per = (LEN / SECTOR) as u64;
     let mut at_kill = Vec::new();
     let mut batch = Vec::new();
     for attempt in 0..30 {
-        for i in 0..N {
-            let data = rng.bytes(LEN);
-            let sector = i * sectors_per;
-            let p = dev.submit_write(to_usize(i % 2), sector, &data);
-            batch.push((p, sector, data));
-        }
-        // Watch the area; stop the daemon as soon as something is marked.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while marked(&area, &layout).iter().all(Vec::is_empty) && Instant::now() < deadline {
-            std::hint::spin_loop();
-        }
+        batch = submit_writes(&mut dev, &mut rng, 48);
+        // Stop the daemon as soon as the area shows something in flight.
+        wait_marked(&area, &layout);
         d.signal(libc::SIGSTOP);
         at_kill = marked(&area, &layout);
         if at_kill.iter().any(|q| !q.is_empty()) {
@@ -175,25 +224,7 @@ fn killed_daemon_resubmits_requests_in_flight_exactly_once() {
     d.signal(libc::SIGKILL);
     drop(d);
 
-    let d = Daemon::start(Peer::Ours, dir.path(), &image, &opts);
-    dev.set_daemon_log(&d.log_path());
-    dev.reconnect(d.socket())
-        .unwrap_or_else(|e| panic!("reconnect: {e}\n{}", d.log_text()));
-    for (p, sector, data) in batch.drain(..) {
-        dev.complete(p, "a write across the restart")
-            .expect_status(S_OK, "a write across the restart");
-        model.write(sector, &data);
-    }
-    // Nothing completes twice: no used element beyond the requests made.
-    std::thread::sleep(Duration::from_millis(300));
-    for q in 0..2 {
-        let used = dev.mem().load_u16_acquire(dev.queue(q).used_gpa + 2);
-        assert_eq!(
-            used,
-            dev.queue(q).avail_idx(),
-            "queue {q}: used index vs avail index"
-        );
-    }
+    let d = restart_and_finish(dir.path(), &image, &opts, &mut dev, batch, &mut model);
     let log = d.log_text();
     let found = found_in_flight(&log);
     assert!(
@@ -505,21 +536,8 @@ fn sigterm_publishes_every_request_taken() {
         (*l, f.try_clone().unwrap())
     };
     let mut rng = Rng::new(0x1f4);
-    const LEN: usize = 64 * 1024;
-    let mut batch = Vec::new();
-    for i in 0..48u64 {
-        let data = rng.bytes(LEN);
-        let sector = i * (LEN / SECTOR) as u64;
-        batch.push((
-            dev.submit_write(to_usize(i % 2), sector, &data),
-            sector,
-            data,
-        ));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while marked(&area, &layout).iter().all(Vec::is_empty) && Instant::now() < deadline {
-        std::hint::spin_loop();
-    }
+    let batch = submit_writes(&mut dev, &mut rng, 48);
+    wait_marked(&area, &layout);
     let st = d.terminate();
     assert!(st.status.success(), "exit {}:\n{}", st.status, st.log);
     assert!(
@@ -532,24 +550,8 @@ fn sigterm_publishes_every_request_taken() {
         left.iter().all(Vec::is_empty),
         "marked in flight after SIGTERM: {left:?}"
     );
-    let used: Vec<u16> = (0..2)
-        .map(|q| dev.mem().load_u16_acquire(dev.queue(q).used_gpa + 2))
-        .collect();
-    eprintln!("used indices at the exit: {used:?} of 24 each");
     dev.inflight = None; // the next daemon is not given the area
-    let d = Daemon::start(Peer::Ours, dir.path(), &image, &opts);
-    dev.set_daemon_log(&d.log_path());
-    dev.reconnect(d.socket()).expect("reconnect");
-    for (p, sector, data) in batch.drain(..) {
-        dev.complete(p, "a write across the SIGTERM")
-            .expect_status(S_OK, "a write across the SIGTERM");
-        model.write(sector, &data);
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    for q in 0..2 {
-        let used = dev.mem().load_u16_acquire(dev.queue(q).used_gpa + 2);
-        assert_eq!(used, dev.queue(q).avail_idx(), "queue {q}");
-    }
+    let d = restart_and_finish(dir.path(), &image, &opts, &mut dev, batch, &mut model);
     let all = read_all(&mut dev);
     model.check(0, &all, "after the SIGTERM and restart");
     drop(dev);
