@@ -4,6 +4,7 @@
 #                      restarts the daemon then), write more, check all.
 #   vmtest.phase=busy|killloop|upgrade
 #                      write fsynced 4 MiB chunks for vmtest.secs seconds
+#                      (vmtest.writers writers at once, default 1)
 #                      while the host restarts the daemon (once, over and
 #                      over, or with another build); every chunk is
 #                      announced ("VMTEST PROGRESS n": the host waits for
@@ -16,56 +17,79 @@
 phase="$(param phase idle)"
 secs="$(param secs 20)"
 pause="$(param pause 10)"
+writers="$(param writers 1)"
 mkdir -p /data/rc
-: >/tmp/rc.sha
+rm -f /tmp/rc.failed
+: >/tmp/rc0.sha
 i=0
-write_errors=0
 # One random 4 MiB pattern, made once: generating random data under TCG is
 # slower than the disk, and the point is to keep the disk busy.
 dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null
+# chunk W N: writer W's chunk N, written and fsynced; its checksum goes
+# to /tmp/rcW.sha. Writer 0 announces each chunk.
 chunk() {
     t0=$(now)
-    # The chunk number first: every chunk's checksum is its own.
-    if ! { printf 'chunk %d\n' "$i"; cat /tmp/pat; } | dd of="/data/rc/r$i" bs=1M conv=fsync 2>/dev/null; then
-        write_errors=$((write_errors + 1))
-        fail "reconnect-$phase" "the write of chunk $i failed"
+    f="r$1-$2"
+    # The chunk's name first: every chunk's checksum is its own.
+    if ! { printf 'chunk %s\n' "$f"; cat /tmp/pat; } | dd of="/data/rc/$f" bs=1M conv=fsync 2>/dev/null; then
+        touch /tmp/rc.failed
+        fail "reconnect-$phase" "the write of chunk $f failed"
     fi
-    (cd /data/rc && sha256sum "r$i" >>/tmp/rc.sha)
+    (cd /data/rc && sha256sum "$f" >>"/tmp/rc$1.sha")
     took=$(since "$t0")
     # Only the slow chunks (the daemon's restart) are worth a line.
-    case "$took" in 0.* | 1.* | 2.*) ;; *) info "chunk $i took ${took}s" ;; esac
-    echo "VMTEST PROGRESS $i"
-    i=$((i + 1))
+    case "$took" in 0.* | 1.* | 2.*) ;; *) info "chunk $f took ${took}s" ;; esac
+    [ "$1" = 0 ] && echo "VMTEST PROGRESS $2"
 }
 
 if [ "$phase" = idle ]; then
-    while [ "$i" -lt 4 ]; do chunk; done
+    while [ "$i" -lt 4 ]; do chunk 0 "$i"; i=$((i + 1)); done
     sync
     info "before the pause: in flight $(tr -s ' ' </sys/block/vda/inflight)"
     echo "VMTEST READY reconnect-idle"
     sleep "$pause"
     # First only read what was written before the restart.
     drop_caches
-    if (cd /data/rc && sha256sum -c /tmp/rc.sha >/tmp/rc.out 2>&1); then
+    if (cd /data/rc && sha256sum -c /tmp/rc0.sha >/tmp/rc.out 2>&1); then
         info "after ${pause}s idle (the daemon restarted): chunks 0-3 read back intact"
     else
         info "after ${pause}s idle (the daemon restarted): chunks 0-3 DIFFER:"
         sed 's/^/VMTEST INFO /' /tmp/rc.out
     fi
     info "writing again"
-    while [ "$i" -lt 8 ]; do chunk; done
+    while [ "$i" -lt 8 ]; do chunk 0 "$i"; i=$((i + 1)); done
 else
+    # Writers 1.. in the background keep more requests in flight.
+    w=1
+    while [ "$w" -lt "$writers" ]; do
+        : >"/tmp/rc$w.sha"
+        (
+            j=0
+            start=$(date +%s)
+            while [ $(($(date +%s) - start)) -lt "$secs" ]; do
+                chunk "$w" "$j"
+                j=$((j + 1))
+            done
+        ) &
+        w=$((w + 1))
+    done
     start=$(date +%s)
     while [ $(($(date +%s) - start)) -lt "$secs" ]; do
-        chunk
+        chunk 0 "$i"
+        i=$((i + 1))
         [ "$i" -eq 2 ] && echo "VMTEST READY reconnect-$phase"
     done
-    echo "VMTEST INFO workload ends after $i chunks"
+    wait
+    echo "VMTEST INFO workload ends after $i chunks of writer 0"
 fi
 
+cat /tmp/rc[0-9]*.sha >/tmp/all.sha
+i=$(grep -c '' /tmp/all.sha)
+write_errors=0
+[ -e /tmp/rc.failed ] && write_errors=1
 drop_caches
 lost=0
-if ! (cd /data/rc 2>&1 && sha256sum -c /tmp/rc.sha) >/tmp/rc.out 2>&1; then
+if ! (cd /data/rc 2>&1 && sha256sum -c /tmp/all.sha) >/tmp/rc.out 2>&1; then
     lost=$(grep -vc ': OK$' /tmp/rc.out)
     grep -v ': OK$' /tmp/rc.out | sed 's/^/VMTEST INFO /'
     fail "reconnect-$phase" "$lost of $i chunks differ after reading back"
