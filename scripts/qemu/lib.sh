@@ -354,8 +354,10 @@ backend_start() {
     rm -f "$sock"
     case "$VUC_BACKEND" in
     ours)
+        # VUC_SERVE_ARGS: more serve options (a test's, e.g. --sync).
+        # shellcheck disable=SC2086 # split on purpose
         "$VUC_BIN" serve --socket-path "$sock" --disk "$overlay" --format cow --num-queues "$queues" \
-            </dev/null >>"$log_file" 2>&1 &
+            ${VUC_SERVE_ARGS:-} </dev/null >>"$log_file" 2>&1 &
         ;;
     qsd)
         # writethrough=on: the guest sees a write-through disk (it sends no

@@ -6,6 +6,7 @@ pub mod control_commands;
 pub mod cow_magic_guard;
 pub mod device;
 pub mod guest_memory;
+pub mod inflight;
 pub mod log_limit;
 pub mod protocol;
 pub mod request_stats;

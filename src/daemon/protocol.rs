@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::Device;
 use super::guest_memory::{GuestMemoryMap, MemoryError};
+use super::inflight::{InflightArea, InflightError, Layout};
 use super::virtqueue::Virtqueue;
 use super::worker_thread::{Command, ConnectionShared, WorkerPool};
 use crate::virtio::config::{virtio_features, BlkConfig};
@@ -42,6 +43,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// What the frontend may set up.
@@ -63,6 +65,8 @@ pub struct FrontendHandler {
     queues: Vec<Arc<Virtqueue>>,
     acked_features: u64,
     acked_protocol_features: u64,
+    /// The in-flight area the frontend handed over (SET_INFLIGHT_FD).
+    inflight: Option<Arc<InflightArea>>,
 }
 
 /// A refused message: logged (rate-limited per `cause`) and answered with
@@ -74,6 +78,10 @@ fn invalid(cause: &'static str, what: String) -> VhostError {
 
 fn memory_error(e: MemoryError) -> VhostError {
     invalid("memory table", e.to_string())
+}
+
+fn inflight_error(e: InflightError) -> VhostError {
+    invalid("in-flight area", e.to_string())
 }
 
 fn unsupported(what: &'static str) -> VhostError {
@@ -118,6 +126,7 @@ impl FrontendHandler {
             queues,
             acked_features: 0,
             acked_protocol_features: 0,
+            inflight: None,
         })
     }
 
@@ -144,12 +153,14 @@ impl FrontendHandler {
         if st.started || !st.can_start() {
             return Ok(());
         }
-        if !st.queue.is_valid(&*self.conn.mem.memory()) {
+        let mem = self.conn.mem.memory();
+        if !st.queue.is_valid(&*mem) {
             return Err(invalid(
                 "rings outside memory",
                 format!("queue {index}: its rings are not inside guest memory"),
             ));
         }
+        recover_inflight(&mut st, &mem)?;
         st.started = true;
         drop(st);
         self.pool.send(
@@ -172,6 +183,18 @@ impl FrontendHandler {
             );
         }
         Ok(())
+    }
+
+    /// The daemon is stopping (SIGTERM): stop every ring, which publishes
+    /// every request taken, before the connection ends. A frontend rewinds
+    /// its rings to the used index when its backend goes away, so then it
+    /// neither loses nor repeats a request, whichever daemon it reconnects
+    /// to, with in-flight tracking or without (an upgrade or a downgrade).
+    pub fn drain(&mut self) {
+        for i in 0..u32::from(self.opts.num_queues) {
+            let _ = self.stop(i);
+        }
+        log::info!("every request taken was completed and published before disconnecting");
     }
 
     /// The connection ended: stop every ring and finish the I/O in flight.
@@ -442,13 +465,47 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VhostResult<(VhostUserInflight, File)> {
-        Err(unsupported("GET_INFLIGHT_FD"))
+        let area = InflightArea::create(
+            inflight.num_queues,
+            inflight.queue_size,
+            self.opts.num_queues,
+            self.opts.max_queue_size,
+        )
+        .map_err(inflight_error)?;
+        let l = area.layout();
+        let file = area
+            .file()
+            .map_err(|e| invalid("in-flight area", format!("in-flight area: {e}")))?;
+        Ok((
+            VhostUserInflight::new(l.mmap_size, l.mmap_offset, l.num_queues, l.queue_size),
+            file,
+        ))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
-        Err(unsupported("SET_INFLIGHT_FD"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
+        let layout = Layout {
+            mmap_size: inflight.mmap_size,
+            mmap_offset: inflight.mmap_offset,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        let area = InflightArea::open(file, layout, self.opts.num_queues, self.opts.max_queue_size)
+            .map(Arc::new)
+            .map_err(inflight_error)?;
+        area.check().map_err(inflight_error)?;
+        if self.queues.iter().any(|q| q.lock().started) {
+            return Err(invalid(
+                "SET_INFLIGHT_FD",
+                "SET_INFLIGHT_FD while rings are started".into(),
+            ));
+        }
+        for q in &self.queues {
+            q.lock().inflight = area.queue(q.index);
+        }
+        self.inflight = Some(area);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
@@ -549,4 +606,39 @@ impl FrontendHandler {
             queues,
         }
     }
+}
+
+/// At a ring start with an in-flight region: repair it, and continue the
+/// ring after the requests still in flight, which are resubmitted first
+/// (docs/design.md, "In-flight tracking").
+fn recover_inflight(
+    st: &mut super::virtqueue::VirtqueueState,
+    mem: &super::guest_memory::Memory,
+) -> VhostResult<()> {
+    let Some(t) = st.inflight.as_mut() else {
+        return Ok(());
+    };
+    let ring = |e: virtio_queue::Error| invalid("in-flight area", format!("ring indices: {e}"));
+    let used = st.queue.used_idx(mem, Ordering::Acquire).map_err(ring)?.0;
+    let avail = st.queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?.0;
+    let r = t
+        .recover(st.queue.size(), used, avail)
+        .map_err(inflight_error)?;
+    st.queue.set_next_used(used);
+    if let Some(next) = r.next_avail {
+        st.queue.set_next_avail(next);
+    }
+    if r.in_flight > 0 || r.repaired {
+        log::info!(
+            "queue {}: found {} requests in flight at the restart{}; resubmitting them, oldest first",
+            t.index(),
+            r.in_flight,
+            if r.repaired {
+                " (the last used-ring update was repaired)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
 }

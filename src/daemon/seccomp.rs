@@ -151,8 +151,17 @@ pub fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         allowed().into_iter().map(|nr| (nr, Vec::new())).collect();
     // fcntl only to read or set descriptor and status flags (std's
-    // set_nonblocking, the vhost crate's CLOEXEC handling).
-    let fcntl_cmds = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL];
+    // set_nonblocking, the vhost crate's CLOEXEC handling), and to seal the
+    // in-flight memfd, read its seals and hand the frontend a duplicate.
+    let fcntl_cmds = [
+        libc::F_DUPFD_CLOEXEC,
+        libc::F_GETFD,
+        libc::F_SETFD,
+        libc::F_GETFL,
+        libc::F_SETFL,
+        libc::F_ADD_SEALS,
+        libc::F_GET_SEALS,
+    ];
     rules.insert(
         libc::SYS_fcntl,
         fcntl_cmds

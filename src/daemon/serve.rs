@@ -424,6 +424,9 @@ fn accept_loop(
         let stopped = serve_connection(stream, &handler, shutdown, truncated);
         slot.disconnected();
         let mut h = handler.lock().unwrap_or_else(|p| p.into_inner());
+        if stopped {
+            h.drain();
+        }
         h.disconnect();
         dev.events.emit(
             "FRONTEND_DISCONNECTED",

@@ -11,6 +11,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::guest_memory::Memory;
+use super::inflight::QueueInflight;
 
 /// What the frontend set up for one virtqueue.
 pub struct VirtqueueState {
@@ -29,6 +30,9 @@ pub struct VirtqueueState {
     /// Was broken and has been set up anew: its worker serves it again at
     /// the next kick.
     pub revived: bool,
+    /// Its in-flight region, when the frontend handed one over
+    /// (SET_INFLIGHT_FD).
+    pub inflight: Option<QueueInflight>,
 }
 
 pub struct Virtqueue {
@@ -48,6 +52,7 @@ impl Virtqueue {
                 started: false,
                 broken: false,
                 revived: false,
+                inflight: None,
             }),
         })
     }
@@ -81,6 +86,31 @@ impl VirtqueueState {
         if std::mem::take(&mut self.broken) {
             self.revived = true;
         }
+    }
+
+    /// Records `head` as taken in the in-flight region, if there is one.
+    pub fn mark_taken(&mut self, head: u16) {
+        if let Some(t) = &mut self.inflight {
+            t.mark(head);
+        }
+    }
+
+    /// The next request still in flight from before a restart.
+    pub fn next_resubmit(&mut self) -> Option<u16> {
+        self.inflight.as_mut()?.next_resubmit()
+    }
+
+    /// Publishes `head`'s used element, and clears its in-flight mark
+    /// around it so that a crash in between can be repaired.
+    pub fn add_used(&mut self, mem: &Memory, head: u16, len: u32) -> bool {
+        if let Some(t) = &self.inflight {
+            t.before_used(head);
+        }
+        let ok = self.queue.add_used(mem, head, len).is_ok();
+        if let Some(t) = &self.inflight {
+            t.after_used(head, self.queue.next_used());
+        }
+        ok
     }
 
     /// Ready to be served: set up, kicked, enabled.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 use slab::Slab;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::cow_magic_guard::{pin_first_sector, FirstSector};
 use super::device::Device;
@@ -24,10 +24,11 @@ use super::scheduler::{
     DiskRequest, Done, Op, OpId, OpKind, ReqId, ReqKind, Scheduler, Status, Target, ThreadId,
 };
 use super::throttle::Charge;
-use super::virtqueue::Virtqueue;
+use super::virtqueue::{Virtqueue, VirtqueueState};
 use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
 use crate::units::{to_usize, SECTOR_SHIFT};
+use crate::virtio::chain::{Chain, HeadChain};
 use crate::virtio::parse_request;
 use crate::virtio::request::{
     write_status, BlkRequest, RequestType, Segment, STATUS_IOERR, STATUS_OK,
@@ -395,6 +396,15 @@ impl Worker {
                 return;
             }
         }
+        // Requests in flight before a restart go first, oldest first.
+        while self.inflight.len() < self.max_inflight {
+            let Some(head) = vq.next_resubmit() else {
+                break;
+            };
+            let table = GuestAddress(vq.queue.desc_table());
+            let chain = HeadChain::new(guard.clone(), table, vq.queue.size(), head);
+            refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &guard);
+        }
         loop {
             if mode.event_idx {
                 let _ = vq.queue.disable_notification(&*guard);
@@ -421,24 +431,8 @@ impl Worker {
                     break;
                 };
                 let head = chain.head_index();
-                match parse_request(&chain, &dev.limits) {
-                    Ok(req) => self.start(dev, ring.index, head, req, guard.clone()),
-                    Err(failure) => {
-                        crate::log_limited!(
-                            log::Level::Debug,
-                            "request refused",
-                            "queue {}: request {head} refused: {}",
-                            ring.index,
-                            failure.error
-                        );
-                        if let Some((addr, status)) = failure.status() {
-                            write_status(&*guard, addr, status);
-                        }
-                        if vq.queue.add_used(&*guard, head, failure.used_len()).is_ok() {
-                            refused = true;
-                        }
-                    }
-                }
+                vq.mark_taken(head);
+                refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &guard);
             }
             if self.inflight.len() >= self.max_inflight {
                 self.throttled = true;
@@ -452,6 +446,37 @@ impl Worker {
         }
         if refused && vq.queue.needs_notification(&*guard).unwrap_or(true) {
             vq.signal_used();
+        }
+    }
+
+    /// Parses one chain taken off `vq` and starts it, or completes it at
+    /// once with its error status. Returns whether it was refused so.
+    fn take_chain<C: Chain>(
+        &mut self,
+        dev: &Device,
+        ring: u16,
+        vq: &mut VirtqueueState,
+        head: u16,
+        chain: &C,
+        guard: &MemoryGuard,
+    ) -> bool {
+        match parse_request(chain, &dev.limits) {
+            Ok(req) => {
+                self.start(dev, ring, head, req, guard.clone());
+                false
+            }
+            Err(failure) => {
+                crate::log_limited!(
+                    log::Level::Debug,
+                    "request refused",
+                    "queue {ring}: request {head} refused: {}",
+                    failure.error
+                );
+                if let Some((addr, status)) = failure.status() {
+                    write_status(&**guard, addr, status);
+                }
+                vq.add_used(guard, head, failure.used_len())
+            }
         }
     }
 
@@ -843,11 +868,7 @@ impl Worker {
             // The request's own memory guard: the map it was parsed with.
             write_status(&*f.mem, f.req.status_addr, f.status);
             let mut vq = rings[i].lock();
-            if vq
-                .queue
-                .add_used(&*f.mem, f.head, f.req.used_len(f.status))
-                .is_ok()
-            {
+            if vq.add_used(&f.mem, f.head, f.req.used_len(f.status)) {
                 touched[i] = Some(f.mem);
             }
         }

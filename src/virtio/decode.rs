@@ -5,12 +5,10 @@
 //! pointers and verified to lie inside guest memory, or a
 //! [`RequestFailure`] that says which status (if any) to write and where.
 
-use std::ops::Deref;
-
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
+use super::chain::Chain;
 use super::framing::{copy_from_guest, frame, truncate_pieces, Frame, Piece};
 use super::request::*;
 use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
@@ -20,14 +18,7 @@ use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
 /// The chain is walked on a clone, so the caller keeps `chain` (and with it
 /// the memory guard that keeps the returned host pointers valid) and its
 /// `head_index()` for completing the request.
-pub fn parse_request<M>(
-    chain: &DescriptorChain<M>,
-    limits: &Limits,
-) -> Result<BlkRequest, RequestFailure>
-where
-    M: Deref + Clone,
-    M::Target: GuestMemory,
-{
+pub fn parse_request<C: Chain>(chain: &C, limits: &Limits) -> Result<BlkRequest, RequestFailure> {
     let frame = frame(chain)?;
     let status_addr = frame.status_addr;
     decode(chain.memory(), frame, limits).map_err(|error| RequestFailure {

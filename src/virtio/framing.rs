@@ -6,12 +6,10 @@
 //! in between is the data, still as guest ranges ([`Piece`]s); the
 //! per-type decoding in `decode.rs` gives it meaning.
 
-use std::ops::Deref;
-
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use super::chain::Chain;
 use super::request::{RequestError, RequestFailure, HEADER_SIZE, MAX_CHAIN_DESCRIPTORS};
 
 /// A byte range of one descriptor, used for the header/data/status split.
@@ -49,11 +47,7 @@ pub(super) struct Frame {
 /// Walks `chain` (on a clone: the caller keeps it for completing the
 /// request) and splits it into header, data and status.
 #[inline]
-pub(super) fn frame<M>(chain: &DescriptorChain<M>) -> Result<Frame, RequestFailure>
-where
-    M: Deref + Clone,
-    M::Target: GuestMemory,
-{
+pub(super) fn frame<C: Chain>(chain: &C) -> Result<Frame, RequestFailure> {
     let mem = chain.memory();
     let no_status = |error| RequestFailure {
         error,

@@ -198,6 +198,11 @@ impl Daemon {
         &self.socket
     }
 
+    /// The file the daemon's stdout and stderr go to.
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
+    }
+
     /// The daemon's stdout and stderr so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

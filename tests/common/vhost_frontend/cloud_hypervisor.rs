@@ -208,6 +208,7 @@ impl VhostUserBlk {
             protocol,
             max_queues,
             config,
+            inflight: None,
             cloud_hypervisor: Some(ChState {
                 negotiated,
                 plugged: 1,

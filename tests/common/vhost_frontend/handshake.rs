@@ -8,6 +8,7 @@
 //! backend that dies or stops answering fails the test with the name of
 //! the message it did not answer instead of hanging it.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -17,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -53,6 +54,9 @@ pub struct FrontendOptions {
     /// Negotiate as cloud-hypervisor does (`cloud_hypervisor.rs`) instead
     /// of as QEMU does.
     pub cloud_hypervisor: bool,
+    /// Ask for in-flight tracking (INFLIGHT_SHMFD) when offered, and hand
+    /// the area over before the rings, as QEMU does.
+    pub inflight: bool,
 }
 
 impl Default for FrontendOptions {
@@ -70,6 +74,7 @@ impl Default for FrontendOptions {
             // requests, which complete within `timeout` or fail the test).
             reply_timeout: Duration::from_secs(10),
             cloud_hypervisor: false,
+            inflight: false,
         }
     }
 }
@@ -99,11 +104,16 @@ pub fn wanted_features(event_idx: bool) -> u64 {
 }
 
 /// The protocol features this frontend uses when offered.
-pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
+pub fn wanted_protocol_features(inflight: bool) -> VhostUserProtocolFeatures {
+    let f = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    if inflight {
+        f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    } else {
+        f
+    }
 }
 
 /// Connects to the Unix socket at `path`, giving up after `timeout`.
@@ -289,6 +299,138 @@ pub fn open_frontend(
     ))
 }
 
+/// Connects and negotiates features, protocol features and the config
+/// space (QEMU's order), each message bounded.
+fn negotiate(socket: &Path, opts: &FrontendOptions) -> Result<Negotiated, String> {
+    let (mut fe, wd) = open_frontend(socket, opts)?;
+    wd.run("SET_OWNER", || fe.set_owner())?;
+    let offered_features = wd.run("GET_FEATURES", || fe.get_features())?;
+    for (bit, name) in [
+        (1u64 << feature::VERSION_1, "VIRTIO_F_VERSION_1"),
+        (
+            VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            "VHOST_USER_F_PROTOCOL_FEATURES",
+        ),
+    ] {
+        if offered_features & bit == 0 {
+            return Err(format!(
+                "backend does not offer {name} (features {offered_features:#x})"
+            ));
+        }
+    }
+    let offered_protocol = wd.run("GET_PROTOCOL_FEATURES", || fe.get_protocol_features())?;
+    let protocol = offered_protocol & wanted_protocol_features(opts.inflight);
+    wd.run("SET_PROTOCOL_FEATURES", || {
+        fe.set_protocol_features(protocol)
+    })?;
+    if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        // Every message that has no reply of its own gets an ack, so a
+        // backend that refuses one is caught right there.
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    let max_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+        Some(wd.run("GET_QUEUE_NUM", || fe.get_queue_num())?)
+    } else {
+        None
+    };
+    if u64::from(opts.num_queues) > max_queues.unwrap_or(1) {
+        return Err(format!(
+            "{} queues wanted, backend has {max_queues:?}",
+            opts.num_queues
+        ));
+    }
+    if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Err("backend does not offer VHOST_USER_PROTOCOL_F_CONFIG".into());
+    }
+    let (_, raw) = wd.run("GET_CONFIG", || {
+        fe.get_config(
+            0,
+            u32::try_from(CONFIG_LEN).unwrap(),
+            VhostUserConfigFlags::empty(),
+            &[0u8; CONFIG_LEN],
+        )
+    })?;
+    let config = BlkConfigSpace::parse(&raw);
+    let features = offered_features & wanted_features(opts.event_idx) & !opts.refuse_features;
+    wd.run("SET_FEATURES", || fe.set_features(features))?;
+    Ok(Negotiated {
+        fe,
+        wd,
+        offered_features,
+        features,
+        offered_protocol,
+        protocol,
+        max_queues,
+        config,
+    })
+}
+
+/// SET_MEM_TABLE, or ADD_MEM_REGION per region when asked and offered.
+fn hand_over_memory(
+    n: &mut Negotiated,
+    mem: &GuestMemory,
+    opts: &FrontendOptions,
+) -> Result<(), String> {
+    let (fe, wd) = (&mut n.fe, &n.wd);
+    let regions: Vec<VhostUserMemoryRegionInfo> = mem
+        .regions()
+        .iter()
+        .map(|r| VhostUserMemoryRegionInfo {
+            guest_phys_addr: r.gpa,
+            memory_size: r.size,
+            userspace_addr: r.host_base(),
+            mmap_offset: 0,
+            mmap_handle: r.fd(),
+        })
+        .collect();
+    if opts.add_mem_region
+        && n.protocol
+            .contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    {
+        let slots = wd.run("GET_MAX_MEM_SLOTS", || fe.get_max_mem_slots())?;
+        if slots < regions.len() as u64 {
+            return Err(format!("GET_MAX_MEM_SLOTS answered {slots}"));
+        }
+        for region in &regions {
+            wd.run("ADD_MEM_REGION", || fe.add_mem_region(region))?;
+        }
+        Ok(())
+    } else {
+        wd.run("SET_MEM_TABLE", || fe.set_mem_table(&regions))
+            .map(|_| ())
+    }
+}
+
+/// Sets every ring up (SET_VRING_BASE `base(i)`) and enables them.
+fn start_rings(
+    n: &mut Negotiated,
+    mem: &GuestMemory,
+    queues: &[SplitQueue],
+    base: impl Fn(usize) -> u16,
+) -> Result<(), String> {
+    let (fe, wd) = (&mut n.fe, &n.wd);
+    for (i, q) in queues.iter().enumerate() {
+        wd.run("SET_VRING_NUM", || fe.set_vring_num(i, q.size))?;
+        wd.run("SET_VRING_BASE", || fe.set_vring_base(i, base(i)))?;
+        let addr = VringConfigData {
+            queue_max_size: q.size,
+            queue_size: q.size,
+            flags: 0,
+            desc_table_addr: mem.user_addr(q.desc_gpa),
+            used_ring_addr: mem.user_addr(q.used_gpa),
+            avail_ring_addr: mem.user_addr(q.avail_gpa),
+            log_addr: None,
+        };
+        wd.run("SET_VRING_ADDR", || fe.set_vring_addr(i, &addr))?;
+        wd.run("SET_VRING_KICK", || fe.set_vring_kick(i, &q.kick))?;
+        wd.run("SET_VRING_CALL", || fe.set_vring_call(i, &q.call))?;
+    }
+    for i in 0..queues.len() {
+        wd.run("SET_VRING_ENABLE", || fe.set_vring_enable(i, true))?;
+    }
+    Ok(())
+}
+
 /// A connected, started vhost-user-blk device.
 pub struct VhostUserBlk {
     pub(super) fe: Frontend,
@@ -310,6 +452,20 @@ pub struct VhostUserBlk {
     pub config: BlkConfigSpace,
     /// Set on a connection made as cloud-hypervisor makes it.
     pub(super) cloud_hypervisor: Option<super::cloud_hypervisor::ChState>,
+    /// The in-flight area GET_INFLIGHT_FD gave (with `opts.inflight`).
+    pub inflight: Option<(VhostUserInflight, File)>,
+}
+
+/// A connection negotiated up to SET_FEATURES (memory and rings not yet).
+struct Negotiated {
+    fe: Frontend,
+    wd: Watchdog,
+    offered_features: u64,
+    features: u64,
+    offered_protocol: VhostUserProtocolFeatures,
+    protocol: VhostUserProtocolFeatures,
+    max_queues: Option<u64>,
+    config: BlkConfigSpace,
 }
 
 impl VhostUserBlk {
@@ -318,125 +474,89 @@ impl VhostUserBlk {
         if opts.cloud_hypervisor {
             return VhostUserBlk::connect_cloud_hypervisor(socket, opts);
         }
-        let (mut fe, wd) = open_frontend(socket, &opts)?;
-        wd.run("SET_OWNER", || fe.set_owner())?;
-        let offered_features = wd.run("GET_FEATURES", || fe.get_features())?;
-        for (bit, name) in [
-            (1u64 << feature::VERSION_1, "VIRTIO_F_VERSION_1"),
-            (
-                VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-                "VHOST_USER_F_PROTOCOL_FEATURES",
-            ),
-        ] {
-            if offered_features & bit == 0 {
-                return Err(format!(
-                    "backend does not offer {name} (features {offered_features:#x})"
-                ));
-            }
-        }
-        let offered_protocol = wd.run("GET_PROTOCOL_FEATURES", || fe.get_protocol_features())?;
-        let protocol = offered_protocol & wanted_protocol_features();
-        wd.run("SET_PROTOCOL_FEATURES", || {
-            fe.set_protocol_features(protocol)
-        })?;
-        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            // Every message that has no reply of its own gets an ack, so a
-            // backend that refuses one is caught right there.
-            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-        let max_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            Some(wd.run("GET_QUEUE_NUM", || fe.get_queue_num())?)
+        let mut n = negotiate(socket, &opts)?;
+        let mem = GuestMemory::with_extra(opts.mem_size, &opts.extra_regions);
+        hand_over_memory(&mut n, &mem, &opts)?;
+        let inflight = if opts.inflight
+            && n.protocol
+                .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            let ask = VhostUserInflight::new(0, 0, opts.num_queues, opts.queue_size);
+            let fe = &mut n.fe;
+            let got = n.wd.run("GET_INFLIGHT_FD", || fe.get_inflight_fd(&ask))?;
+            Some(got)
         } else {
             None
         };
-        if u64::from(opts.num_queues) > max_queues.unwrap_or(1) {
-            return Err(format!(
-                "{} queues wanted, backend has {max_queues:?}",
-                opts.num_queues
-            ));
+        if let Some((layout, file)) = &inflight {
+            let fe = &mut n.fe;
+            n.wd.run("SET_INFLIGHT_FD", || {
+                fe.set_inflight_fd(layout, file.as_raw_fd())
+            })?;
         }
-        if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err("backend does not offer VHOST_USER_PROTOCOL_F_CONFIG".into());
-        }
-        let (_, raw) = wd.run("GET_CONFIG", || {
-            fe.get_config(
-                0,
-                u32::try_from(CONFIG_LEN).unwrap(),
-                VhostUserConfigFlags::empty(),
-                &[0u8; CONFIG_LEN],
-            )
-        })?;
-        let config = BlkConfigSpace::parse(&raw);
-        let features = offered_features & wanted_features(opts.event_idx) & !opts.refuse_features;
-        wd.run("SET_FEATURES", || fe.set_features(features))?;
-
-        let mem = GuestMemory::with_extra(opts.mem_size, &opts.extra_regions);
-        let regions: Vec<VhostUserMemoryRegionInfo> = mem
-            .regions()
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.gpa,
-                memory_size: r.size,
-                userspace_addr: r.host_base(),
-                mmap_offset: 0,
-                mmap_handle: r.fd(),
-            })
-            .collect();
-        if opts.add_mem_region && protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
-        {
-            let slots = wd.run("GET_MAX_MEM_SLOTS", || fe.get_max_mem_slots())?;
-            if slots < regions.len() as u64 {
-                return Err(format!("GET_MAX_MEM_SLOTS answered {slots}"));
-            }
-            for region in &regions {
-                wd.run("ADD_MEM_REGION", || fe.add_mem_region(region))?;
-            }
-        } else {
-            wd.run("SET_MEM_TABLE", || fe.set_mem_table(&regions))?;
-        }
-
         let mut arena = Arena::new(GUEST_BASE, mem.main_end());
-        let event_idx = features & (1 << feature::EVENT_IDX) != 0;
-        let mut queues = Vec::new();
-        for i in 0..usize::from(opts.num_queues) {
-            let q = SplitQueue::new(i, opts.queue_size, event_idx, &mem, &mut arena);
-            wd.run("SET_VRING_NUM", || fe.set_vring_num(i, q.size))?;
-            wd.run("SET_VRING_BASE", || fe.set_vring_base(i, 0))?;
-            let addr = VringConfigData {
-                queue_max_size: q.size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: mem.user_addr(q.desc_gpa),
-                used_ring_addr: mem.user_addr(q.used_gpa),
-                avail_ring_addr: mem.user_addr(q.avail_gpa),
-                log_addr: None,
-            };
-            wd.run("SET_VRING_ADDR", || fe.set_vring_addr(i, &addr))?;
-            wd.run("SET_VRING_KICK", || fe.set_vring_kick(i, &q.kick))?;
-            wd.run("SET_VRING_CALL", || fe.set_vring_call(i, &q.call))?;
-            queues.push(q);
-        }
-        for i in 0..queues.len() {
-            wd.run("SET_VRING_ENABLE", || fe.set_vring_enable(i, true))?;
-        }
+        let event_idx = n.features & (1 << feature::EVENT_IDX) != 0;
+        let queues: Vec<SplitQueue> = (0..usize::from(opts.num_queues))
+            .map(|i| SplitQueue::new(i, opts.queue_size, event_idx, &mem, &mut arena))
+            .collect();
+        start_rings(&mut n, &mem, &queues, |_| 0)?;
         // Buffers go after the rings; the arena rewinds to here when idle.
         let arena = Arena::new(arena.alloc(0, 4096), mem.main_end());
         Ok(VhostUserBlk {
-            fe,
-            watchdog: wd,
+            fe: n.fe,
+            watchdog: n.wd,
             daemon_log: None,
             mem,
             arena,
             queues,
             opts,
-            offered_features,
-            features,
-            offered_protocol,
-            protocol,
-            max_queues,
-            config,
+            offered_features: n.offered_features,
+            features: n.features,
+            offered_protocol: n.offered_protocol,
+            protocol: n.protocol,
+            max_queues: n.max_queues,
+            config: n.config,
+            inflight,
             cloud_hypervisor: None,
         })
+    }
+
+    /// Connects again, to a restarted backend at `socket`, with the same
+    /// guest memory and rings, as QEMU does after its backend died: the
+    /// in-flight area handed back before the rings, and each ring's base
+    /// rewound to its used index (the requests taken and not completed
+    /// are the backend's to find in the area).
+    pub fn reconnect(&mut self, socket: &Path) -> Result<(), String> {
+        let mut n = negotiate(socket, &self.opts)?;
+        if n.features != self.features {
+            return Err(format!(
+                "features {:#x} after the reconnect, {:#x} before",
+                n.features, self.features
+            ));
+        }
+        hand_over_memory(&mut n, &self.mem, &self.opts)?;
+        if let Some((layout, file)) = &self.inflight {
+            if !n
+                .protocol
+                .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            {
+                return Err("the restarted backend does not offer INFLIGHT_SHMFD".into());
+            }
+            let fe = &mut n.fe;
+            n.wd.run("SET_INFLIGHT_FD", || {
+                fe.set_inflight_fd(layout, file.as_raw_fd())
+            })?;
+        }
+        let mem = &self.mem;
+        let used: Vec<u16> = self
+            .queues
+            .iter()
+            .map(|q| mem.load_u16_acquire(q.used_gpa + 2))
+            .collect();
+        start_rings(&mut n, mem, &self.queues, |i| used[i])?;
+        self.fe = n.fe;
+        self.watchdog = n.wd;
+        Ok(())
     }
 
     /// Names the backend's log file, quoted by the failures of waits on it.

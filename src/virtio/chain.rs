@@ -1,0 +1,257 @@
+//! The descriptor chains the request parser walks: the ones virtio-queue
+//! pops off the avail ring, and [`HeadChain`], a chain walked from a head
+//! index the daemon already knows. The second is for requests resubmitted
+//! after a restart (docs/design.md, "In-flight tracking"): their heads
+//! come from the in-flight region, not from the avail ring, and
+//! virtio-queue builds chains only from the avail ring (its
+//! `DescriptorChain::new` is crate-private).
+//!
+//! [`HeadChain`] yields exactly what virtio-queue's walk yields for the
+//! same table and head (tested below against it): it stops on a used-up
+//! TTL, a `next` out of the table, an unreadable descriptor, a bad or
+//! nested indirect table and a chain longer than 2^32 bytes, and the
+//! framing step refuses such a chain because its last descriptor still
+//! has NEXT.
+
+use std::ops::Deref;
+
+use virtio_bindings::virtio_ring::VRING_DESC_ALIGN_SIZE;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+/// A chain of descriptors in guest memory, as the parser needs it.
+pub trait Chain: Iterator<Item = Descriptor> + Clone {
+    type Mem: GuestMemory + ?Sized;
+    fn memory(&self) -> &Self::Mem;
+}
+
+impl<M> Chain for DescriptorChain<M>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    type Mem = M::Target;
+    fn memory(&self) -> &M::Target {
+        DescriptorChain::memory(self)
+    }
+}
+
+/// The chain that starts at descriptor `head` of a ring's table.
+#[derive(Clone)]
+pub struct HeadChain<M> {
+    mem: M,
+    table: GuestAddress,
+    table_len: u16,
+    next: u16,
+    ttl: u16,
+    bytes: u32,
+    indirect: bool,
+}
+
+impl<M> HeadChain<M>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    /// The chain of `head` in the descriptor table at `table` of a ring of
+    /// `queue_size` entries. A head out of the table gives an empty chain.
+    pub fn new(mem: M, table: GuestAddress, queue_size: u16, head: u16) -> HeadChain<M> {
+        HeadChain {
+            mem,
+            table,
+            table_len: queue_size,
+            next: head,
+            ttl: queue_size,
+            bytes: 0,
+            indirect: false,
+        }
+    }
+
+    /// Continues in the indirect table `desc` names; None when it may not
+    /// be followed (nested, misaligned length, too long).
+    fn enter_indirect(&mut self, desc: &Descriptor) -> Option<()> {
+        if self.indirect || desc.len() % VRING_DESC_ALIGN_SIZE != 0 {
+            return None;
+        }
+        let len = u16::try_from(desc.len() / VRING_DESC_ALIGN_SIZE).ok()?;
+        self.table = desc.addr();
+        self.table_len = len;
+        self.next = 0;
+        self.ttl = len;
+        self.indirect = true;
+        Some(())
+    }
+}
+
+impl<M> Iterator for HeadChain<M>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        loop {
+            if self.ttl == 0 || self.next >= self.table_len {
+                return None;
+            }
+            let at = self
+                .table
+                .checked_add(u64::from(self.next) * std::mem::size_of::<Descriptor>() as u64)?;
+            let desc: Descriptor = self.mem.read_obj(at).ok()?;
+            if desc.refers_to_indirect_table() {
+                self.enter_indirect(&desc)?;
+                continue;
+            }
+            // A chain longer than 2^32 bytes is illegal (virtio 1.2, 2.7.5.2).
+            self.bytes = self.bytes.checked_add(desc.len())?;
+            if desc.has_next() {
+                self.next = desc.next();
+                self.ttl -= 1;
+            } else {
+                self.ttl = 0;
+            }
+            return Some(desc);
+        }
+    }
+}
+
+impl<M> Chain for HeadChain<M>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    type Mem = M::Target;
+    fn memory(&self) -> &M::Target {
+        &self.mem
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::{Queue, QueueOwnedT, QueueT};
+    use vm_memory::GuestMemoryMmap;
+
+    type Mem = GuestMemoryMmap<()>;
+    const AVAIL: u64 = 0x8000;
+    const USED: u64 = 0x9000;
+    const INDIRECT: u64 = 0xa000;
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
+
+    fn mem() -> Mem {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    /// virtio-queue's chain of `head`, popped off a one-entry avail ring.
+    fn reference(m: &Mem, qsize: u16, head: u16) -> Vec<(u64, u32, u16, u16)> {
+        m.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
+        m.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        m.write_obj(head, GuestAddress(AVAIL + 4)).unwrap();
+        let mut q = Queue::new(qsize).unwrap();
+        q.set_size(qsize);
+        q.set_desc_table_address(Some(0), Some(0));
+        q.set_avail_ring_address(Some(u32::try_from(AVAIL).unwrap()), Some(0));
+        q.set_used_ring_address(Some(u32::try_from(USED).unwrap()), Some(0));
+        q.set_ready(true);
+        let chain = q.iter(m).unwrap().next().unwrap();
+        chain.map(summary).collect()
+    }
+
+    fn ours(m: &Mem, qsize: u16, head: u16) -> Vec<(u64, u32, u16, u16)> {
+        HeadChain::new(m, GuestAddress(0), qsize, head)
+            .map(summary)
+            .collect()
+    }
+
+    fn summary(d: Descriptor) -> (u64, u32, u16, u16) {
+        (d.addr().raw_value(), d.len(), d.flags(), d.next())
+    }
+
+    fn write_table(m: &Mem, at: u64, table: &[(u64, u32, u16, u16)]) {
+        for (i, &(addr, len, flags, next)) in table.iter().enumerate() {
+            let d = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+            m.write_obj(d, GuestAddress(at + 16 * i as u64)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_plain_chain_is_walked_to_its_end() {
+        let m = mem();
+        write_table(
+            &m,
+            0,
+            &[
+                (0x1000, 16, F_NEXT, 2),
+                (0, 0, 0, 0),
+                (0x2000, 512, F_NEXT | F_WRITE, 3),
+                (0x3000, 1, F_WRITE, 0),
+            ],
+        );
+        let got = ours(&m, 4, 0);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got, reference(&m, 4, 0));
+    }
+
+    #[test]
+    fn an_indirect_chain_is_walked_in_its_table() {
+        let m = mem();
+        write_table(&m, 0, &[(INDIRECT, 32, F_INDIRECT, 0)]);
+        write_table(
+            &m,
+            INDIRECT,
+            &[(0x1000, 16, F_NEXT, 1), (0x3000, 1, F_WRITE, 0)],
+        );
+        let got = ours(&m, 4, 0);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got, reference(&m, 4, 0));
+    }
+
+    #[test]
+    fn loops_and_bad_links_stop_the_walk_as_virtio_queue_does() {
+        let m = mem();
+        // A loop: 0 -> 1 -> 0 ...; a next out of the table; a nested
+        // indirect table; a misaligned indirect length.
+        write_table(
+            &m,
+            0,
+            &[
+                (0x1000, 16, F_NEXT, 1),
+                (0x1000, 16, F_NEXT, 0),
+                (0x1000, 16, F_NEXT, 9),
+                (INDIRECT, 24, F_INDIRECT, 0),
+            ],
+        );
+        write_table(&m, INDIRECT, &[(INDIRECT, 16, F_INDIRECT, 0)]);
+        for head in 0..4 {
+            assert_eq!(ours(&m, 4, head), reference(&m, 4, head), "head {head}");
+        }
+        assert_eq!(ours(&m, 4, 0).len(), 4, "the TTL ends a loop");
+        assert!(ours(&m, 4, 4).is_empty(), "a head out of the table");
+    }
+
+    proptest! {
+        /// Any table, any head: the same descriptors as virtio-queue.
+        #[test]
+        fn same_walk_as_virtio_queue(
+            table in proptest::collection::vec(
+                (prop_oneof![Just(0x1000u64), Just(INDIRECT), Just(0xfff8u64), Just(0x20000u64)],
+                 prop_oneof![Just(0u32), Just(1), Just(16), Just(32), Just(48), Just(u32::MAX)],
+                 0u16..8, 0u16..10),
+                8),
+            indirect in proptest::collection::vec(
+                (Just(0x1000u64), 0u32..64, 0u16..8, 0u16..4), 4),
+            head in 0u16..8,
+        ) {
+            let m = mem();
+            write_table(&m, 0, &table);
+            write_table(&m, INDIRECT, &indirect);
+            prop_assert_eq!(ours(&m, 8, head), reference(&m, 8, head));
+        }
+    }
+}
