@@ -4,6 +4,7 @@
 
 pub mod cow_magic_guard;
 pub mod device;
+pub mod dirty_log;
 pub mod guest_memory;
 pub mod log_limit;
 pub mod protocol;

@@ -28,6 +28,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::Device;
+use super::dirty_log::DirtyLog;
 use super::guest_memory::{GuestMemoryMap, MemoryError};
 use super::virtqueue::Virtqueue;
 use super::worker_thread::{Command, ConnectionShared, WorkerPool};
@@ -42,6 +43,13 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::LOG_SHMFD
+}
+
+/// The virtio features we offer: the device's, and dirty logging
+/// (docs/design.md, "Dirty logging").
+fn offered_features(read_only: bool) -> u64 {
+    virtio_features(read_only) | VhostUserVirtioFeatures::LOG_ALL.bits()
 }
 
 /// What the frontend may set up.
@@ -101,6 +109,7 @@ impl FrontendHandler {
         let memory = GuestMemoryMap::default();
         let conn = Arc::new(ConnectionShared {
             mem: memory.atomic(),
+            log: Arc::new(DirtyLog::default()),
             event_idx: AtomicBool::new(false),
             writethrough: AtomicBool::new(false),
         });
@@ -202,11 +211,11 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn get_features(&mut self) -> VhostResult<u64> {
-        Ok(virtio_features(self.dev.read_only))
+        Ok(offered_features(self.dev.read_only))
     }
 
     fn set_features(&mut self, features: u64) -> VhostResult<()> {
-        let offered = virtio_features(self.dev.read_only);
+        let offered = offered_features(self.dev.read_only);
         if features & !offered != 0 {
             return Err(invalid(
                 "SET_FEATURES",
@@ -224,6 +233,18 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
             q.lock().queue.set_event_idx(event_idx);
         }
         self.conn.event_idx.store(event_idx, Ordering::Release);
+        // Rings keep running: the workers look at the log once per batch.
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if log_all != self.conn.log.is_on() {
+            crate::log_limited!(
+                log::Level::Info,
+                "dirty logging",
+                "dirty logging {} (VHOST_F_LOG_ALL {})",
+                if log_all { "requested" } else { "off" },
+                if log_all { "acked" } else { "cleared" }
+            );
+        }
+        self.conn.log.set_logging(log_all);
         // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings
         // start enabled.
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
@@ -274,11 +295,11 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VhostResult<()> {
         let gpa = |what: &str, addr: u64| {
             self.memory
@@ -292,12 +313,23 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         );
         let mem = self.conn.mem.memory();
         let mut st = self.queue(index)?.lock();
+        let log_used = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
         if st.started {
-            return Err(invalid(
-                "SET_VRING_ADDR",
-                format!("queue {index}: SET_VRING_ADDR on a started ring"),
-            ));
+            // QEMU turns used-ring logging on and off on running rings
+            // (same addresses, new flags): only that is allowed.
+            let q = &st.queue;
+            if (q.desc_table(), q.avail_ring(), q.used_ring()) != (desc, avail, used) {
+                return Err(invalid(
+                    "SET_VRING_ADDR",
+                    format!("queue {index}: SET_VRING_ADDR moves a started ring"),
+                ));
+            }
+            st.log_used = log_used;
+            return Ok(());
         }
+        st.log_used = log_used;
         let q = &mut st.queue;
         q.try_set_desc_table_address(GuestAddress(desc))
             .and_then(|_| q.try_set_avail_ring_address(GuestAddress(avail)))
@@ -486,7 +518,18 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         Err(unsupported("GET_SHMEM_CONFIG"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
-        Err(unsupported("SET_LOG_BASE"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
+        self.conn
+            .log
+            .set_base(&file, log.mmap_size, log.mmap_offset)
+            .map_err(|e| invalid("SET_LOG_BASE", e.to_string()))?;
+        crate::log_limited!(
+            log::Level::Info,
+            "dirty log mapped",
+            "dirty log of {} bytes mapped (covers {} MiB of guest memory)",
+            log.mmap_size,
+            log.mmap_size.saturating_mul(8 << 12) >> 20
+        );
+        Ok(())
     }
 }

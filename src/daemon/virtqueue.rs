@@ -10,6 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::dirty_log::LogWriter;
 use super::guest_memory::Memory;
 
 /// What the frontend set up for one virtqueue.
@@ -29,6 +30,9 @@ pub struct VirtqueueState {
     /// Was broken and has been set up anew: its worker serves it again at
     /// the next kick.
     pub revived: bool,
+    /// Where the used ring's writes are logged while dirty logging is on
+    /// (SET_VRING_ADDR with VHOST_VRING_F_LOG).
+    pub log_used: Option<u64>,
 }
 
 pub struct Virtqueue {
@@ -48,6 +52,7 @@ impl Virtqueue {
                 started: false,
                 broken: false,
                 revived: false,
+                log_used: None,
             }),
         })
     }
@@ -80,6 +85,13 @@ impl VirtqueueState {
     pub fn revive(&mut self) {
         if std::mem::take(&mut self.broken) {
             self.revived = true;
+        }
+    }
+
+    /// Logs the used ring if dirty logging is on (`log`).
+    pub fn mark_used(&self, log: Option<&LogWriter<'_>>) {
+        if let Some(w) = log {
+            w.mark_used_ring(self.log_used, self.queue.size());
         }
     }
 

@@ -18,6 +18,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::cow_magic_guard::{pin_first_sector, FirstSector};
 use super::device::Device;
+use super::dirty_log::DirtyLog;
 use super::guest_memory::{Memory, MemoryGuard};
 use super::scheduler::{
     DiskRequest, Done, Op, OpId, OpKind, ReqId, ReqKind, Scheduler, Status, Target, ThreadId,
@@ -111,6 +112,8 @@ pub struct Worker {
     /// A ring was left with descriptors because of backpressure: it must
     /// be looked at again when requests finish, as no kick will come.
     throttled: bool,
+    /// The attached connection's dirty log (docs/design.md, "Dirty logging").
+    log: Option<Arc<DirtyLog>>,
 }
 
 /// Builds the iovecs for bytes `[offset, offset + len)` of a request's
@@ -159,7 +162,13 @@ impl Worker {
             touched: Vec::new(),
             max_inflight,
             throttled: false,
+            log: None,
         }
+    }
+
+    /// The dirty log of the connection now served (None: detached).
+    pub fn set_dirty_log(&mut self, log: Option<Arc<DirtyLog>>) {
+        self.log = log;
     }
 
     pub fn engine_fd(&self) -> i32 {
@@ -257,6 +266,10 @@ impl Worker {
         mode: RingMode,
     ) {
         let mut refused = false;
+        // `start` needs `&mut self`: hold the log through an Arc of its own
+        // (cloned only while logging).
+        let log_arc = self.log.as_ref().filter(|l| l.is_on()).cloned();
+        let log = log_arc.as_deref().and_then(DirtyLog::writer);
         // One load of the memory map per sweep, a cheap clone per request.
         let guard = mem.memory();
         let mut vq = ring.lock();
@@ -308,6 +321,9 @@ impl Worker {
                         );
                         if let Some((addr, status)) = failure.status() {
                             write_status(&*guard, addr, status);
+                            if let Some(w) = &log {
+                                w.mark(addr.0, 1);
+                            }
                         }
                         if vq.queue.add_used(&*guard, head, failure.used_len()).is_ok() {
                             refused = true;
@@ -325,6 +341,9 @@ impl Worker {
                 break;
             }
         }
+        // Notification flags, avail_event and refused requests' elements
+        // were written to the used ring.
+        vq.mark_used(log.as_ref());
         if refused && vq.queue.needs_notification(&*guard).unwrap_or(true) {
             vq.signal_used();
         }
@@ -670,6 +689,7 @@ impl Worker {
         if self.done.is_empty() {
             return;
         }
+        let log = self.log.as_deref().and_then(DirtyLog::writer);
         let mut done = std::mem::take(&mut self.done);
         let mut touched = std::mem::take(&mut self.touched);
         touched.clear();
@@ -709,7 +729,11 @@ impl Worker {
             };
             // The request's own memory guard: the map it was parsed with.
             write_status(&*f.mem, f.req.status_addr, f.status);
+            if let Some(w) = &log {
+                w.mark_request(&f.req);
+            }
             let mut vq = rings[i].lock();
+            vq.mark_used(log.as_ref());
             if vq
                 .queue
                 .add_used(&*f.mem, f.head, f.req.used_len(f.status))
