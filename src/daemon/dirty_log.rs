@@ -206,6 +206,7 @@ pub struct LogWriter<'a>(RwLockReadGuard<'a, Option<LogMap>>);
 impl LogWriter<'_> {
     /// Marks the pages of `[gpa, gpa + len)`; a range the log does not
     /// cover (the frontend sized it too small) is reported, not written.
+    #[inline(never)]
     pub fn mark(&self, gpa: u64, len: u64) {
         let covered = self.0.as_ref().is_some_and(|m| m.mark(gpa, len));
         if !covered {
@@ -225,6 +226,7 @@ impl LogWriter<'_> {
     /// data (IN, GET_ID: filled by the engine or by us, whatever the
     /// status, since a failed read may have written part) and its status
     /// byte.
+    #[inline(never)]
     pub fn mark_request(&self, req: &BlkRequest) {
         if matches!(req.req_type, RequestType::In | RequestType::GetId) {
             for s in &req.data {
@@ -238,6 +240,7 @@ impl LogWriter<'_> {
     /// `log_addr` (SET_VRING_ADDR with VHOST_VRING_F_LOG; None: the
     /// frontend asked for no used-ring logging). Marked whole: every write
     /// to it (elements, index, flags, avail_event) is covered.
+    #[inline(never)]
     pub fn mark_used_ring(&self, log_addr: Option<u64>, size: u16) {
         if let Some(addr) = log_addr {
             self.mark(addr, used_ring_len(size));
@@ -284,10 +287,18 @@ impl DirtyLog {
 
     /// The log to mark one batch of writes in, or None when logging is
     /// off (one atomic load).
+    #[inline]
     pub fn writer(&self) -> Option<LogWriter<'_>> {
         if !self.on.load(Ordering::Acquire) {
             return None;
         }
+        self.writer_slow()
+    }
+
+    // Out of line: the request path with logging off stays as it was.
+    #[cold]
+    #[inline(never)]
+    fn writer_slow(&self) -> Option<LogWriter<'_>> {
         let guard = self.map.read().unwrap_or_else(|p| p.into_inner());
         guard.is_some().then_some(LogWriter(guard))
     }

@@ -2,6 +2,7 @@
 //! device, the worker threads that drive the engines, and the vhost-user
 //! protocol and life cycle.
 
+pub mod active_connection;
 pub mod cow_magic_guard;
 pub mod device;
 pub mod dirty_log;

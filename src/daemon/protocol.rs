@@ -27,6 +27,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::active_connection::{ActiveConnection, Claim, ConnectionId};
 use super::device::Device;
 use super::dirty_log::DirtyLog;
 use super::guest_memory::{GuestMemoryMap, MemoryError};
@@ -71,6 +72,13 @@ pub struct FrontendHandler {
     queues: Vec<Arc<Virtqueue>>,
     acked_features: u64,
     acked_protocol_features: u64,
+    /// This connection's number, and which connection is using the device
+    /// (src/daemon/active_connection.rs).
+    id: ConnectionId,
+    active: Arc<ActiveConnection>,
+    /// Rings handed to a worker and not yet taken back (a ring the worker
+    /// stopped as broken is still on its list).
+    handed: Vec<bool>,
 }
 
 /// A refused message: logged (rate-limited per `cause`) and answered with
@@ -116,7 +124,6 @@ impl FrontendHandler {
         let queues = (0..opts.num_queues)
             .map(|i| Virtqueue::new(i, opts.max_queue_size).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        pool.attach(&conn);
         Ok(FrontendHandler {
             dev,
             pool,
@@ -127,7 +134,77 @@ impl FrontendHandler {
             queues,
             acked_features: 0,
             acked_protocol_features: 0,
+            id: 1,
+            active: Arc::new(ActiveConnection::default()),
+            handed: vec![false; usize::from(opts.num_queues)],
         })
+    }
+
+    /// Makes this connection number `id` among those sharing `active`
+    /// (several connections to one daemon).
+    pub fn sharing(mut self, id: ConnectionId, active: Arc<ActiveConnection>) -> Self {
+        self.id = id;
+        self.active = active;
+        self
+    }
+
+    /// Whether the workers serve this connection's rings.
+    pub fn is_active(&self) -> bool {
+        self.active.is_active(self.id)
+    }
+
+    /// Makes this the connection the workers serve, unless another one
+    /// is; the first ring started claims the device.
+    fn claim(&self, index: u32) -> bool {
+        match self.active.claim(self.id) {
+            Claim::Held => true,
+            Claim::Taken => {
+                self.pool.attach(&self.conn);
+                crate::log_limited!(
+                    log::Level::Info,
+                    "connection active",
+                    "frontend connection {} is now the active one",
+                    self.id
+                );
+                true
+            }
+            Claim::Busy(other) => {
+                crate::log_limited!(
+                    log::Level::Info,
+                    "connection waits",
+                    "frontend connection {}: queue {index} waits, connection {other} is using \
+                     the device",
+                    self.id
+                );
+                false
+            }
+        }
+    }
+
+    /// Gives the device up once no ring of ours is with a worker.
+    fn release_if_idle(&mut self) {
+        if self.handed.iter().any(|&h| h) || !self.active.is_active(self.id) {
+            return;
+        }
+        if !self.pool.detach() {
+            log::error!("I/O of connection {} did not finish in time", self.id);
+        }
+        self.active.release(self.id);
+        crate::log_limited!(
+            log::Level::Info,
+            "connection inactive",
+            "frontend connection {} stopped its rings and is no longer the active one",
+            self.id
+        );
+    }
+
+    /// Starts the rings that waited for the device (another connection
+    /// had it); the serve loop calls this when the device is free.
+    pub fn start_waiting_rings(&mut self) {
+        for i in 0..u32::from(self.opts.num_queues) {
+            // A refusal is logged by `maybe_start`; the ring stays stopped.
+            let _ = self.maybe_start(i);
+        }
     }
 
     pub fn acked_features(&self) -> u64 {
@@ -147,8 +224,8 @@ impl FrontendHandler {
     }
 
     /// Hands a ring to its worker once it is set up, kicked and enabled.
-    fn maybe_start(&self, index: u32) -> VhostResult<()> {
-        let vq = self.queue(index)?;
+    fn maybe_start(&mut self, index: u32) -> VhostResult<()> {
+        let vq = self.queue(index)?.clone();
         let mut st = vq.lock();
         if st.started || !st.can_start() {
             return Ok(());
@@ -159,8 +236,12 @@ impl FrontendHandler {
                 format!("queue {index}: its rings are not inside guest memory"),
             ));
         }
+        if !self.claim(index) {
+            return Ok(());
+        }
         st.started = true;
         drop(st);
+        self.handed[usize::from(vq.index)] = true;
         self.pool.send(
             self.pool.thread_of(vq.index),
             Command::StartRing(vq.clone()),
@@ -170,16 +251,19 @@ impl FrontendHandler {
 
     /// Takes a ring back from its worker, once its requests in flight are
     /// published.
-    fn stop(&self, index: u32) -> VhostResult<()> {
-        let vq = self.queue(index)?;
+    fn stop(&mut self, index: u32) -> VhostResult<()> {
+        let vq = self.queue(index)?.clone();
         let was = std::mem::replace(&mut vq.lock().started, false);
-        if was && !self.pool.stop_ring(vq.index) {
+        // A ring its worker stopped as broken is still on the worker's list.
+        let handed = std::mem::take(&mut self.handed[usize::from(vq.index)]);
+        if (was || handed) && !self.pool.stop_ring(vq.index) {
             crate::log_limited!(
                 log::Level::Error,
                 "stop timed out",
                 "queue {index}: requests still in flight after stopping it"
             );
         }
+        self.release_if_idle();
         Ok(())
     }
 
@@ -188,9 +272,15 @@ impl FrontendHandler {
         for q in &self.queues {
             q.lock().started = false;
         }
+        self.handed.fill(false);
+        // An inactive connection's rings were never with the workers.
+        if !self.is_active() {
+            return;
+        }
         if !self.pool.detach() {
             log::error!("I/O of the ended connection did not finish in time");
         }
+        self.active.release(self.id);
     }
 }
 

@@ -203,6 +203,22 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (at most 10 s) until the daemon's log holds `text` at least
+    /// `n` times; fails the test with the log otherwise.
+    #[allow(dead_code)] // not every test crate waits on the log
+    pub fn wait_log_count(&self, text: &str, n: usize) {
+        let start = Instant::now();
+        while self.log_text().matches(text).count() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{:?}: {text:?} not {n} times in the log after 10 s:\n{}",
+                self.peer,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Connects a frontend with `num_queues` = the daemon's.
     pub fn connect(&self) -> VhostUserBlk {
         self.connect_with(FrontendOptions {
