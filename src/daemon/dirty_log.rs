@@ -280,25 +280,43 @@ impl DirtyLog {
         self.update(&map);
     }
 
-    /// Whether pages are being logged.
+    /// Whether pages are being logged: the one check on the request path
+    /// (an atomic load); the marking below is out of line, so that the
+    /// path with logging off compiles as it did without logging.
+    #[inline]
     pub fn is_on(&self) -> bool {
         self.on.load(Ordering::Acquire)
     }
 
-    /// The log to mark one batch of writes in, or None when logging is
-    /// off (one atomic load).
-    #[inline]
+    /// Marks `[gpa, gpa + len)` if logging is on.
+    #[inline(never)]
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if let Some(w) = self.writer() {
+            w.mark(gpa, len);
+        }
+    }
+
+    /// [`LogWriter::mark_request`] if logging is on.
+    #[inline(never)]
+    pub fn mark_request(&self, req: &BlkRequest) {
+        if let Some(w) = self.writer() {
+            w.mark_request(req);
+        }
+    }
+
+    /// [`LogWriter::mark_used_ring`] if logging is on.
+    #[inline(never)]
+    pub fn mark_used_ring(&self, log_addr: Option<u64>, size: u16) {
+        if let Some(w) = self.writer() {
+            w.mark_used_ring(log_addr, size);
+        }
+    }
+
+    /// The log to mark writes in, or None when logging is off.
     pub fn writer(&self) -> Option<LogWriter<'_>> {
         if !self.on.load(Ordering::Acquire) {
             return None;
         }
-        self.writer_slow()
-    }
-
-    // Out of line: the request path with logging off stays as it was.
-    #[cold]
-    #[inline(never)]
-    fn writer_slow(&self) -> Option<LogWriter<'_>> {
         let guard = self.map.read().unwrap_or_else(|p| p.into_inner());
         guard.is_some().then_some(LogWriter(guard))
     }

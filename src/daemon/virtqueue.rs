@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::dirty_log::LogWriter;
+use super::dirty_log::DirtyLog;
 use super::guest_memory::Memory;
 
 /// What the frontend set up for one virtqueue.
@@ -88,11 +88,9 @@ impl VirtqueueState {
         }
     }
 
-    /// Logs the used ring if dirty logging is on (`log`).
-    pub fn mark_used(&self, log: Option<&LogWriter<'_>>) {
-        if let Some(w) = log {
-            w.mark_used_ring(self.log_used, self.queue.size());
-        }
+    /// Marks the used ring in the dirty log (logging is on).
+    pub fn mark_used(&self, log: &DirtyLog) {
+        log.mark_used_ring(self.log_used, self.queue.size());
     }
 
     /// Ready to be served: set up, kicked, enabled.

@@ -266,10 +266,6 @@ impl Worker {
         mode: RingMode,
     ) {
         let mut refused = false;
-        // `start` needs `&mut self`: hold the log through an Arc of its own
-        // (cloned only while logging).
-        let log_arc = self.log.as_ref().filter(|l| l.is_on()).cloned();
-        let log = log_arc.as_deref().and_then(DirtyLog::writer);
         // One load of the memory map per sweep, a cheap clone per request.
         let guard = mem.memory();
         let mut vq = ring.lock();
@@ -321,8 +317,8 @@ impl Worker {
                         );
                         if let Some((addr, status)) = failure.status() {
                             write_status(&*guard, addr, status);
-                            if let Some(w) = &log {
-                                w.mark(addr.0, 1);
+                            if let Some(l) = self.log.as_deref().filter(|l| l.is_on()) {
+                                l.mark(addr.0, 1);
                             }
                         }
                         if vq.queue.add_used(&*guard, head, failure.used_len()).is_ok() {
@@ -343,7 +339,9 @@ impl Worker {
         }
         // Notification flags, avail_event and refused requests' elements
         // were written to the used ring.
-        vq.mark_used(log.as_ref());
+        if let Some(l) = self.log.as_deref().filter(|l| l.is_on()) {
+            vq.mark_used(l);
+        }
         if refused && vq.queue.needs_notification(&*guard).unwrap_or(true) {
             vq.signal_used();
         }
@@ -689,7 +687,8 @@ impl Worker {
         if self.done.is_empty() {
             return;
         }
-        let log = self.log.as_deref().and_then(DirtyLog::writer);
+        // Logging is looked at once per batch (one atomic load when off).
+        let log = self.log.as_deref().filter(|l| l.is_on());
         let mut done = std::mem::take(&mut self.done);
         let mut touched = std::mem::take(&mut self.touched);
         touched.clear();
@@ -729,11 +728,13 @@ impl Worker {
             };
             // The request's own memory guard: the map it was parsed with.
             write_status(&*f.mem, f.req.status_addr, f.status);
-            if let Some(w) = &log {
-                w.mark_request(&f.req);
+            if let Some(l) = log {
+                l.mark_request(&f.req);
             }
             let mut vq = rings[i].lock();
-            vq.mark_used(log.as_ref());
+            if let Some(l) = log {
+                vq.mark_used(l);
+            }
             if vq
                 .queue
                 .add_used(&*f.mem, f.head, f.req.used_len(f.status))
