@@ -558,6 +558,15 @@ test_migrate_file() {
     show_qemu_messages "$d/console-src.log"
     start_qemu "$d/console-dst.log" "$d/sock" migrate "${opts[@]}" --qmp "$d/qmp-dst" --incoming "file:$d/vm.state"
     dst="$QEMU_PID"
+    wait_qmp "$d/qmp-dst" "$dst"
+    # A guest saved paused is restored paused; `virsh restore` resumes it.
+    json="$(python3 "$QMP" "$d/qmp-dst" wait-migration "$(timeout_s 300)")" || {
+        log "query-migrate: $json"
+        show_qemu_messages "$d/console-dst.log"
+        tfail "the restore did not complete"
+    }
+    log "RESTORE (file:): incoming migration $(python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get("status"))' "$json")"
+    python3 "$QMP" "$d/qmp-dst" cont >/dev/null || tfail "QMP cont after the restore failed"
     rc=0
     wait_pid "$dst" "$(timeout_s 300)" || rc=$?
     log "QEMU messages, restored guest:"
