@@ -296,11 +296,13 @@ impl DirtyLog {
         }
     }
 
-    /// [`LogWriter::mark_request`] if logging is on.
+    /// A published request: [`LogWriter::mark_request`] and
+    /// [`LogWriter::mark_used_ring`], if logging is on.
     #[inline(never)]
-    pub fn mark_request(&self, req: &BlkRequest) {
+    pub fn mark_published(&self, req: &BlkRequest, used_log_addr: Option<u64>, size: u16) {
         if let Some(w) = self.writer() {
             w.mark_request(req);
+            w.mark_used_ring(used_log_addr, size);
         }
     }
 

@@ -70,6 +70,8 @@ pub struct FrontendHandler {
     memory: GuestMemoryMap,
     conn: Arc<ConnectionShared>,
     queues: Vec<Arc<Virtqueue>>,
+    /// Dirty logging (src/daemon/dirty_log.rs); its rings mark in it.
+    log: Arc<DirtyLog>,
     acked_features: u64,
     acked_protocol_features: u64,
     /// This connection's number, and which connection is using the device
@@ -117,13 +119,16 @@ impl FrontendHandler {
         let memory = GuestMemoryMap::default();
         let conn = Arc::new(ConnectionShared {
             mem: memory.atomic(),
-            log: Arc::new(DirtyLog::default()),
             event_idx: AtomicBool::new(false),
             writethrough: AtomicBool::new(false),
         });
         let queues = (0..opts.num_queues)
             .map(|i| Virtqueue::new(i, opts.max_queue_size).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let log = Arc::new(DirtyLog::default());
+        for q in &queues {
+            q.lock().log = Some(log.clone());
+        }
         Ok(FrontendHandler {
             dev,
             pool,
@@ -132,6 +137,7 @@ impl FrontendHandler {
             memory,
             conn,
             queues,
+            log,
             acked_features: 0,
             acked_protocol_features: 0,
             id: 1,
@@ -325,7 +331,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         self.conn.event_idx.store(event_idx, Ordering::Release);
         // Rings keep running: the workers look at the log once per batch.
         let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
-        if log_all != self.conn.log.is_on() {
+        if log_all != self.log.is_on() {
             crate::log_limited!(
                 log::Level::Info,
                 "dirty logging",
@@ -334,7 +340,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
                 if log_all { "acked" } else { "cleared" }
             );
         }
-        self.conn.log.set_logging(log_all);
+        self.log.set_logging(log_all);
         // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings
         // start enabled.
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
@@ -609,8 +615,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
-        self.conn
-            .log
+        self.log
             .set_base(&file, log.mmap_size, log.mmap_offset)
             .map_err(|e| invalid("SET_LOG_BASE", e.to_string()))?;
         crate::log_limited!(

@@ -18,7 +18,6 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::cow_magic_guard::{pin_first_sector, FirstSector};
 use super::device::Device;
-use super::dirty_log::DirtyLog;
 use super::guest_memory::{Memory, MemoryGuard};
 use super::scheduler::{
     DiskRequest, Done, Op, OpId, OpKind, ReqId, ReqKind, Scheduler, Status, Target, ThreadId,
@@ -112,8 +111,6 @@ pub struct Worker {
     /// A ring was left with descriptors because of backpressure: it must
     /// be looked at again when requests finish, as no kick will come.
     throttled: bool,
-    /// The attached connection's dirty log (docs/design.md, "Dirty logging").
-    log: Option<Arc<DirtyLog>>,
 }
 
 /// Builds the iovecs for bytes `[offset, offset + len)` of a request's
@@ -162,13 +159,7 @@ impl Worker {
             touched: Vec::new(),
             max_inflight,
             throttled: false,
-            log: None,
         }
-    }
-
-    /// The dirty log of the connection now served (None: detached).
-    pub fn set_dirty_log(&mut self, log: Option<Arc<DirtyLog>>) {
-        self.log = log;
     }
 
     pub fn engine_fd(&self) -> i32 {
@@ -317,9 +308,7 @@ impl Worker {
                         );
                         if let Some((addr, status)) = failure.status() {
                             write_status(&*guard, addr, status);
-                            if let Some(l) = self.log.as_deref().filter(|l| l.is_on()) {
-                                l.mark(addr.0, 1);
-                            }
+                            vq.log_status(addr.0);
                         }
                         if vq.queue.add_used(&*guard, head, failure.used_len()).is_ok() {
                             refused = true;
@@ -339,9 +328,7 @@ impl Worker {
         }
         // Notification flags, avail_event and refused requests' elements
         // were written to the used ring.
-        if let Some(l) = self.log.as_deref().filter(|l| l.is_on()) {
-            vq.mark_used(l);
-        }
+        vq.log_used_ring();
         if refused && vq.queue.needs_notification(&*guard).unwrap_or(true) {
             vq.signal_used();
         }
@@ -687,8 +674,6 @@ impl Worker {
         if self.done.is_empty() {
             return;
         }
-        // Logging is looked at once per batch (one atomic load when off).
-        let log = self.log.as_deref().filter(|l| l.is_on());
         let mut done = std::mem::take(&mut self.done);
         let mut touched = std::mem::take(&mut self.touched);
         touched.clear();
@@ -728,13 +713,9 @@ impl Worker {
             };
             // The request's own memory guard: the map it was parsed with.
             write_status(&*f.mem, f.req.status_addr, f.status);
-            if let Some(l) = log {
-                l.mark_request(&f.req);
-            }
             let mut vq = rings[i].lock();
-            if let Some(l) = log {
-                vq.mark_used(l);
-            }
+            // Before the used index is published.
+            vq.log_published(&f.req);
             if vq
                 .queue
                 .add_used(&*f.mem, f.head, f.req.used_len(f.status))

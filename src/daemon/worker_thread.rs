@@ -29,7 +29,6 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{CacheMode, Device};
-use super::dirty_log::DirtyLog;
 use super::guest_memory::Memory;
 use super::scheduler::ThreadId;
 use super::virtqueue::Virtqueue;
@@ -54,7 +53,6 @@ pub struct WorkerOptions {
 /// What a connection shares with the workers.
 pub struct ConnectionShared {
     pub mem: GuestMemoryAtomic<Memory>,
-    pub log: Arc<DirtyLog>,
     pub event_idx: AtomicBool,
     pub writethrough: AtomicBool,
 }
@@ -316,10 +314,7 @@ impl WorkerLoop {
             me.take(&mut commands);
             for c in commands.drain(..) {
                 match c {
-                    Command::Attach(c) => {
-                        worker.set_dirty_log(Some(c.log.clone()));
-                        conn = Some(c);
-                    }
+                    Command::Attach(c) => conn = Some(c),
                     Command::StartRing(vq) => {
                         let fd = vq.lock().kick.as_ref().map(|k| k.as_raw_fd());
                         if let Some(fd) = fd {
@@ -389,7 +384,6 @@ impl WorkerLoop {
             let idle = worker.requests_in_flight() == 0 && worker.ops_in_flight() == 0;
             if idle && !detaching.is_empty() {
                 conn = None;
-                worker.set_dirty_log(None);
                 for done in detaching.drain(..) {
                     let _ = done.send(());
                 }
