@@ -13,7 +13,6 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::{Daemon, Image, Peer, ServeOptions};
@@ -398,22 +397,8 @@ fn two_connections_one_served() {
 
 /// SIGTERM, exit 0, `check` clean and `uml_moo` merges to the model.
 fn finish(d: Daemon, model: &Model) {
-    let st = d.terminate();
-    assert!(
-        st.status.success(),
-        "exit status {}:\n{}",
-        st.status,
-        st.log
-    );
-    if let Image::Cow { cow, .. } = &st.image {
-        let o = common::output(Command::new(common::bin()).arg("check").arg(cow));
-        assert!(
-            o.status.success(),
-            "vhost-user-cow check: {}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    let st = d.terminate_ok();
+    st.assert_check_clean();
     let dir: PathBuf = st.socket.parent().map(Path::to_path_buf).unwrap();
     if let Some(img) = st.image(&dir) {
         model.check(0, &img, "final image (uml_moo)");

@@ -465,21 +465,45 @@ backend_handover() {
     grep -E 'connected|active|waits|dirty log|refused' "$1" | sed 's/^.*\] /    | /' >&2
 }
 
-# Live migration between two QEMUs on one daemon, over a unix socket.
-test_migrate() {
-    local d="$WORK/migrate" rc=0 src dst json
+# start_migration_source D QEMU_OPTIONS...: a fresh overlay, the daemon,
+# and the source QEMU (QMP at D/qmp-src) running the migrate workload;
+# returns once the guest has started writing (QEMU_PID is the source).
+start_migration_source() {
+    local d="$1" rc=0
+    shift
     mkdir -p "$d"
-    local overlay="$d/disk.$OVERLAY_EXT"
-    local opts=(--mem "$MIG_MEM" --append "vmtest.secs=60")
-    backend_create "$overlay" "$GUEST_GOLDEN"
-    backend_start "$d/sock" "$overlay" 1 "$d/backend.log"
-    start_qemu "$d/console-src.log" "$d/sock" migrate "${opts[@]}" --qmp "$d/qmp-src"
-    src="$QEMU_PID"
-    wait_for_line "$d/console-src.log" '^VMTEST READY migrate' "$(timeout_s 120)" "$src" || rc=$?
+    backend_create "$d/disk.$OVERLAY_EXT" "$GUEST_GOLDEN"
+    backend_start "$d/sock" "$d/disk.$OVERLAY_EXT" 1 "$d/backend.log"
+    start_qemu "$d/console-src.log" "$d/sock" migrate "$@" --qmp "$d/qmp-src"
+    wait_for_line "$d/console-src.log" '^VMTEST READY migrate' "$(timeout_s 120)" "$QEMU_PID" || rc=$?
     if ((rc != 0)); then
         show_console "$d/console-src.log"
         tfail "the guest's workload did not start (status $rc)"
     fi
+}
+
+# qmp_migrate D URI: QMP migrate of the source (D/qmp-src) to URI; waits
+# until it completed and prints query-migrate's answer.
+qmp_migrate() {
+    local d="$1" uri="$2" json
+    python3 "$QMP" "$d/qmp-src" migrate "{\"uri\": \"$uri\"}" >/dev/null || {
+        show_qemu_messages "$d/console-src.log"
+        tfail "QMP migrate to $uri refused"
+    }
+    json="$(python3 "$QMP" "$d/qmp-src" wait-migration "$(timeout_s 300)")" || {
+        log "query-migrate: $json"
+        show_qemu_messages "$d/console-src.log"
+        tfail "the migration to $uri did not complete"
+    }
+    echo "$json"
+}
+
+# Live migration between two QEMUs on one daemon, over a unix socket.
+test_migrate() {
+    local d="$WORK/migrate" rc=0 src dst json
+    local overlay="$d/disk.$OVERLAY_EXT" opts=(--mem "$MIG_MEM" --append "vmtest.secs=60")
+    start_migration_source "$d" "${opts[@]}"
+    src="$QEMU_PID"
     # The destination connects to the daemon while the source still uses it.
     start_qemu "$d/console-dst.log" "$d/sock" migrate "${opts[@]}" --qmp "$d/qmp-dst" --incoming "unix:$d/migration"
     dst="$QEMU_PID"
@@ -488,16 +512,7 @@ test_migrate() {
     wait_for_file "$d/migration" "$(timeout_s 30)" "$dst" || tfail "the destination does not listen on $d/migration"
     python3 "$QMP" "$d/qmp-src" migrate-set-parameters '{"max-bandwidth": 1073741824}' >/dev/null ||
         tfail "migrate-set-parameters failed"
-    python3 "$QMP" "$d/qmp-src" migrate "{\"uri\": \"unix:$d/migration\"}" >/dev/null || {
-        show_qemu_messages "$d/console-src.log"
-        tfail "QMP migrate refused"
-    }
-    json="$(python3 "$QMP" "$d/qmp-src" wait-migration "$(timeout_s 300)")" || {
-        log "query-migrate: $json"
-        show_qemu_messages "$d/console-src.log"
-        show_qemu_messages "$d/console-dst.log"
-        tfail "the migration did not complete"
-    }
+    json="$(qmp_migrate "$d" "unix:$d/migration")" || tfail "the migration failed"
     echo "$json" >"$d/migration.json"
     log "MIGRATION (unix socket): $(migration_report "$json")"
     python3 "$QMP" "$d/qmp-dst" query-status >"$d/dst-status.json" || true
@@ -528,29 +543,12 @@ test_migrate() {
 # pause, migrate to a file, quit; a new QEMU with -incoming).
 test_migrate_file() {
     local d="$WORK/migrate-file" rc=0 src dst json
-    mkdir -p "$d"
-    local overlay="$d/disk.$OVERLAY_EXT"
-    local opts=(--mem "$MIG_MEM" --append "vmtest.secs=30")
-    backend_create "$overlay" "$GUEST_GOLDEN"
-    backend_start "$d/sock" "$overlay" 1 "$d/backend.log"
-    start_qemu "$d/console-src.log" "$d/sock" migrate "${opts[@]}" --qmp "$d/qmp-src"
+    local overlay="$d/disk.$OVERLAY_EXT" opts=(--mem "$MIG_MEM" --append "vmtest.secs=30")
+    start_migration_source "$d" "${opts[@]}"
     src="$QEMU_PID"
-    wait_for_line "$d/console-src.log" '^VMTEST READY migrate' "$(timeout_s 120)" "$src" || rc=$?
-    if ((rc != 0)); then
-        show_console "$d/console-src.log"
-        tfail "the guest's workload did not start (status $rc)"
-    fi
     wait_qmp "$d/qmp-src" "$src"
     python3 "$QMP" "$d/qmp-src" stop >/dev/null || tfail "QMP stop failed"
-    python3 "$QMP" "$d/qmp-src" migrate "{\"uri\": \"file:$d/vm.state\"}" >/dev/null || {
-        show_qemu_messages "$d/console-src.log"
-        tfail "QMP migrate to a file refused"
-    }
-    json="$(python3 "$QMP" "$d/qmp-src" wait-migration "$(timeout_s 300)")" || {
-        log "query-migrate: $json"
-        show_qemu_messages "$d/console-src.log"
-        tfail "the save did not complete"
-    }
+    json="$(qmp_migrate "$d" "file:$d/vm.state")" || tfail "the save failed"
     log "SAVE (file:): $(migration_report "$json"); state file $(($(stat -c %s "$d/vm.state") / 1048576)) MiB"
     python3 "$QMP" "$d/qmp-src" quit >/dev/null || true
     wait_pid "$src" 30 || tfail "the saved QEMU did not quit"

@@ -15,9 +15,11 @@
 //! behind which every write of the stopped ring is in the log.
 //!
 //! Locks: the mapping sits behind a `RwLock`: workers hold it for reading
-//! while they mark one batch; SET_LOG_BASE and turning logging off take it
-//! for writing, so once they return no worker writes to the old log. With
-//! logging off a batch costs one atomic load and nothing else.
+//! while they mark (under the virtqueue's lock: each ring knows its
+//! connection's log, `VirtqueueState::log_*`); SET_LOG_BASE and turning
+//! logging off take it for writing, so once they return no worker writes
+//! to the old log. With logging off a mark costs one atomic load, and the
+//! marking code is out of line (docs/benchmarks.md, "Dirty logging").
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;

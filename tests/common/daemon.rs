@@ -293,6 +293,21 @@ impl Daemon {
     }
 
     /// Sends SIGTERM and waits for the exit.
+    /// SIGTERM, and the daemon must exit 0 (the test fails with its log
+    /// otherwise).
+    #[allow(dead_code)] // not every test crate stops daemons so
+    pub fn terminate_ok(self) -> Stopped {
+        let st = self.terminate();
+        assert!(
+            st.status.success(),
+            "{:?}: exit status {}:\n{}",
+            st.peer,
+            st.status,
+            st.log
+        );
+        st
+    }
+
     pub fn terminate(mut self) -> Stopped {
         let mut child = self.child.take().unwrap();
         // SAFETY: signalling our own child by pid.
@@ -426,6 +441,20 @@ impl Stopped {
                 Some(std::fs::read(&out).unwrap())
             }
             _ => Some(std::fs::read(&self.served).unwrap()),
+        }
+    }
+
+    /// For ours and a COW image: `vhost-user-cow check` finds it clean.
+    #[allow(dead_code)] // not every test crate checks
+    pub fn assert_check_clean(&self) {
+        if let (Image::Cow { cow, .. }, Peer::Ours) = (&self.image, self.peer) {
+            let o = super::output(Command::new(super::bin()).arg("check").arg(cow));
+            assert!(
+                o.status.success(),
+                "vhost-user-cow check: {}\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
     }
 }
