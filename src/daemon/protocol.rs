@@ -329,7 +329,7 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
             q.lock().queue.set_event_idx(event_idx);
         }
         self.conn.event_idx.store(event_idx, Ordering::Release);
-        // Rings keep running: the workers look at the log once per batch.
+        // Rings keep running: each looks at the log before it marks.
         let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         if log_all != self.log.is_on() {
             crate::log_limited!(
