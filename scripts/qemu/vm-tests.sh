@@ -421,6 +421,17 @@ print("status %s, total time %s ms, downtime %s ms, setup %s ms, RAM %.0f MiB tr
     ram.get("transferred", 0) / 1048576, ram.get("dirty-sync-count")))' "$1"
 }
 
+# qemu_messages WHO CONSOLE: what that QEMU wrote to its stderr, or that
+# it wrote nothing.
+qemu_messages() {
+    if [ -s "$2.qemu" ]; then
+        log "QEMU messages, $1:"
+        show_qemu_messages "$2"
+    else
+        log "QEMU messages, $1: none"
+    fi
+}
+
 # wait_qmp PATH PID: until QEMU's QMP socket is there.
 wait_qmp() {
     wait_for_file "$1" "$(timeout_s 30)" "$2" || tfail "no QMP socket $1 (status $?)"
@@ -521,10 +532,8 @@ test_migrate() {
     wait_pid "$src" 30 || log "the source QEMU did not quit in 30 s"
     rc=0
     wait_pid "$dst" "$(timeout_s 300)" || rc=$?
-    log "QEMU messages, source:"
-    show_qemu_messages "$d/console-src.log"
-    log "QEMU messages, destination:"
-    show_qemu_messages "$d/console-dst.log"
+    qemu_messages source "$d/console-src.log"
+    qemu_messages destination "$d/console-dst.log"
     if ((rc != 0)); then
         show_console "$d/console-dst.log"
         show_backend_log "$d/backend.log"
@@ -552,8 +561,7 @@ test_migrate_file() {
     log "SAVE (file:): $(migration_report "$json"); state file $(($(stat -c %s "$d/vm.state") / 1048576)) MiB"
     python3 "$QMP" "$d/qmp-src" quit >/dev/null || true
     wait_pid "$src" 30 || tfail "the saved QEMU did not quit"
-    log "QEMU messages, saved guest:"
-    show_qemu_messages "$d/console-src.log"
+    qemu_messages "saved guest" "$d/console-src.log"
     start_qemu "$d/console-dst.log" "$d/sock" migrate "${opts[@]}" --qmp "$d/qmp-dst" --incoming "file:$d/vm.state"
     dst="$QEMU_PID"
     wait_qmp "$d/qmp-dst" "$dst"
@@ -567,8 +575,7 @@ test_migrate_file() {
     python3 "$QMP" "$d/qmp-dst" cont >/dev/null || tfail "QMP cont after the restore failed"
     rc=0
     wait_pid "$dst" "$(timeout_s 300)" || rc=$?
-    log "QEMU messages, restored guest:"
-    show_qemu_messages "$d/console-dst.log"
+    qemu_messages "restored guest" "$d/console-dst.log"
     if ((rc != 0)); then
         show_console "$d/console-dst.log"
         show_backend_log "$d/backend.log"
