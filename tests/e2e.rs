@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use vhost_user_cow::units::to_usize;
 
-use common::daemon::{Daemon, Image, Peer, ServeOptions, Stopped};
+use common::daemon::{Daemon, Peer, ServeOptions, Stopped};
 use common::disk_model::{make_cow, make_cow_chunked, make_raw, Model, SECTOR};
 use common::vhost_frontend::*;
 use common::Rng;
@@ -83,14 +83,7 @@ fn disconnect(dev: VhostUserBlk) {
 /// the model. Files that must not change are compared with `ro_before`.
 fn finish(d: Daemon, model: &Model, dir: &Path, ro_before: &[Vec<u8>]) -> Stopped {
     let ro = d.read_only_files();
-    let st = d.terminate();
-    assert!(
-        st.status.success(),
-        "{:?} exit status {} after SIGTERM:\n{}",
-        st.peer,
-        st.status,
-        st.log
-    );
+    let st = d.terminate_ok();
     assert!(
         !st.socket.exists(),
         "{:?} left its socket {} behind",
@@ -98,15 +91,7 @@ fn finish(d: Daemon, model: &Model, dir: &Path, ro_before: &[Vec<u8>]) -> Stoppe
         st.socket.display()
     );
     assert!(snapshot(&ro) == ro_before, "the backing file changed");
-    if let (Peer::Ours, Image::Cow { cow, .. }) = (st.peer, &st.image) {
-        let o = common::output(Command::new(common::bin()).arg("check").arg(cow));
-        assert!(
-            o.status.success(),
-            "vhost-user-cow check: {}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    st.assert_check_clean();
     if let Some(img) = st.image(dir) {
         assert_eq!(img.len(), model.data.len(), "image size");
         model.check(0, &img, "final image (uml_moo for a COW)");

@@ -219,11 +219,13 @@ resolve_accel() {
 #   --mem SIZE     guest memory (default 512M)
 #   --reconnect S  chardev reconnect after S seconds (default 0: off)
 #   --append ARGS  more kernel command line
+#   --qmp PATH     a QMP socket at PATH (scripts/qemu/qmp.py talks to it)
+#   --incoming URI wait for a migration stream (-incoming URI)
 # shellcheck disable=SC2054 # commas inside QEMU option values
 qemu_cmd() {
     local console="$1" sock="$2" mode="$3"
     shift 3
-    local queues=1 cpus=1 mem=512M reconnect=0 append=""
+    local queues=1 cpus=1 mem=512M reconnect=0 append="" qmp="" incoming=""
     while (($#)); do
         case "$1" in
         --queues) queues="$2" ;;
@@ -231,6 +233,8 @@ qemu_cmd() {
         --mem) mem="$2" ;;
         --reconnect) reconnect="$2" ;;
         --append) append="$2" ;;
+        --qmp) qmp="$2" ;;
+        --incoming) incoming="$2" ;;
         *) die "qemu_cmd: unknown option $1" ;;
         esac
         shift 2
@@ -255,6 +259,8 @@ qemu_cmd() {
         -kernel "$GUEST_KERNEL" -initrd "$GUEST_INITRD"
         -append "console=ttyS0 loglevel=4 panic=-1 mitigations=off vmtest=$mode $append"
     )
+    [ -n "$qmp" ] && QEMU_CMD+=(-qmp "unix:$qmp,server=on,wait=off")
+    [ -n "$incoming" ] && QEMU_CMD+=(-incoming "$incoming")
     QEMU_DESC="$VUC_ACCEL_RESOLVED, $cpus vCPU, $queues queue(s), mode $mode"
 }
 

@@ -27,6 +27,13 @@
 #                   release build of the previous commit (VUC_PREV_REV,
 #                   default HEAD~1, built once into a cache under target/)
 #                   and back, while the guest writes.
+#   daemon-restart-busy  the same in the middle of the guest's I/O; reports
+#                   what the guest sees (see the function for what fails).
+#   migrate         live migration to a second QEMU on the same daemon (its
+#                   second connection) while the guest writes and verifies;
+#                   the guest finishes on the destination, data intact.
+#   migrate-file    the guest saved to a file (what `virsh save` does) and
+#                   restored from it by a new QEMU.
 #
 # The guest reports "VMTEST PASS name" / "VMTEST FAIL name: why" on its
 # serial console; a missing PASS, any FAIL, or a missing clean shutdown
@@ -40,7 +47,7 @@ PROG=vm-tests
 # shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
-ALL_TESTS=(boot persist mq qemu-restart daemon-restart daemon-restart-busy daemon-kill-loop daemon-upgrade)
+ALL_TESTS=(boot persist mq qemu-restart daemon-restart daemon-restart-busy daemon-kill-loop daemon-upgrade migrate migrate-file)
 read -r -a TESTS <<<"${VUC_VM_TESTS:-${ALL_TESTS[*]}}"
 MIB="${VUC_VM_MIB:-200}"
 SCALE="${VUC_VM_TIMEOUT_SCALE:-1}"
@@ -674,6 +681,189 @@ test_daemon_upgrade() {
     golden_unchanged
     check_and_merge "$overlay" "$d/merged.img"
     rm -f "$d/merged.img"
+}
+
+# ---------------------------------------------------------------------------
+# Migration (docs/design.md, "Two connections, one active").
+
+QMP="$(dirname "$0")/qmp.py"
+MIG_MEM=256M
+
+# migration_report JSON: the figures of a completed query-migrate answer.
+migration_report() {
+    python3 -c 'import json, sys
+r = json.loads(sys.argv[1]); ram = r.get("ram", {})
+print("status %s, total time %s ms, downtime %s ms, setup %s ms, RAM %.0f MiB transferred in %s pass(es)" % (
+    r.get("status"), r.get("total-time"), r.get("downtime"), r.get("setup-time"),
+    ram.get("transferred", 0) / 1048576, ram.get("dirty-sync-count")))' "$1"
+}
+
+# qemu_messages WHO CONSOLE: what that QEMU wrote to its stderr, or that
+# it wrote nothing.
+qemu_messages() {
+    if [ -s "$2.qemu" ]; then
+        log "QEMU messages, $1:"
+        show_qemu_messages "$2"
+    else
+        log "QEMU messages, $1: none"
+    fi
+}
+
+# wait_qmp PATH PID: until QEMU's QMP socket is there.
+wait_qmp() {
+    wait_for_file "$1" "$(timeout_s 30)" "$2" || tfail "no QMP socket $1 (status $?)"
+}
+
+# migrated_guest_checks D CONSOLE_SRC CONSOLE_DST OVERLAY: the guest
+# finished on the destination with its data intact, the overlay checks
+# clean and merges to what the guest wrote.
+migrated_guest_checks() {
+    local d="$1" src="$2" dst="$3" overlay="$4" after
+    if vmtest_lines "$src" | grep -q '^VMTEST DONE'; then
+        tfail "the guest finished on the source: the migration came too late"
+    fi
+    after="$(vmtest_lines "$dst" | grep -c '^VMTEST INFO chunk' || true)"
+    ((after >= 1)) || {
+        show_console "$dst"
+        tfail "no chunk written after the switch: the workload did not go on on the destination"
+    }
+    log "chunks written: $(vmtest_lines "$src" | grep -c '^VMTEST INFO chunk') before the switch, $after after"
+    expect_guest "$dst" migrate-io
+    check_and_merge "$overlay" "$d/merged.img"
+    img_cat "$d/merged.img" /data/mig.sha256 >"$d/mig.sha256"
+    [ -s "$d/mig.sha256" ] || tfail "no /data/mig.sha256 in the merged image"
+    mkdir -p "$d/mig"
+    local f
+    while read -r _ f; do
+        img_dump "$d/merged.img" "/data/mig/$f" "$d/mig/$f"
+    done <"$d/mig.sha256"
+    (cd "$d/mig" && sha256sum --quiet -c ../mig.sha256) || tfail "the guest's chunks in the merged image differ"
+    log "merged image holds the guest's $(wc -l <"$d/mig.sha256") chunks, checksums match"
+    rm -rf "$d/merged.img" "$d/mig"
+}
+
+# backend_handover LOG: the daemon's log shows the destination taking the
+# device over from the source (ours only).
+backend_handover() {
+    [ "$VUC_BACKEND" = ours ] || return 0
+    grep -q 'stopped its rings and is no longer the active one' "$1" ||
+        tfail "the backend log shows no handover from the source's connection"
+    grep -q 'dirty log of .* bytes mapped' "$1" || tfail "the backend log shows no dirty log"
+    log "backend log:"
+    grep -E 'connected|active|waits|dirty log|refused' "$1" | sed 's/^.*\] /    | /' >&2
+}
+
+# start_migration_source D QEMU_OPTIONS...: a fresh overlay, the daemon,
+# and the source QEMU (QMP at D/qmp-src) running the migrate workload;
+# returns once the guest has started writing (QEMU_PID is the source).
+start_migration_source() {
+    local d="$1" rc=0
+    shift
+    mkdir -p "$d"
+    backend_create "$d/disk.$OVERLAY_EXT" "$GUEST_GOLDEN"
+    backend_start "$d/sock" "$d/disk.$OVERLAY_EXT" 1 "$d/backend.log"
+    start_qemu "$d/console-src.log" "$d/sock" migrate "$@" --qmp "$d/qmp-src"
+    wait_for_line "$d/console-src.log" '^VMTEST READY migrate' "$(timeout_s 120)" "$QEMU_PID" || rc=$?
+    if ((rc != 0)); then
+        show_console "$d/console-src.log"
+        tfail "the guest's workload did not start (status $rc)"
+    fi
+}
+
+# qmp_migrate D URI: QMP migrate of the source (D/qmp-src) to URI; waits
+# until it completed and prints query-migrate's answer.
+qmp_migrate() {
+    local d="$1" uri="$2" json
+    python3 "$QMP" "$d/qmp-src" migrate "{\"uri\": \"$uri\"}" >/dev/null || {
+        show_qemu_messages "$d/console-src.log"
+        tfail "QMP migrate to $uri refused"
+    }
+    json="$(python3 "$QMP" "$d/qmp-src" wait-migration "$(timeout_s 300)")" || {
+        log "query-migrate: $json"
+        show_qemu_messages "$d/console-src.log"
+        tfail "the migration to $uri did not complete"
+    }
+    echo "$json"
+}
+
+# Live migration between two QEMUs on one daemon, over a unix socket.
+test_migrate() {
+    local d="$WORK/migrate" rc=0 src dst json
+    local overlay="$d/disk.$OVERLAY_EXT" opts=(--mem "$MIG_MEM" --append "vmtest.secs=60")
+    start_migration_source "$d" "${opts[@]}"
+    src="$QEMU_PID"
+    # The destination connects to the daemon while the source still uses it.
+    start_qemu "$d/console-dst.log" "$d/sock" migrate "${opts[@]}" --qmp "$d/qmp-dst" --incoming "unix:$d/migration"
+    dst="$QEMU_PID"
+    wait_qmp "$d/qmp-src" "$src"
+    wait_qmp "$d/qmp-dst" "$dst"
+    wait_for_file "$d/migration" "$(timeout_s 30)" "$dst" || tfail "the destination does not listen on $d/migration"
+    python3 "$QMP" "$d/qmp-src" migrate-set-parameters '{"max-bandwidth": 1073741824}' >/dev/null ||
+        tfail "migrate-set-parameters failed"
+    json="$(qmp_migrate "$d" "unix:$d/migration")" || tfail "the migration failed"
+    echo "$json" >"$d/migration.json"
+    log "MIGRATION (unix socket): $(migration_report "$json")"
+    python3 "$QMP" "$d/qmp-dst" query-status >"$d/dst-status.json" || true
+    log "destination: $(cat "$d/dst-status.json")"
+    python3 "$QMP" "$d/qmp-src" quit >/dev/null || true
+    wait_pid "$src" 30 || log "the source QEMU did not quit in 30 s"
+    rc=0
+    wait_pid "$dst" "$(timeout_s 300)" || rc=$?
+    qemu_messages source "$d/console-src.log"
+    qemu_messages destination "$d/console-dst.log"
+    if ((rc != 0)); then
+        show_console "$d/console-dst.log"
+        show_backend_log "$d/backend.log"
+        tfail "the destination QEMU: status $rc (124: the guest did not finish in time)"
+    fi
+    backend_stop || {
+        show_backend_log "$d/backend.log"
+        tfail "backend did not stop cleanly"
+    }
+    backend_handover "$d/backend.log"
+    migrated_guest_checks "$d" "$d/console-src.log" "$d/console-dst.log" "$overlay"
+    golden_unchanged
+}
+
+# The guest saved to a file and restored from it (virsh save / restore:
+# pause, migrate to a file, quit; a new QEMU with -incoming).
+test_migrate_file() {
+    local d="$WORK/migrate-file" rc=0 src dst json
+    local overlay="$d/disk.$OVERLAY_EXT" opts=(--mem "$MIG_MEM" --append "vmtest.secs=30")
+    start_migration_source "$d" "${opts[@]}"
+    src="$QEMU_PID"
+    wait_qmp "$d/qmp-src" "$src"
+    python3 "$QMP" "$d/qmp-src" stop >/dev/null || tfail "QMP stop failed"
+    json="$(qmp_migrate "$d" "file:$d/vm.state")" || tfail "the save failed"
+    log "SAVE (file:): $(migration_report "$json"); state file $(($(stat -c %s "$d/vm.state") / 1048576)) MiB"
+    python3 "$QMP" "$d/qmp-src" quit >/dev/null || true
+    wait_pid "$src" 30 || tfail "the saved QEMU did not quit"
+    qemu_messages "saved guest" "$d/console-src.log"
+    start_qemu "$d/console-dst.log" "$d/sock" migrate "${opts[@]}" --qmp "$d/qmp-dst" --incoming "file:$d/vm.state"
+    dst="$QEMU_PID"
+    wait_qmp "$d/qmp-dst" "$dst"
+    # A guest saved paused is restored paused; `virsh restore` resumes it.
+    json="$(python3 "$QMP" "$d/qmp-dst" wait-migration "$(timeout_s 300)")" || {
+        log "query-migrate: $json"
+        show_qemu_messages "$d/console-dst.log"
+        tfail "the restore did not complete"
+    }
+    log "RESTORE (file:): incoming migration $(python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get("status"))' "$json")"
+    python3 "$QMP" "$d/qmp-dst" cont >/dev/null || tfail "QMP cont after the restore failed"
+    rc=0
+    wait_pid "$dst" "$(timeout_s 300)" || rc=$?
+    qemu_messages "restored guest" "$d/console-dst.log"
+    if ((rc != 0)); then
+        show_console "$d/console-dst.log"
+        show_backend_log "$d/backend.log"
+        tfail "the restored QEMU: status $rc (124: the guest did not finish in time)"
+    fi
+    backend_stop || {
+        show_backend_log "$d/backend.log"
+        tfail "backend did not stop cleanly"
+    }
+    migrated_guest_checks "$d" "$d/console-src.log" "$d/console-dst.log" "$overlay"
+    golden_unchanged
 }
 
 main() {

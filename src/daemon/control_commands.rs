@@ -4,11 +4,13 @@
 //! to copy its counters, or a connection's handler and then its
 //! virtqueues; docs/design.md, "Threads, the run loop and locks").
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use super::active_connection::{ActiveConnection, ConnectionId};
 use super::device::Device;
 use super::protocol::FrontendHandler;
 use super::request_stats::RequestStats;
@@ -19,41 +21,45 @@ use crate::control::wire::{ErrorBody, ErrorClass};
 use crate::units::SECTOR_BYTES;
 
 /// A connection's number (1 for the first) and its handler.
-type Numbered = (u64, Arc<Mutex<FrontendHandler>>);
+type Numbered = (ConnectionId, Arc<Mutex<FrontendHandler>>);
 
-/// The connection being served, if any: set by the accept loop.
+/// The frontend connections open (at most two: the active one and a
+/// migration's destination), kept by the accept loop for the control
+/// thread, and which of them uses the device.
 #[derive(Default)]
 pub struct ConnectionSlot {
-    current: Mutex<Option<Numbered>>,
+    open: Mutex<Vec<Numbered>>,
     /// Connections accepted since the daemon started.
-    served: Mutex<u64>,
+    served: AtomicU64,
+    pub active: Arc<ActiveConnection>,
 }
 
 impl ConnectionSlot {
-    /// A connection begins; returns its number (1 for the first).
-    pub fn connected(&self, handler: Arc<Mutex<FrontendHandler>>) -> u64 {
-        let n = {
-            let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
-            *served += 1;
-            *served
-        };
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((n, handler));
-        n
+    pub fn connected(&self, number: ConnectionId, handler: Arc<Mutex<FrontendHandler>>) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.lock().push((number, handler));
     }
 
-    pub fn disconnected(&self) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    pub fn disconnected(&self, number: ConnectionId) {
+        self.lock().retain(|(n, _)| *n != number);
     }
 
-    fn get(&self) -> (Option<Numbered>, u64) {
-        let served = *self.served.lock().unwrap_or_else(|p| p.into_inner());
-        (
-            self.current
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            served,
-        )
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Numbered>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection to show (the active one, else the newest), the
+    /// numbers of all open ones, and how many were served.
+    fn get(&self) -> (Option<Numbered>, Vec<ConnectionId>, u64) {
+        let open = self.lock();
+        let owner = self.active.owner();
+        let shown = open
+            .iter()
+            .find(|(n, _)| Some(*n) == owner)
+            .or(open.last())
+            .cloned();
+        let numbers = open.iter().map(|(n, _)| *n).collect();
+        (shown, numbers, self.served.load(Ordering::Relaxed))
     }
 }
 
@@ -196,10 +202,11 @@ impl DaemonCommands {
     }
 
     fn query_connection(&self) -> Result<Value, ErrorBody> {
-        let (current, served) = self.connection.get();
-        let Some((number, handler)) = current else {
+        let (shown, open, served) = self.connection.get();
+        let Some((number, handler)) = shown else {
             return Ok(json!({ "connected": false, "connections_served": served }));
         };
+        let active = self.connection.active.owner() == Some(number);
         // The message thread holds the handler across a frontend message,
         // which may wait up to a minute for a worker: never stall every
         // control client behind that.
@@ -222,6 +229,8 @@ impl DaemonCommands {
         let mut v = serde_json::to_value(status).unwrap_or(Value::Null);
         v["connected"] = json!(true);
         v["connection"] = json!(number);
+        v["active"] = json!(active);
+        v["open_connections"] = json!(open);
         v["connections_served"] = json!(served);
         Ok(v)
     }

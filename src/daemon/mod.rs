@@ -2,9 +2,11 @@
 //! device, the worker threads that drive the engines, and the vhost-user
 //! protocol and life cycle.
 
+pub mod active_connection;
 pub mod control_commands;
 pub mod cow_magic_guard;
 pub mod device;
+pub mod dirty_log;
 pub mod guest_memory;
 pub mod inflight;
 pub mod log_limit;

@@ -27,7 +27,9 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::active_connection::{ActiveConnection, Claim, ConnectionId};
 use super::device::Device;
+use super::dirty_log::DirtyLog;
 use super::guest_memory::{GuestMemoryMap, MemoryError};
 use super::inflight::{InflightArea, InflightError, Layout};
 use super::virtqueue::Virtqueue;
@@ -44,6 +46,13 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::LOG_SHMFD
+}
+
+/// The virtio features we offer: the device's, and dirty logging
+/// (docs/design.md, "Dirty logging").
+fn offered_features(read_only: bool) -> u64 {
+    virtio_features(read_only) | VhostUserVirtioFeatures::LOG_ALL.bits()
 }
 
 /// What the frontend may set up.
@@ -63,10 +72,19 @@ pub struct FrontendHandler {
     memory: GuestMemoryMap,
     conn: Arc<ConnectionShared>,
     queues: Vec<Arc<Virtqueue>>,
+    /// Dirty logging (src/daemon/dirty_log.rs); its rings mark in it.
+    log: Arc<DirtyLog>,
     acked_features: u64,
     acked_protocol_features: u64,
     /// The in-flight area the frontend handed over (SET_INFLIGHT_FD).
     inflight: Option<Arc<InflightArea>>,
+    /// This connection's number, and which connection is using the device
+    /// (src/daemon/active_connection.rs).
+    id: ConnectionId,
+    active: Arc<ActiveConnection>,
+    /// Rings handed to a worker and not yet taken back (a ring the worker
+    /// stopped as broken is still on its list).
+    handed: Vec<bool>,
 }
 
 /// A refused message: logged (rate-limited per `cause`) and answered with
@@ -115,7 +133,10 @@ impl FrontendHandler {
         let queues = (0..opts.num_queues)
             .map(|i| Virtqueue::new(i, opts.max_queue_size).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        pool.attach(&conn);
+        let log = Arc::new(DirtyLog::default());
+        for q in &queues {
+            q.lock().log = Some(log.clone());
+        }
         Ok(FrontendHandler {
             dev,
             pool,
@@ -124,10 +145,81 @@ impl FrontendHandler {
             memory,
             conn,
             queues,
+            log,
             acked_features: 0,
             acked_protocol_features: 0,
             inflight: None,
+            id: 1,
+            active: Arc::new(ActiveConnection::default()),
+            handed: vec![false; usize::from(opts.num_queues)],
         })
+    }
+
+    /// Makes this connection number `id` among those sharing `active`
+    /// (several connections to one daemon).
+    pub fn sharing(mut self, id: ConnectionId, active: Arc<ActiveConnection>) -> Self {
+        self.id = id;
+        self.active = active;
+        self
+    }
+
+    /// Whether the workers serve this connection's rings.
+    pub fn is_active(&self) -> bool {
+        self.active.is_active(self.id)
+    }
+
+    /// Makes this the connection the workers serve, unless another one
+    /// is; the first ring started claims the device.
+    fn claim(&self, index: u32) -> bool {
+        match self.active.claim(self.id) {
+            Claim::Held => true,
+            Claim::Taken => {
+                self.pool.attach(&self.conn);
+                crate::log_limited!(
+                    log::Level::Info,
+                    "connection active",
+                    "frontend connection {} is now the active one",
+                    self.id
+                );
+                true
+            }
+            Claim::Busy(other) => {
+                crate::log_limited!(
+                    log::Level::Info,
+                    "connection waits",
+                    "frontend connection {}: queue {index} waits, connection {other} is using \
+                     the device",
+                    self.id
+                );
+                false
+            }
+        }
+    }
+
+    /// Gives the device up once no ring of ours is with a worker.
+    fn release_if_idle(&mut self) {
+        if self.handed.iter().any(|&h| h) || !self.active.is_active(self.id) {
+            return;
+        }
+        if !self.pool.detach() {
+            log::error!("I/O of connection {} did not finish in time", self.id);
+        }
+        self.active.release(self.id);
+        crate::log_limited!(
+            log::Level::Info,
+            "connection inactive",
+            "frontend connection {} stopped its rings and is no longer the active one",
+            self.id
+        );
+    }
+
+    /// Starts the rings that waited for the device (another connection
+    /// had it); the serve loop calls this when the device is free.
+    pub fn start_waiting_rings(&mut self) {
+        for i in 0..u32::from(self.opts.num_queues) {
+            // A refusal is logged by `maybe_start`; the ring stays stopped.
+            let _ = self.maybe_start(i);
+        }
     }
 
     pub fn acked_features(&self) -> u64 {
@@ -147,8 +239,8 @@ impl FrontendHandler {
     }
 
     /// Hands a ring to its worker once it is set up, kicked and enabled.
-    fn maybe_start(&self, index: u32) -> VhostResult<()> {
-        let vq = self.queue(index)?;
+    fn maybe_start(&mut self, index: u32) -> VhostResult<()> {
+        let vq = self.queue(index)?.clone();
         let mut st = vq.lock();
         if st.started || !st.can_start() {
             return Ok(());
@@ -160,9 +252,13 @@ impl FrontendHandler {
                 format!("queue {index}: its rings are not inside guest memory"),
             ));
         }
+        if !self.claim(index) {
+            return Ok(());
+        }
         recover_inflight(&mut st, &mem)?;
         st.started = true;
         drop(st);
+        self.handed[usize::from(vq.index)] = true;
         self.pool.send(
             self.pool.thread_of(vq.index),
             Command::StartRing(vq.clone()),
@@ -172,16 +268,19 @@ impl FrontendHandler {
 
     /// Takes a ring back from its worker, once its requests in flight are
     /// published.
-    fn stop(&self, index: u32) -> VhostResult<()> {
-        let vq = self.queue(index)?;
+    fn stop(&mut self, index: u32) -> VhostResult<()> {
+        let vq = self.queue(index)?.clone();
         let was = std::mem::replace(&mut vq.lock().started, false);
-        if was && !self.pool.stop_ring(vq.index) {
+        // A ring its worker stopped as broken is still on the worker's list.
+        let handed = std::mem::take(&mut self.handed[usize::from(vq.index)]);
+        if (was || handed) && !self.pool.stop_ring(vq.index) {
             crate::log_limited!(
                 log::Level::Error,
                 "stop timed out",
                 "queue {index}: requests still in flight after stopping it"
             );
         }
+        self.release_if_idle();
         Ok(())
     }
 
@@ -202,9 +301,15 @@ impl FrontendHandler {
         for q in &self.queues {
             q.lock().started = false;
         }
+        self.handed.fill(false);
+        // An inactive connection's rings were never with the workers.
+        if !self.is_active() {
+            return;
+        }
         if !self.pool.detach() {
             log::error!("I/O of the ended connection did not finish in time");
         }
+        self.active.release(self.id);
     }
 }
 
@@ -225,11 +330,11 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     }
 
     fn get_features(&mut self) -> VhostResult<u64> {
-        Ok(virtio_features(self.dev.read_only))
+        Ok(offered_features(self.dev.read_only))
     }
 
     fn set_features(&mut self, features: u64) -> VhostResult<()> {
-        let offered = virtio_features(self.dev.read_only);
+        let offered = offered_features(self.dev.read_only);
         if features & !offered != 0 {
             return Err(invalid(
                 "SET_FEATURES",
@@ -247,6 +352,18 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
             q.lock().queue.set_event_idx(event_idx);
         }
         self.conn.event_idx.store(event_idx, Ordering::Release);
+        // Rings keep running: each looks at the log before it marks.
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if log_all != self.log.is_on() {
+            crate::log_limited!(
+                log::Level::Info,
+                "dirty logging",
+                "dirty logging {} (VHOST_F_LOG_ALL {})",
+                if log_all { "requested" } else { "off" },
+                if log_all { "acked" } else { "cleared" }
+            );
+        }
+        self.log.set_logging(log_all);
         // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings
         // start enabled.
         if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
@@ -297,11 +414,11 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VhostResult<()> {
         let gpa = |what: &str, addr: u64| {
             self.memory
@@ -315,12 +432,23 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         );
         let mem = self.conn.mem.memory();
         let mut st = self.queue(index)?.lock();
+        let log_used = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
         if st.started {
-            return Err(invalid(
-                "SET_VRING_ADDR",
-                format!("queue {index}: SET_VRING_ADDR on a started ring"),
-            ));
+            // QEMU turns used-ring logging on and off on running rings
+            // (same addresses, new flags): only that is allowed.
+            let q = &st.queue;
+            if (q.desc_table(), q.avail_ring(), q.used_ring()) != (desc, avail, used) {
+                return Err(invalid(
+                    "SET_VRING_ADDR",
+                    format!("queue {index}: SET_VRING_ADDR moves a started ring"),
+                ));
+            }
+            st.log_used = log_used;
+            return Ok(());
         }
+        st.log_used = log_used;
         let q = &mut st.queue;
         q.try_set_desc_table_address(GuestAddress(desc))
             .and_then(|_| q.try_set_avail_ring_address(GuestAddress(avail)))
@@ -543,8 +671,18 @@ impl VhostUserBackendReqHandlerMut for FrontendHandler {
         Err(unsupported("GET_SHMEM_CONFIG"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
-        Err(unsupported("SET_LOG_BASE"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
+        self.log
+            .set_base(&file, log.mmap_size, log.mmap_offset)
+            .map_err(|e| invalid("SET_LOG_BASE", e.to_string()))?;
+        crate::log_limited!(
+            log::Level::Info,
+            "dirty log mapped",
+            "dirty log of {} bytes mapped (covers {} MiB of guest memory)",
+            log.mmap_size,
+            log.mmap_size.saturating_mul(8 << 12) >> 20
+        );
+        Ok(())
     }
 }
 

@@ -186,6 +186,26 @@ pub fn filter(mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
             libc::FIONBIO,
         )?])?],
     );
+    // setsockopt only for SO_RCVTIMEO: a frontend's partial message must
+    // not hold up the message thread that serves the other connection
+    // (serve.rs, MESSAGE_TIMEOUT).
+    rules.insert(
+        libc::SYS_setsockopt,
+        vec![SeccompRule::new(vec![
+            SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::SOL_SOCKET as u64,
+            )?,
+            SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::SO_RCVTIMEO as u64,
+            )?,
+        ])?],
+    );
     let f = SeccompFilter::new(rules, blocked, SeccompAction::Allow, ARCH)?;
     Ok(Some(f.try_into()?))
 }

@@ -1,6 +1,7 @@
-//! The daemon's life: open the disk, listen, serve one frontend
-//! connection after another, and on SIGINT/SIGTERM drain, sync, report
-//! and leave no socket behind.
+//! The daemon's life: open the disk, listen, serve frontend connections
+//! (two at once, one of them active: docs/design.md, "Two connections,
+//! one active"), and on SIGINT/SIGTERM drain, sync, report and leave no
+//! socket behind.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
@@ -12,6 +13,7 @@ use thiserror::Error;
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::active_connection::ConnectionId;
 use super::control_commands::{ConnectionSlot, DaemonCommands};
 use super::device::{Device, DeviceOptions};
 use super::protocol::{FrontendHandler, ProtocolOptions};
@@ -126,32 +128,6 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
         }
     })?;
     Ok(listener)
-}
-
-/// Waits until one of `fds` is readable; returns the first such index
-/// (earlier fds win), or None if poll itself failed.
-fn wait_readable(fds: &[RawFd]) -> Option<usize> {
-    let mut polled: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: a valid pollfd array of its length.
-        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return None;
-        }
-        if let Some(i) = polled.iter().position(|p| p.revents != 0) {
-            return Some(i);
-        }
-    }
 }
 
 /// Serves the device until SIGINT or SIGTERM. Every path out after the
@@ -390,47 +366,42 @@ mod test_hooks {
     }
 }
 
-/// One frontend connection after another, until a signal.
-fn accept_loop(
-    dev: &Arc<Device>,
-    pool: &Arc<WorkerPool>,
-    opts: &ServeOptions,
-    (listener, name): (&UnixListener, &str),
-    slot: &ConnectionSlot,
-    shutdown: &EventFd,
-) -> Result<(), ServeError> {
-    // Signalled when a guest memory file was truncated under our mapping.
-    let truncated =
-        &EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServeError::Signals)?;
-    truncation_guard::set_wake_fd(truncated.as_raw_fd());
-    loop {
-        if wait_readable(&[shutdown.as_raw_fd(), listener.as_raw_fd()]) != Some(1) {
-            return Ok(());
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(ServeError::Accept(name.to_owned(), e)),
-        };
-        let handler = FrontendHandler::new(dev.clone(), pool.clone(), opts.protocol)
-            .map_err(|e| ServeError::Virtqueue(e.to_string()))?;
-        let handler = Arc::new(Mutex::new(handler));
-        crate::log_limited!(log::Level::Info, "connected", "frontend connected");
-        let number = slot.connected(handler.clone());
-        dev.events.emit(
-            "FRONTEND_CONNECTED",
-            serde_json::json!({ "connection": number }),
-        );
-        let stopped = serve_connection(stream, &handler, shutdown, truncated);
-        slot.disconnected();
-        let mut h = handler.lock().unwrap_or_else(|p| p.into_inner());
+/// Frontend connections served at once: the one using the device and one
+/// more (a migration's destination, or a frontend reconnecting before its
+/// old connection was seen closing). A third is closed at once.
+const MAX_CONNECTIONS: usize = 2;
+
+/// How long a frontend may take to send the rest of a message it began:
+/// the one message thread serves every connection, so a stalled message
+/// must not hold up the other one.
+const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One accepted frontend connection.
+struct Connection {
+    id: ConnectionId,
+    fd: RawFd,
+    req: BackendReqHandler<Mutex<FrontendHandler>>,
+    handler: Arc<Mutex<FrontendHandler>>,
+}
+
+impl Connection {
+    fn handler(&self) -> std::sync::MutexGuard<'_, FrontendHandler> {
+        self.handler.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops its rings, finishes its I/O and says why it ended. At a
+    /// signal (`stopped`) every request taken is published first, so that
+    /// a frontend that rewinds its rings loses and repeats nothing.
+    fn end(self, stopped: bool, opts: &ServeOptions, dev: &Device, slot: &ConnectionSlot) {
+        slot.disconnected(self.id);
+        let mut h = self.handler();
         if stopped {
             h.drain();
         }
         h.disconnect();
         dev.events.emit(
             "FRONTEND_DISCONNECTED",
-            serde_json::json!({ "connection": number }),
+            serde_json::json!({ "connection": self.id }),
         );
         if h.acked_features() == 0 && !stopped {
             crate::log_limited!(
@@ -444,63 +415,172 @@ fn accept_loop(
         } else {
             crate::log_limited!(log::Level::Info, "disconnected", "frontend disconnected");
         }
-        if stopped {
-            return Ok(());
+    }
+}
+
+/// Serves frontend connections, at most [`MAX_CONNECTIONS`] at once and
+/// one of them active, until a signal.
+fn accept_loop(
+    dev: &Arc<Device>,
+    pool: &Arc<WorkerPool>,
+    opts: &ServeOptions,
+    (listener, name): (&UnixListener, &str),
+    slot: &ConnectionSlot,
+    shutdown: &EventFd,
+) -> Result<(), ServeError> {
+    // Signalled when a guest memory file was truncated under our mapping.
+    let truncated =
+        &EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServeError::Signals)?;
+    truncation_guard::set_wake_fd(truncated.as_raw_fd());
+    let active = slot.active.clone();
+    let mut conns: Vec<Connection> = Vec::new();
+    let mut next_id: ConnectionId = 1;
+    let result = loop {
+        let mut fds = vec![
+            shutdown.as_raw_fd(),
+            truncated.as_raw_fd(),
+            listener.as_raw_fd(),
+        ];
+        fds.extend(conns.iter().map(|c| c.fd));
+        let Some(ready) = readable(&fds) else {
+            break Ok(());
+        };
+        if ready[0] {
+            break Ok(());
+        }
+        if ready[1] {
+            let _ = truncated.read();
+            if truncation_guard::take_truncated() {
+                // The guard does not say whose file it was.
+                log::error!(
+                    "a frontend truncated a guest memory file under the daemon's \
+                     mapping: ending its connections"
+                );
+                for c in conns.drain(..) {
+                    c.end(false, opts, dev, slot);
+                }
+            }
+            continue;
+        }
+        // Every connection with a message gets one handled per pass, so
+        // that neither can starve the other.
+        let mut ended = Vec::new();
+        for (i, c) in conns.iter_mut().enumerate() {
+            if ready[3 + i] && !handle_message(&mut c.req) {
+                ended.push(i);
+            }
+        }
+        for i in ended.into_iter().rev() {
+            conns.remove(i).end(false, opts, dev, slot);
+        }
+        if ready[2] {
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(ServeError::Accept(name.to_owned(), e)),
+            };
+            if conns.len() >= MAX_CONNECTIONS {
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "too many connections",
+                    "refused a frontend connection: {MAX_CONNECTIONS} are open already"
+                );
+                continue;
+            }
+            let _ = stream.set_read_timeout(Some(MESSAGE_TIMEOUT));
+            let handler = FrontendHandler::new(dev.clone(), pool.clone(), opts.protocol)
+                .map_err(|e| ServeError::Virtqueue(e.to_string()))?
+                .sharing(next_id, active.clone());
+            crate::log_limited!(
+                log::Level::Info,
+                "connected",
+                "frontend connected (connection {next_id}{})",
+                if conns.is_empty() {
+                    ""
+                } else {
+                    ", a second one: it is served once the other stops its rings"
+                }
+            );
+            let handler = Arc::new(Mutex::new(handler));
+            slot.connected(next_id, handler.clone());
+            dev.events.emit(
+                "FRONTEND_CONNECTED",
+                serde_json::json!({ "connection": next_id }),
+            );
+            let fd = stream.as_raw_fd();
+            conns.push(Connection {
+                id: next_id,
+                fd,
+                req: BackendReqHandler::from_stream(stream, handler.clone()),
+                handler,
+            });
+            next_id += 1;
+        }
+        // The device is free: rings that waited for it start now.
+        if active.owner().is_none() {
+            for c in &conns {
+                c.handler().start_waiting_rings();
+            }
+        }
+    };
+    for c in conns.drain(..) {
+        c.end(true, opts, dev, slot);
+    }
+    result
+}
+
+/// Which of `fds` are readable (or hung up); None if poll itself failed.
+fn readable(fds: &[RawFd]) -> Option<Vec<bool>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: a valid pollfd array of its length.
+        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return None;
+        }
+        if n > 0 {
+            return Some(polled.iter().map(|p| p.revents != 0).collect());
         }
     }
 }
 
-/// Handles one connection's messages until it ends. Returns true when a
-/// signal ended it.
-fn serve_connection(
-    stream: UnixStream,
-    handler: &Arc<Mutex<FrontendHandler>>,
-    shutdown: &EventFd,
-    truncated: &EventFd,
-) -> bool {
-    let fd = stream.as_raw_fd();
-    let mut req = BackendReqHandler::from_stream(stream, handler.clone());
-    loop {
-        match wait_readable(&[shutdown.as_raw_fd(), truncated.as_raw_fd(), fd]) {
-            Some(2) => {}
-            Some(1) => {
-                let _ = truncated.read();
-                if truncation_guard::take_truncated() {
-                    log::error!(
-                        "the frontend truncated a guest memory file under the daemon's \
-                         mapping: ending the connection"
-                    );
-                    return false;
-                }
-                continue;
-            }
-            _ => return true,
+/// Handles one message of a connection. Returns false when the
+/// connection ended.
+fn handle_message(req: &mut BackendReqHandler<Mutex<FrontendHandler>>) -> bool {
+    match req.handle_request() {
+        Ok(()) => true,
+        Err(vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage) => {
+            false
         }
-        match req.handle_request() {
-            Ok(()) => {}
-            Err(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            ) => return false,
-            // Our own refusal, already logged with its reason.
-            Err(
-                vhost::vhost_user::Error::ReqHandlerError(_)
-                | vhost::vhost_user::Error::InvalidOperation(_),
-            ) => {
-                crate::log_limited!(
-                    log::Level::Info,
-                    "connection ended after a refusal",
-                    "frontend connection ended after a refused message"
-                );
-                return false;
-            }
-            Err(e) => {
-                crate::log_limited!(
-                    log::Level::Warn,
-                    "connection ended",
-                    "frontend connection ended: {e}"
-                );
-                return false;
-            }
+        // Our own refusal, already logged with its reason.
+        Err(
+            vhost::vhost_user::Error::ReqHandlerError(_)
+            | vhost::vhost_user::Error::InvalidOperation(_),
+        ) => {
+            crate::log_limited!(
+                log::Level::Info,
+                "connection ended after a refusal",
+                "frontend connection ended after a refused message"
+            );
+            false
+        }
+        Err(e) => {
+            crate::log_limited!(
+                log::Level::Warn,
+                "connection ended",
+                "frontend connection ended: {e}"
+            );
+            false
         }
     }
 }

@@ -5,13 +5,15 @@
 //! descriptor chains, or to publish used elements; never while taking the
 //! scheduler's mutex (docs/architecture.md, "Locks").
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::dirty_log::DirtyLog;
 use super::guest_memory::Memory;
 use super::inflight::QueueInflight;
+use crate::virtio::request::BlkRequest;
 
 /// What the frontend set up for one virtqueue.
 pub struct VirtqueueState {
@@ -33,6 +35,11 @@ pub struct VirtqueueState {
     /// Its in-flight region, when the frontend handed one over
     /// (SET_INFLIGHT_FD).
     pub inflight: Option<QueueInflight>,
+    /// Where the used ring's writes are logged while dirty logging is on
+    /// (SET_VRING_ADDR with VHOST_VRING_F_LOG).
+    pub log_used: Option<u64>,
+    /// The connection's dirty log (docs/design.md, "Dirty logging").
+    pub log: Option<Arc<DirtyLog>>,
 }
 
 pub struct Virtqueue {
@@ -53,6 +60,8 @@ impl Virtqueue {
                 broken: false,
                 revived: false,
                 inflight: None,
+                log_used: None,
+                log: None,
             }),
         })
     }
@@ -111,6 +120,34 @@ impl VirtqueueState {
             t.after_used(head, self.queue.next_used());
         }
         ok
+    }
+
+    /// The dirty log, if logging is on (one atomic load when off; the
+    /// marking itself is out of line).
+    #[inline]
+    fn logging(&self) -> Option<&DirtyLog> {
+        self.log.as_deref().filter(|l| l.is_on())
+    }
+
+    /// Logs what a finished request wrote and the used ring it goes on.
+    pub fn log_published(&self, req: &BlkRequest) {
+        if let Some(l) = self.logging() {
+            l.mark_published(req, self.log_used, self.queue.size());
+        }
+    }
+
+    /// Logs a status byte written at `gpa`.
+    pub fn log_status(&self, gpa: u64) {
+        if let Some(l) = self.logging() {
+            l.mark(gpa, 1);
+        }
+    }
+
+    /// Logs the used ring (notification flags, avail_event, elements).
+    pub fn log_used_ring(&self) {
+        if let Some(l) = self.logging() {
+            l.mark_used_ring(self.log_used, self.queue.size());
+        }
     }
 
     /// Ready to be served: set up, kicked, enabled.

@@ -444,6 +444,9 @@ impl Worker {
                 break;
             }
         }
+        // Notification flags, avail_event and refused requests' elements
+        // were written to the used ring.
+        vq.log_used_ring();
         if refused && vq.queue.needs_notification(&*guard).unwrap_or(true) {
             vq.signal_used();
         }
@@ -474,6 +477,7 @@ impl Worker {
                 );
                 if let Some((addr, status)) = failure.status() {
                     write_status(&**guard, addr, status);
+                    vq.log_status(addr.0);
                 }
                 vq.add_used(guard, head, failure.used_len())
             }
@@ -868,6 +872,8 @@ impl Worker {
             // The request's own memory guard: the map it was parsed with.
             write_status(&*f.mem, f.req.status_addr, f.status);
             let mut vq = rings[i].lock();
+            // Before the used index is published.
+            vq.log_published(&f.req);
             if vq.add_used(&f.mem, f.head, f.req.used_len(f.status)) {
                 touched[i] = Some(f.mem);
             }

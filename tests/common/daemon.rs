@@ -208,6 +208,22 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (at most 10 s) until the daemon's log holds `text` at least
+    /// `n` times; fails the test with the log otherwise.
+    #[allow(dead_code)] // not every test crate waits on the log
+    pub fn wait_log_count(&self, text: &str, n: usize) {
+        let start = Instant::now();
+        while self.log_text().matches(text).count() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{:?}: {text:?} not {n} times in the log after 10 s:\n{}",
+                self.peer,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Connects a frontend with `num_queues` = the daemon's.
     pub fn connect(&self) -> VhostUserBlk {
         self.connect_with(FrontendOptions {
@@ -282,6 +298,21 @@ impl Daemon {
     }
 
     /// Sends SIGTERM and waits for the exit.
+    /// SIGTERM, and the daemon must exit 0 (the test fails with its log
+    /// otherwise).
+    #[allow(dead_code)] // not every test crate stops daemons so
+    pub fn terminate_ok(self) -> Stopped {
+        let st = self.terminate();
+        assert!(
+            st.status.success(),
+            "{:?}: exit status {}:\n{}",
+            st.peer,
+            st.status,
+            st.log
+        );
+        st
+    }
+
     pub fn terminate(mut self) -> Stopped {
         let mut child = self.child.take().unwrap();
         // SAFETY: signalling our own child by pid.
@@ -415,6 +446,20 @@ impl Stopped {
                 Some(std::fs::read(&out).unwrap())
             }
             _ => Some(std::fs::read(&self.served).unwrap()),
+        }
+    }
+
+    /// For ours and a COW image: `vhost-user-cow check` finds it clean.
+    #[allow(dead_code)] // not every test crate checks
+    pub fn assert_check_clean(&self) {
+        if let (Image::Cow { cow, .. }, Peer::Ours) = (&self.image, self.peer) {
+            let o = super::output(Command::new(super::bin()).arg("check").arg(cow));
+            assert!(
+                o.status.success(),
+                "vhost-user-cow check: {}\n{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
     }
 }

@@ -46,6 +46,9 @@ pub struct FrontendOptions {
     pub extra_regions: Vec<(u64, u64)>,
     /// Device features not to ack even when offered (e.g. BLK_RO).
     pub refuse_features: u64,
+    /// Negotiate VHOST_USER_PROTOCOL_F_LOG_SHMFD when offered (dirty
+    /// logging; the test turns VHOST_F_LOG_ALL on itself).
+    pub log_shmfd: bool,
     /// How long a request may take before the test fails as a hang.
     pub timeout: Duration,
     /// How long the connect and each vhost-user message (its send and its
@@ -69,6 +72,7 @@ impl Default for FrontendOptions {
             add_mem_region: false,
             extra_regions: Vec::new(),
             refuse_features: 0,
+            log_shmfd: false,
             timeout: Duration::from_secs(30),
             // Replies are immediate (GET_VRING_BASE waits for in-flight
             // requests, which complete within `timeout` or fail the test).
@@ -319,7 +323,11 @@ fn negotiate(socket: &Path, opts: &FrontendOptions) -> Result<Negotiated, String
         }
     }
     let offered_protocol = wd.run("GET_PROTOCOL_FEATURES", || fe.get_protocol_features())?;
-    let protocol = offered_protocol & wanted_protocol_features(opts.inflight);
+    let mut wanted = wanted_protocol_features(opts.inflight);
+    if opts.log_shmfd {
+        wanted |= VhostUserProtocolFeatures::LOG_SHMFD;
+    }
+    let protocol = offered_protocol & wanted;
     wd.run("SET_PROTOCOL_FEATURES", || {
         fe.set_protocol_features(protocol)
     })?;

@@ -62,6 +62,18 @@ pub struct Pending {
     data_in: Vec<(u64, u32)>,
 }
 
+impl Pending {
+    /// Where its status byte is, if it has one.
+    pub fn status_gpa(&self) -> Option<u64> {
+        self.status_gpa
+    }
+
+    /// Its device-writable data buffers: (guest address, length).
+    pub fn data_in(&self) -> &[(u64, u32)] {
+        &self.data_in
+    }
+}
+
 /// What the device did with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
