@@ -160,6 +160,12 @@ struct ServeArgs {
     /// through a user namespace), an empty chroot (root only), or all.
     #[arg(long, value_enum, default_value = "namespace")]
     sandbox: SandboxArg,
+    /// Memory for bitmap pages not in use, e.g. 64M or 1G (K, M, G, T:
+    /// powers of 1024). A 4 KiB page covers 16 MiB of disk at 512-byte
+    /// chunks; pages are read on first use and the least recently used are
+    /// dropped beyond this.
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
+    bitmap_cache: u64,
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -170,6 +176,29 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
         .ok()
         .filter(|n| n.is_power_of_two() && *n <= 32768)
         .ok_or_else(|| format!("{s:?} is not a power of two from 1 to 32768"))
+}
+
+/// A byte count with an optional binary suffix (K, M, G, T).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size (a number, optionally followed by K, M, G or T)");
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(bad)
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -328,6 +357,7 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
             read_only: a.read_only,
             cache,
             serial: a.serial,
+            bitmap_cache: a.bitmap_cache,
         },
         protocol: ProtocolOptions {
             num_queues: a.num_queues,

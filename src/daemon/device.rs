@@ -52,7 +52,13 @@ pub struct DeviceOptions {
     pub read_only: bool,
     pub cache: CacheMode,
     pub serial: Option<String>,
+    /// Bytes of unpinned bitmap pages kept in memory (`--bitmap-cache`).
+    pub bitmap_cache: u64,
 }
+
+/// The default `--bitmap-cache`: 32 MiB of bitmap pages cover 128 GiB of
+/// disk at 512-byte chunks.
+pub const DEFAULT_BITMAP_CACHE: u64 = 32 << 20;
 
 pub struct Device {
     pub path: PathBuf,
@@ -108,6 +114,7 @@ impl Device {
                 format: opts.format,
                 custom_flags: opts.cache.open_flags(),
                 no_lock: false,
+                bitmap_cache: Some(opts.bitmap_cache),
             },
         )?;
         let sectors = disk.sectors();
@@ -148,14 +155,16 @@ impl Device {
                 if opts.cache == CacheMode::Direct {
                     block_size = c.geometry.sectorsize.min(4096) as u32;
                 }
-                let allocated = c.bitmap.count_ones();
+                // Counting the allocated chunks would read the bitmap.
+                let on_file: u64 = c.bitmap.pages_on_file().map(|r| r.end - r.start).sum();
                 let description = format!(
-                    "COW {} over {} ({} sectors, {} of {} chunks allocated)",
+                    "COW {} over {} ({} sectors, {} chunks; {} of {} bitmap pages on file, read on demand)",
                     c.header.layout.name(),
                     crate::fsutil::escape::escape_path(&c.backing_path),
                     sectors,
-                    allocated,
-                    c.geometry.chunks
+                    c.geometry.chunks,
+                    on_file,
+                    c.bitmap.alloc_len() / c.bitmap.page_bytes(),
                 );
                 let layout = CowLayout {
                     bitmap_offset: c.geometry.bitmap_offset,
