@@ -53,7 +53,9 @@ pub enum Pinned {
 
 #[derive(Debug, Clone)]
 struct Page {
-    slot: u32,
+    /// None: a pinned page known to be zero, with no memory (reads of a
+    /// hole allocate nothing); it gets a slot when a bit is set.
+    slot: Option<u32>,
     pins: u32,
     loaded: bool,
     /// Used since the clock hand last passed (CLOCK's second chance).
@@ -76,8 +78,10 @@ pub struct Bitmap {
     on_file: RangeSet,
     /// Resident pages beyond this are dropped when unpinned.
     cap_pages: usize,
-    /// Resident pages in the order the clock hand visits them.
+    /// Pages with a slot, in the order the clock hand visits them.
     clock: VecDeque<u64>,
+    /// Pages with a slot (what the cap counts).
+    resident: usize,
     /// Nothing is dropped any more (a bitmap write failed).
     frozen: bool,
     loads: u64,
@@ -89,7 +93,7 @@ impl std::fmt::Debug for Bitmap {
         f.debug_struct("Bitmap")
             .field("chunks", &self.chunks)
             .field("sectors_per_chunk", &self.sectors_per_chunk())
-            .field("resident_pages", &self.pages.len())
+            .field("resident_pages", &self.resident)
             .finish()
     }
 }
@@ -135,6 +139,7 @@ impl Bitmap {
             on_file: RangeSet::new(),
             cap_pages: usize::MAX,
             clock: VecDeque::new(),
+            resident: 0,
             frozen: false,
             loads: 0,
             evictions: 0,
@@ -222,7 +227,7 @@ impl Bitmap {
 
     /// Pages in memory (loaded or being loaded).
     pub fn resident_pages(&self) -> usize {
-        self.pages.len()
+        self.resident
     }
 
     /// Bytes held for pages (the pool, in use or free).
@@ -250,24 +255,25 @@ impl Bitmap {
         self.on_file.iter()
     }
 
-    fn new_page(&mut self, page: u64, loaded: bool, pins: u32) {
-        let slot = self.pool.alloc();
-        self.pages.insert(
-            page,
-            Page {
-                slot,
-                pins,
-                loaded,
-                referenced: true,
-            },
-        );
-        if loaded {
+    /// A memory slot for `page` (a zeroed one).
+    fn new_slot(&mut self, page: u64, clock: bool) -> u32 {
+        self.resident += 1;
+        if clock {
             self.clock.push_back(page);
+        }
+        self.pool.alloc()
+    }
+
+    fn free_slot(&mut self, slot: Option<u32>) {
+        if let Some(s) = slot {
+            self.resident -= 1;
+            self.pool.free(s);
         }
     }
 
-    /// Pins `page` in memory until `unpin`: a hole becomes a zeroed page at
-    /// once; a page on file is read by the caller when told `NeedsLoad`.
+    /// Pins `page` in memory until `unpin`: a hole is usable at once (as
+    /// zeros, with no memory until a bit is set); a page on file is read by
+    /// the caller when told `NeedsLoad`.
     pub fn pin(&mut self, page: u64) -> Pinned {
         if let Some(p) = self.pages.get_mut(&page) {
             p.pins += 1;
@@ -279,7 +285,16 @@ impl Bitmap {
             };
         }
         let on_file = self.on_file.contains(page);
-        self.new_page(page, !on_file, 1);
+        let slot = on_file.then(|| self.new_slot(page, false));
+        self.pages.insert(
+            page,
+            Page {
+                slot,
+                pins: 1,
+                loaded: !on_file,
+                referenced: true,
+            },
+        );
         if on_file {
             Pinned::NeedsLoad
         } else {
@@ -293,11 +308,12 @@ impl Bitmap {
             .get_mut(&page)
             .expect("unpin of a page not resident");
         p.pins -= 1;
-        if p.pins == 0 && !p.loaded {
-            // Its load failed and nobody waits for it any more.
+        // A zero page without memory, or one whose load failed and that
+        // nobody waits for any more, is forgotten.
+        if p.pins == 0 && (!p.loaded || p.slot.is_none()) {
             let slot = p.slot;
             self.pages.remove(&page);
-            self.pool.free(slot);
+            self.free_slot(slot);
         }
     }
 
@@ -314,13 +330,14 @@ impl Bitmap {
     pub fn load_ptr(&self, page: u64) -> *mut u8 {
         let p = &self.pages[&page];
         assert!(!p.loaded, "load of a loaded page");
-        self.pool.ptr(p.slot)
+        self.pool.ptr(p.slot.expect("a page on file has a slot"))
     }
 
     /// The slot of an unloaded page, for loading it synchronously.
     pub fn load_buf(&mut self, page: u64) -> &mut [u8] {
-        let slot = self.pages[&page].slot;
-        assert!(!self.pages[&page].loaded, "load of a loaded page");
+        let p = &self.pages[&page];
+        assert!(!p.loaded, "load of a loaded page");
+        let slot = p.slot.expect("a page on file has a slot");
         self.pool.slice_mut(slot)
     }
 
@@ -335,7 +352,7 @@ impl Bitmap {
             .expect("load of a page not pinned");
         assert!(!p.loaded, "page loaded twice");
         p.loaded = true;
-        let slot = p.slot;
+        let slot = p.slot.expect("a page on file has a slot");
         let bytes = self.pool.slice_mut(slot);
         bytes[to_usize(len)..].fill(0);
         // Bits past the last chunk, in the bitmap's last byte.
@@ -350,7 +367,7 @@ impl Bitmap {
     /// The read of `page` failed: it stays unloaded (a later pin reads it
     /// again).
     pub fn load_failed(&mut self, page: u64) {
-        let slot = self.pages[&page].slot;
+        let slot = self.pages[&page].slot.expect("a page on file has a slot");
         self.pool.slice_mut(slot).fill(0);
     }
 
@@ -362,11 +379,11 @@ impl Bitmap {
     /// Drops unpinned resident pages, least recently used first (CLOCK),
     /// while more than the cap are resident.
     pub fn evict(&mut self) {
-        if self.frozen || self.pages.len() <= self.cap_pages {
+        if self.frozen || self.resident <= self.cap_pages {
             return;
         }
         let mut budget = 2 * self.clock.len();
-        while self.pages.len() > self.cap_pages && budget > 0 {
+        while self.resident > self.cap_pages && budget > 0 {
             budget -= 1;
             let Some(page) = self.clock.pop_front() else {
                 break;
@@ -382,7 +399,7 @@ impl Bitmap {
             }
             let slot = p.slot;
             self.pages.remove(&page);
-            self.pool.free(slot);
+            self.free_slot(slot);
             self.evictions += 1;
         }
     }
@@ -390,7 +407,7 @@ impl Bitmap {
     /// The bytes of `page`, or None for a page known to be zero.
     fn page(&self, page: u64) -> Option<&[u8]> {
         match self.pages.get(&page) {
-            Some(p) if p.loaded => Some(self.pool.slice(p.slot)),
+            Some(p) if p.loaded => p.slot.map(|s| self.pool.slice(s)),
             Some(_) => panic!("bitmap page {page} used while it is being loaded"),
             None if self.on_file.contains(page) => {
                 panic!("bitmap page {page} used before it was loaded")
@@ -402,22 +419,39 @@ impl Bitmap {
     /// The bytes of `page` for changing them: a page known to be zero is
     /// made resident; from now on it is on file.
     fn page_mut(&mut self, page: u64) -> &mut [u8] {
-        if !self.pages.contains_key(&page) {
-            assert!(
-                !self.on_file.contains(page),
-                "bitmap page {page} changed before it was loaded"
-            );
-            self.new_page(page, true, 0);
-        }
+        let slot = match self.pages.get(&page) {
+            Some(p) => {
+                assert!(
+                    p.loaded,
+                    "bitmap page {page} changed while it is being loaded"
+                );
+                p.slot
+            }
+            None => {
+                assert!(
+                    !self.on_file.contains(page),
+                    "bitmap page {page} changed before it was loaded"
+                );
+                None
+            }
+        };
+        let slot = match slot {
+            Some(s) => s,
+            None => {
+                let s = self.new_slot(page, true);
+                let p = self.pages.entry(page).or_insert(Page {
+                    slot: None,
+                    pins: 0,
+                    loaded: true,
+                    referenced: true,
+                });
+                p.slot = Some(s);
+                s
+            }
+        };
         if !self.on_file.contains(page) {
             self.on_file.insert(page..page + 1);
         }
-        let p = &self.pages[&page];
-        assert!(
-            p.loaded,
-            "bitmap page {page} changed while it is being loaded"
-        );
-        let slot = p.slot;
         self.pool.slice_mut(slot)
     }
 
@@ -478,7 +512,10 @@ impl Bitmap {
         let page = byte >> self.page_shift;
         let off = to_usize(byte & (self.page_bytes() as u64 - 1));
         match self.pages.get(&page) {
-            Some(p) if p.loaded => Some(self.pool.slice(p.slot)[off] & (1 << (chunk % 8)) != 0),
+            Some(p) if p.loaded => Some(
+                p.slot
+                    .is_some_and(|s| self.pool.slice(s)[off] & (1 << (chunk % 8)) != 0),
+            ),
             Some(_) => None,
             None if self.on_file.contains(page) => None,
             None => Some(false),
@@ -579,9 +616,10 @@ impl Bitmap {
         self.pages
             .values()
             .filter(|p| p.loaded)
-            .map(|p| {
+            .filter_map(|p| p.slot)
+            .map(|slot| {
                 self.pool
-                    .slice(p.slot)
+                    .slice(slot)
                     .chunks(8)
                     .map(|w| u64::from(u64::from_le_bytes(w.try_into().unwrap()).count_ones()))
                     .sum::<u64>()
@@ -729,10 +767,16 @@ mod tests {
     #[test]
     fn eviction_keeps_pinned_pages_and_written_pages_stay_on_file() {
         let mut b = small_pages(64 * 10).with_cap_bytes(16);
+        // Pinning a hole costs no memory; setting a bit makes it resident.
+        assert_eq!(b.pin(9), Pinned::Ready);
+        assert_eq!(b.resident_pages(), 0);
+        assert!(!b.get(64 * 9));
+        b.unpin(9);
         for p in 0..4 {
             assert_eq!(b.pin(p), Pinned::Ready);
+            b.set_range(64 * p, 1);
         }
-        b.set_range(64 * 3, 1);
+        assert_eq!(b.resident_pages(), 4);
         b.unpin(0);
         b.unpin(1);
         b.evict();
@@ -745,6 +789,7 @@ mod tests {
         b.freeze();
         for p in 4..8 {
             b.pin(p);
+            b.set_range(64 * p, 1);
             b.unpin(p);
         }
         b.evict();
@@ -755,35 +800,12 @@ mod tests {
         b.unpin(3);
         for p in [5, 6] {
             b.pin(p);
+            b.set_range(64 * p, 1);
             b.unpin(p);
         }
         b.evict();
         assert!(!b.is_loaded(3));
         assert_eq!(b.pin(3), Pinned::NeedsLoad, "a written page is read again");
-    }
-
-    #[test]
-    fn map_uniform_is_one_extent() {
-        let mut b = Bitmap::new(1 << 20, 512);
-        let e: Vec<_> = b.map(100, 2048).collect();
-        assert_eq!(
-            e,
-            vec![Extent {
-                sector: 100,
-                count: 2048,
-                in_cow: false
-            }]
-        );
-        b.set_range(0, 1 << 20);
-        let e: Vec<_> = b.map(100, 2048).collect();
-        assert_eq!(
-            e,
-            vec![Extent {
-                sector: 100,
-                count: 2048,
-                in_cow: true
-            }]
-        );
     }
 
     proptest! {
