@@ -426,14 +426,19 @@ fn direct_mode_loads_whole_blocks() {
     h.finish();
 }
 
+/// 0-3 write, 4-7 read, 8 zero, 9 flush.
+fn kind_of(k: u8) -> ReqKind {
+    match k {
+        0..=3 => Write,
+        4..=7 => Read,
+        8 => Zero,
+        _ => Flush,
+    }
+}
+
 fn arb_request() -> impl Strategy<Value = (ReqKind, u64, u64, ThreadId)> {
     (0u8..10, 0..SECTORS, 1u64..6, 0..QUEUES).prop_map(|(k, s, c, q)| {
-        let kind = match k {
-            0..=3 => Write,
-            4..=7 => Read,
-            8 => Zero,
-            _ => Flush,
-        };
+        let kind = kind_of(k);
         let c = c.min(SECTORS - s);
         (kind, s, c, q)
     })
@@ -453,19 +458,7 @@ proptest! {
         spc_shift in prop_oneof![3 => Just(0u32), 1 => Just(1u32), 1 => Just(2u32), 1 => Just(3u32)],
     ) {
         let mut h = Harness::chunked(capacity, if direct { 512 } else { 1 }, 1 << spc_shift);
-        for c in choices {
-            let actions = h.actions(&script, inject);
-            if actions.is_empty() {
-                break;
-            }
-            // Bias away from failures so most runs go on long after one.
-            let mut a = actions[c as usize % actions.len()];
-            if matches!(a, Action::Fail(_)) && c % 7 != 0 {
-                a = actions[0];
-            }
-            h.apply(a);
-        }
-        h.finish();
+        h.run_random(&script, &choices, inject);
         let total = RANDOM_STEPS.fetch_add(h.steps, Ordering::Relaxed) + h.steps;
         if std::env::var_os("SCHED_STEPS").is_some() {
             eprintln!("random schedule steps so far: {total}");
@@ -478,12 +471,7 @@ static RANDOM_STEPS: AtomicU64 = AtomicU64::new(0);
 fn arb_paged_request(sectors: u64) -> impl Strategy<Value = (ReqKind, u64, u64, ThreadId)> {
     // Requests cluster around the page boundaries (every 64 chunks).
     (0u8..10, 0..sectors, 1u64..10, 0..QUEUES, any::<bool>()).prop_map(move |(k, s, c, q, near)| {
-        let kind = match k {
-            0..=3 => Write,
-            4..=7 => Read,
-            8 => Zero,
-            _ => Flush,
-        };
+        let kind = kind_of(k);
         let s = if near {
             (s / 64 * 64 + sectors - 4 + s % 8) % sectors
         } else {
@@ -511,18 +499,7 @@ proptest! {
         let mut config = Config::new(capacity, 1, 1 << spc_shift).paged(256, 8, cap);
         config.on_file = on_file;
         let mut h = Harness::with(config);
-        for c in choices {
-            let actions = h.actions(&script, inject);
-            if actions.is_empty() {
-                break;
-            }
-            let mut a = actions[c as usize % actions.len()];
-            if matches!(a, Action::Fail(_)) && c % 7 != 0 {
-                a = actions[0];
-            }
-            h.apply(a);
-        }
-        h.finish();
+        h.run_random(&script, &choices, inject);
         RANDOM_STEPS.fetch_add(h.steps, Ordering::Relaxed);
     }
 }

@@ -671,6 +671,29 @@ impl Harness {
         }
     }
 
+    /// A random schedule: each choice picks one of the possible actions
+    /// (biased away from failures, so most runs go on long after one),
+    /// then everything is drained and checked.
+    pub fn run_random(
+        &mut self,
+        script: &[(ReqKind, u64, u64, ThreadId)],
+        choices: &[u32],
+        inject: bool,
+    ) {
+        for &c in choices {
+            let actions = self.actions(script, inject);
+            if actions.is_empty() {
+                break;
+            }
+            let mut a = actions[c as usize % actions.len()];
+            if matches!(a, Action::Fail(_)) && c % 7 != 0 {
+                a = actions[0];
+            }
+            self.apply(a);
+        }
+        self.finish();
+    }
+
     /// (d) once everything has completed, nothing is left anywhere.
     pub fn finish(&mut self) {
         loop {
