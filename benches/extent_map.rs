@@ -21,7 +21,9 @@ fn bench(c: &mut Criterion) {
     let mut cow = Bitmap::new(CHUNKS, 512);
     cow.set_range(0, CHUNKS);
     let mut alternating = Bitmap::new(CHUNKS, 512);
-    alternating.as_bytes_mut()[..(CHUNKS / 8) as usize].fill(0x55);
+    for i in (0..CHUNKS).step_by(2) {
+        alternating.set_range(i, 1);
+    }
     // Runs of 64 sectors, as left by 32 KiB guest writes.
     let mut runs = Bitmap::new(CHUNKS, 512);
     for i in (0..CHUNKS).step_by(128) {

@@ -214,6 +214,12 @@ struct ServeArgs {
     /// `vhost-user-cow ctl` (docs/control.md).
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// Memory for bitmap pages not in use, e.g. 64M or 1G (K, M, G, T:
+    /// powers of 1024). A 4 KiB page covers 16 MiB of disk at 512-byte
+    /// chunks; pages are read on first use and the least recently used are
+    /// dropped beyond this.
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size)]
+    bitmap_cache: u64,
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -232,6 +238,29 @@ fn parse_iops_limit(s: &str) -> Result<Limit, String> {
 
 fn parse_bps_limit(s: &str) -> Result<Limit, String> {
     Limit::parse(Unit::Bps, s).map_err(|e| e.to_string())
+}
+
+/// A byte count with an optional binary suffix (K, M, G, T).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size (a number, optionally followed by K, M, G or T)");
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(bad)
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -469,6 +498,7 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
             cache,
             serial: a.serial,
             throttle: limits,
+            bitmap_cache: a.bitmap_cache,
         },
         protocol: ProtocolOptions {
             num_queues: a.num_queues,

@@ -43,6 +43,8 @@ crate::per_peer!(
     cloud_hypervisor_rings_stopped_and_restarted,
     cloud_hypervisor_hotplugged_memory;
     ours_only: direct_4k_chunks_offer_4k_blocks,
+    bitmap_pages_dropped_and_read_again,
+    bitmap_pages_dropped_and_read_again_direct,
 );
 
 fn tempdir() -> tempfile::TempDir {
@@ -57,6 +59,68 @@ fn snapshot(files: &[PathBuf]) -> Vec<Vec<u8>> {
 }
 
 /// Reads the whole disk in 256 KiB requests and compares with the model.
+/// A bitmap page (4 KiB) covers this many sectors at 512-byte chunks.
+const PAGE_SECTORS: u64 = 32768;
+
+/// Four bitmap pages and a cache of one: writes across page boundaries and
+/// into every page, each read back after the others pushed its page out,
+/// so pages are dropped and read again from the file all the time.
+fn pages_dropped_and_read_again(extra: &[&str]) {
+    let dir = tempdir();
+    let sectors = 4 * PAGE_SECTORS;
+    let (image, mut model) = make_cow(dir.path(), sectors, 0xb17);
+    let opts = ServeOptions {
+        extra_args: ["--bitmap-cache", "4K"]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect(),
+        ..ServeOptions::default()
+    };
+    let d = Daemon::start(Peer::Ours, dir.path(), &image, &opts);
+    let ro_before = snapshot(&d.read_only_files());
+    let mut dev = d.connect();
+    let mut rng = Rng::new(0xb17);
+    for round in 0..3u64 {
+        for page in 0..4 {
+            // Across the boundary below this page, and somewhere inside it.
+            let inside = page * PAGE_SECTORS + rng.below(PAGE_SECTORS - 16);
+            for s in [(page * PAGE_SECTORS).saturating_sub(4), inside] {
+                let data = rng.bytes(8 * SECTOR);
+                dev.write(0, s, &data).ok("write");
+                model.write(s, &data);
+            }
+        }
+        for page in (0..4).rev() {
+            let s = (page * PAGE_SECTORS).saturating_sub(8);
+            let got = dev.read(0, s, 16 * SECTOR).ok("read");
+            model.check(s, &got, &format!("round {round}, page {page}"));
+        }
+    }
+    assert_eq!(dev.flush(0).ok("flush").len(), 0);
+    check_whole_disk(&mut dev, &model, "after the writes");
+    disconnect(dev);
+    let st = finish(d, &model, dir.path(), &ro_before);
+    let counters = st
+        .log
+        .split("write path counters: ")
+        .nth(1)
+        .and_then(|t| t.lines().next())
+        .expect("the daemon prints its counters");
+    let c: serde_json::Value = serde_json::from_str(counters).unwrap();
+    assert!(c["bitmap_page_loads"].as_u64().unwrap() > 10, "{c}");
+    assert!(c["bitmap_pages_evicted"].as_u64().unwrap() > 10, "{c}");
+}
+
+fn bitmap_pages_dropped_and_read_again(_: Peer) {
+    pages_dropped_and_read_again(&[]);
+}
+
+/// O_DIRECT: page loads and bitmap writes in whole 512-byte blocks.
+fn bitmap_pages_dropped_and_read_again_direct(_: Peer) {
+    pages_dropped_and_read_again(&["--direct"]);
+}
+
 fn check_whole_disk(dev: &mut VhostUserBlk, model: &Model, what: &str) {
     let chunk = 512u64;
     let mut s = 0;

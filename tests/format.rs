@@ -392,11 +392,11 @@ proptest! {
     }
 }
 
-/// A header whose bitmap would not fit in memory is refused with its own
-/// error, not an allocation abort (the sparse file is long enough to pass
-/// the length check).
+/// A huge bitmap that is a hole of its sparse file is neither read nor
+/// allocated: not by the tools' open (every page on file) nor by the
+/// daemon's (none), and the disk maps as all backing.
 #[test]
-fn huge_bitmap_is_refused() {
+fn huge_sparse_bitmap_is_not_read() {
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("backing.img");
     // A sparse 8 TiB backing file that matches the header: a 2 GiB bitmap.
@@ -411,12 +411,22 @@ fn huge_bitmap_is_refused() {
     let bitmap_len = size / 512 / 8;
     common::write_cow(&cow, &common::v3_header(&f), 8192, &[], 8192 + bitmap_len);
     let before = common::snapshot_meta(&cow);
-    match Disk::open(&cow, &ro()) {
-        Err(DiskError::BitmapTooLarge { path, bytes }) => {
-            assert_eq!(path, cow);
-            assert_eq!(bytes, bitmap_len);
+    for cache in [None, Some(1 << 20)] {
+        let disk = Disk::open(
+            &cow,
+            &DiskOptions {
+                bitmap_cache: cache,
+                ..ro()
+            },
+        )
+        .unwrap();
+        let bitmap = &disk.cow.as_ref().unwrap().bitmap;
+        assert_eq!(bitmap.resident_pages(), 0, "{cache:?}");
+        assert_eq!(bitmap.pages_loaded(), 0, "{cache:?}");
+        if cache.is_none() {
+            let e = disk.extents(size / 512 - 8, 8);
+            assert!(e.len() == 1 && !e[0].in_cow, "{e:?}");
         }
-        other => panic!("expected BitmapTooLarge, got {other:?}"),
     }
     assert_eq!(common::snapshot_meta(&cow), before, "the file changed");
 }

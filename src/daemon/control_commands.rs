@@ -18,7 +18,10 @@ use super::throttle::{Limit, Unit};
 use crate::control::events::EventBus;
 use crate::control::server::Commands;
 use crate::control::wire::{ErrorBody, ErrorClass};
-use crate::units::SECTOR_BYTES;
+use crate::format::bitmap::count_chunk_bits;
+use crate::fsutil::aligned::{AlignedBuf, PAGE};
+use crate::fsutil::files::read_full_at;
+use crate::units::{to_usize, SECTOR_BYTES};
 
 /// A connection's number (1 for the first) and its handler.
 type Numbered = (ConnectionId, Arc<Mutex<FrontendHandler>>);
@@ -150,9 +153,44 @@ fn no_arguments(name: &str, args: &Map<String, Value>) -> Result<(), ErrorBody> 
 }
 
 impl DaemonCommands {
+    /// Allocated chunks: the loaded bitmap pages counted under the
+    /// scheduler's lock, the others read from the file after it (a write
+    /// in between may or may not be counted). None for a raw image or when
+    /// the file cannot be read.
+    fn allocated_chunks(&self) -> Option<u64> {
+        let cow = self.dev.cow_summary.as_ref()?;
+        let (loaded, on_file) = self.dev.sched().bitmap()?.count_split();
+        let mut ones = loaded;
+        const PIECE: u64 = 1 << 20;
+        let align = PAGE as u64;
+        let mut buf = AlignedBuf::zeroed(to_usize(PIECE + align));
+        for r in on_file {
+            let mut at = r.start;
+            while at < r.end {
+                let end = r.end.min(at + PIECE);
+                // Aligned for O_DIRECT: whole pages of the file around it.
+                let file_at = (cow.bitmap_offset + at) / align * align;
+                let skip = to_usize(cow.bitmap_offset + at - file_at);
+                let len = (skip + to_usize(end - at)).div_ceil(PAGE) * PAGE;
+                let bytes = &mut buf.as_mut_slice()[..len];
+                if let Err(e) = read_full_at(&self.dev.file, bytes, file_at) {
+                    log::warn!(
+                        "query-disk: read the bitmap of {}: {e}",
+                        self.dev.path.display()
+                    );
+                    return None;
+                }
+                ones +=
+                    count_chunk_bits(&bytes[skip..skip + to_usize(end - at)], at * 8, cow.chunks);
+                at = end;
+            }
+        }
+        Some(ones)
+    }
+
     fn query_disk(&self) -> Value {
         let dev = &self.dev;
-        let allocated_chunks = dev.sched().bitmap().map(|b| b.count_ones());
+        let allocated_chunks = self.allocated_chunks();
         let mut v = json!({
             "path": crate::fsutil::escape::escape_path(&dev.path),
             "format": if dev.is_cow() { "cow" } else { "raw" },

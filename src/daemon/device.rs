@@ -57,6 +57,8 @@ pub struct DeviceOptions {
     pub serial: Option<String>,
     /// I/O limits from the start (the control socket may change them).
     pub throttle: Vec<Limit>,
+    /// Bytes of unpinned bitmap pages kept in memory (`--bitmap-cache`).
+    pub bitmap_cache: u64,
 }
 
 /// What a COW file's header says, for `query-disk`.
@@ -88,6 +90,10 @@ pub struct BackingSummary {
     /// Opened read-only with a shared lock.
     pub locked: bool,
 }
+
+/// The default `--bitmap-cache`: 32 MiB of bitmap pages cover 128 GiB of
+/// disk at 512-byte chunks.
+pub const DEFAULT_BITMAP_CACHE: u64 = 32 << 20;
 
 pub struct Device {
     pub path: PathBuf,
@@ -151,6 +157,7 @@ impl Device {
                 format: opts.format,
                 custom_flags: opts.cache.open_flags(),
                 no_lock: false,
+                bitmap_cache: Some(opts.bitmap_cache),
             },
         )?;
         let sectors = disk.sectors();
@@ -192,7 +199,8 @@ impl Device {
                 if opts.cache == CacheMode::Direct {
                     block_size = c.geometry.sectorsize.min(4096) as u32;
                 }
-                let allocated = c.bitmap.count_ones();
+                // Counting the allocated chunks would read the bitmap.
+                let on_file: u64 = c.bitmap.pages_on_file().map(|r| r.end - r.start).sum();
                 let backing_is_file = c
                     .backing
                     .metadata()
@@ -216,12 +224,13 @@ impl Device {
                     },
                 });
                 let description = format!(
-                    "COW {} over {} ({} sectors, {} of {} chunks allocated)",
+                    "COW {} over {} ({} sectors, {} chunks; {} of {} bitmap pages on file, read on demand)",
                     c.header.layout.name(),
                     crate::fsutil::escape::escape_path(&c.backing_path),
                     sectors,
-                    allocated,
-                    c.geometry.chunks
+                    c.geometry.chunks,
+                    on_file,
+                    c.bitmap.alloc_len() / c.bitmap.page_bytes(),
                 );
                 let layout = CowLayout {
                     bitmap_offset: c.geometry.bitmap_offset,

@@ -13,14 +13,19 @@
 //! a bitmap write covers (widened to `bitmap_block` for O_DIRECT) is the
 //! unit of overlap: while a write over a range is pending, nothing in that
 //! range changes.
+//!
+//! The bitmap is held in pages (`format::bitmap`). A request pins the
+//! pages its sectors use from `submit` until it finishes; a page that is
+//! on file and not resident is read by a `BitmapLoad` operation first,
+//! which the request waits for (docs/design.md, "The bitmap in pages").
 
 use std::collections::{BTreeSet, VecDeque};
 use std::ops::Range;
 
 use rustc_hash::FxHashMap;
 
-use crate::format::bitmap::{Bitmap, Extent};
-use crate::units::{to_usize, SECTOR_BYTES};
+use crate::format::bitmap::{Bitmap, Extent, Pinned};
+use crate::units::SECTOR_BYTES;
 
 pub type ReqId = u64;
 pub type OpId = u64;
@@ -77,8 +82,13 @@ pub enum OpKind {
     /// Make `len` bytes at `offset` read as zeros (fallocate).
     Zero { offset: u64, len: u64 },
     /// Write bitmap bytes `[start, start + len)` from memory to the file at
-    /// `offset`. The bytes stay unchanged until this completes.
+    /// `offset` (`Scheduler::bitmap_segments`). The bytes stay unchanged
+    /// until this completes.
     BitmapWrite { offset: u64, start: u64, len: u64 },
+    /// Read `len` bytes of the COW file at `offset` into bitmap page
+    /// `page` (`Scheduler::load_ptr`). The memory stays put and unread
+    /// until this completes; a short read leaves zeros.
+    BitmapLoad { offset: u64, page: u64, len: u64 },
     /// fdatasync of the COW (or raw) file.
     Sync,
     /// Copy-up, first half: read `len` backing bytes at `offset` into
@@ -134,11 +144,18 @@ pub struct Stats {
     pub reads_deferred: u64,
     pub copy_ups: u64,
     pub writes_queued_on_copy_up: u64,
+    /// Bitmap pages read from the file, dropped under the cap, and the
+    /// requests that waited for a page to be read.
+    pub bitmap_page_loads: u64,
+    pub bitmap_pages_evicted: u64,
+    pub requests_waited_for_pages: u64,
     pub errors: u64,
 }
 
 #[derive(Debug, Clone)]
 enum Phase {
+    /// Waiting for this many bitmap pages to be read.
+    Loading(u32),
     /// Data operations in flight (`ops_left` of them).
     Data,
     /// A write queued on the copy-up of this many chunks (rule 9).
@@ -167,6 +184,8 @@ struct ReqState {
     copies: Vec<u64>,
     /// Chunks whose copy-up record counts this read.
     counted_on: Vec<u64>,
+    /// The bitmap pages of its sectors are pinned.
+    pinned: bool,
 }
 
 /// A chunk being copied up (rule 9), like a device-mapper snapshot's
@@ -203,6 +222,7 @@ enum OpOwner {
         bounce: u64,
     },
     Bitmap,
+    Load(u64),
     Sync(ReqId),
 }
 
@@ -234,6 +254,8 @@ pub struct Scheduler {
     barriers: Vec<ReqId>,
     /// Copy-up records by chunk.
     records: FxHashMap<u64, ChunkRecord>,
+    /// Bitmap pages being read, with the requests waiting for each.
+    loading: FxHashMap<u64, Vec<ReqId>>,
     next_bounce: u64,
     ready: Vec<VecDeque<Op>>,
     parked: Vec<VecDeque<Op>>,
@@ -258,6 +280,8 @@ impl Scheduler {
         read_only: bool,
     ) -> Scheduler {
         assert!(layout.bitmap_block.is_power_of_two());
+        // Widened bitmap writes and loads stay inside their pages.
+        assert_eq!(bitmap.page_bytes() as u64 % layout.bitmap_block, 0);
         Scheduler::new(sectors, Some((bitmap, layout)), threads, read_only)
     }
 
@@ -282,6 +306,7 @@ impl Scheduler {
             deferred: Vec::new(),
             barriers: Vec::new(),
             records: FxHashMap::default(),
+            loading: FxHashMap::default(),
             next_bounce: 1,
             ready: (0..threads).map(|_| VecDeque::new()).collect(),
             parked: (0..threads).map(|_| VecDeque::new()).collect(),
@@ -296,10 +321,28 @@ impl Scheduler {
         self.cow.as_ref().map(|(b, _)| b)
     }
 
-    /// Pointer to bitmap byte `start`, for issuing a `BitmapWrite`.
-    pub fn bitmap_ptr(&self, start: u64) -> *const u8 {
+    /// The memory of a `BitmapWrite` of bytes `[start, start + len)`: one
+    /// piece per page, in pinned pages that keep their address.
+    pub fn bitmap_segments(
+        &self,
+        start: u64,
+        len: u64,
+    ) -> impl Iterator<Item = (*mut u8, usize)> + '_ {
         let (b, _) = self.cow.as_ref().expect("bitmap write on a raw disk");
-        b.byte_ptr(to_usize(start))
+        b.write_segments(start, len)
+    }
+
+    /// Where a `BitmapLoad` of `page` puts its bytes.
+    pub fn load_ptr(&self, page: u64) -> *mut u8 {
+        let (b, _) = self.cow.as_ref().expect("bitmap load on a raw disk");
+        b.load_ptr(page)
+    }
+
+    /// The memory of a `BitmapLoad` of `page`, for a caller that reads it
+    /// synchronously (tests).
+    pub fn load_buf(&mut self, page: u64) -> &mut [u8] {
+        let (b, _) = self.cow.as_mut().expect("bitmap load on a raw disk");
+        b.load_buf(page)
     }
 
     pub fn stats(&self) -> &Stats {
@@ -319,6 +362,7 @@ impl Scheduler {
     /// True when nothing is in flight, queued, parked or waiting.
     pub fn is_idle(&self) -> bool {
         self.reqs.is_empty()
+            && self.loading.is_empty()
             && self.pending.is_empty()
             && self.ready.iter().all(VecDeque::is_empty)
             && self.parked.iter().all(VecDeque::is_empty)
@@ -369,6 +413,9 @@ impl Scheduler {
         let st = self.reqs.remove(&id).expect("finishing an unknown request");
         if status != Status::Ok {
             self.stats.errors += 1;
+        }
+        if st.pinned {
+            self.unpin_pages(&st.req);
         }
         self.done[st.req.thread].push_back(Done { id, status });
         self.kicks[st.req.thread] = true;
@@ -462,6 +509,7 @@ impl Scheduler {
                 seq: 0,
                 copies: Vec::new(),
                 counted_on: Vec::new(),
+                pinned: false,
             },
         );
         let bytes = req.count * SECTOR_BYTES;
@@ -488,10 +536,117 @@ impl Scheduler {
         if !in_range || req.count == 0 {
             return self.finish(req.id, Status::IoErr);
         }
-        match req.kind {
-            ReqKind::Read => self.start_read(req.id),
-            ReqKind::Write | ReqKind::Zero => self.start_write(req.id),
-            ReqKind::Flush => unreachable!(),
+        let loads = self.pin_pages(req.id);
+        if loads > 0 {
+            self.stats.requests_waited_for_pages += 1;
+            self.reqs.get_mut(&req.id).unwrap().phase = Phase::Loading(loads);
+            return;
+        }
+        self.start(req.id);
+    }
+
+    fn start(&mut self, id: ReqId) {
+        match self.reqs[&id].req.kind {
+            ReqKind::Read => self.start_read(id),
+            ReqKind::Write | ReqKind::Zero => self.start_write(id),
+            ReqKind::Flush => unreachable!("a flush uses no bitmap page"),
+        }
+    }
+
+    /// Pins the bitmap pages of request `id`'s sectors and asks for the
+    /// reads of those not resident (one read per page, however many
+    /// requests wait for it). Returns how many pages it waits for.
+    fn pin_pages(&mut self, id: ReqId) -> u32 {
+        let req = self.reqs[&id].req;
+        let Some((bitmap, layout)) = self.cow.as_mut() else {
+            return 0;
+        };
+        let blk = layout.bitmap_block;
+        let bitmap_offset = layout.bitmap_offset;
+        let mut waits = 0;
+        let mut loads = Vec::new();
+        for page in bitmap.pages_of_sectors(req.sector, req.count) {
+            if bitmap.pin(page) == Pinned::Ready {
+                continue;
+            }
+            if let Some(waiters) = self.loading.get_mut(&page) {
+                waiters.push(id);
+                waits += 1;
+                continue;
+            }
+            let (start, len) = bitmap.load_span(page);
+            if len == 0 {
+                // Past what the file stores: zeros, nothing to read.
+                bitmap.load_done(page);
+                continue;
+            }
+            self.loading.insert(page, vec![id]);
+            waits += 1;
+            // Whole blocks for O_DIRECT; never past the page (the block
+            // divides the page size).
+            let len = len.div_ceil(blk) * blk;
+            loads.push((page, bitmap_offset + start, len));
+        }
+        self.reqs.get_mut(&id).unwrap().pinned = true;
+        for (page, offset, len) in loads {
+            let kind = OpKind::BitmapLoad { offset, page, len };
+            self.emit(req.thread, None, kind, OpOwner::Load(page));
+        }
+        waits
+    }
+
+    fn unpin_pages(&mut self, req: &DiskRequest) {
+        let Some((bitmap, _)) = self.cow.as_mut() else {
+            return;
+        };
+        for page in bitmap.pages_of_sectors(req.sector, req.count) {
+            bitmap.unpin(page);
+        }
+        bitmap.evict();
+        self.stats.bitmap_pages_evicted = bitmap.pages_evicted();
+    }
+
+    /// A bitmap page read finished: its waiters go on (or fail with it).
+    fn load_done(&mut self, page: u64, result: Result<(), i32>) {
+        let waiters = self
+            .loading
+            .remove(&page)
+            .expect("load of a page nobody waits for");
+        let (bitmap, layout) = self.cow.as_mut().unwrap();
+        match result {
+            Ok(()) => {
+                bitmap.load_done(page);
+                self.stats.bitmap_page_loads += 1;
+            }
+            Err(errno) => {
+                bitmap.load_failed(page);
+                crate::log_limited!(
+                    log::Level::Error,
+                    "bitmap page read",
+                    "read of bitmap page {page} (file offset {}) failed: {}; its requests fail",
+                    layout.bitmap_offset + (page << bitmap.page_bytes().trailing_zeros()),
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                for w in &waiters {
+                    self.reqs.get_mut(w).unwrap().failed = true;
+                }
+            }
+        }
+        for w in waiters {
+            let st = self.reqs.get_mut(&w).unwrap();
+            let Phase::Loading(n) = &mut st.phase else {
+                unreachable!("page waiter in phase {:?}", st.phase)
+            };
+            *n -= 1;
+            if *n > 0 {
+                continue;
+            }
+            st.phase = Phase::Data;
+            if st.failed {
+                self.finish(w, Status::IoErr);
+            } else {
+                self.start(w);
+            }
         }
     }
 
@@ -773,6 +928,7 @@ impl Scheduler {
                 self.emit(thread, Some(req), kind, OpOwner::Data(req));
             }
             OpOwner::Bitmap => self.bitmap_write_done(op, result),
+            OpOwner::Load(page) => self.load_done(page, result),
             OpOwner::Sync(id) => {
                 let status = if result.is_ok() && self.failure.is_none() {
                     Status::Ok
@@ -909,6 +1065,9 @@ impl Scheduler {
                 );
                 log::error!("{why}; the disk refuses writes from now on");
                 self.failure.get_or_insert(why);
+                // The file's bitmap may differ from memory: no resident
+                // page is dropped, so none is ever read back from there.
+                self.cow.as_mut().unwrap().0.freeze();
                 for id in w.reqs {
                     self.leave_bitmap_phase(id, Status::IoErr);
                 }

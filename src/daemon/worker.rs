@@ -622,7 +622,8 @@ impl Worker {
             // SAFETY: request buffers stay mapped (memory guard) and are not
             // touched until completion; bounce buffers stay in `bounces`
             // until their op is done; bitmap bytes under a pending write
-            // are left alone by the scheduler (rule 2).
+            // are left alone by the scheduler (rule 2), and the pages
+            // being written or loaded are pinned (they keep their address).
             match unsafe { self.engine.submit(io, op.id) } {
                 // Only what needs work at completion is tracked: a plain
                 // write, sync or zeroing just reports its result.
@@ -808,11 +809,27 @@ impl Worker {
                     Tracked::Plain,
                 )
             }
-            OpKind::BitmapWrite { offset, start, len } => (
-                IoOp::Writev {
+            OpKind::BitmapWrite { offset, start, len } => {
+                // Straight from the pages (one piece each), no copy.
+                let mut iov = IoVecs::new();
+                for (ptr, n) in sched.bitmap_segments(start, len) {
+                    iov.push(ptr, n);
+                }
+                (
+                    IoOp::Writev {
+                        fd: dev.cow_fd(),
+                        offset,
+                        iov,
+                    },
+                    Tracked::Plain,
+                )
+            }
+            // Into the pinned page; a short read leaves its zeros.
+            OpKind::BitmapLoad { offset, page, len } => (
+                IoOp::Readv {
                     fd: dev.cow_fd(),
                     offset,
-                    iov: IoVecs::single(sched.bitmap_ptr(start) as *mut u8, to_usize(len)),
+                    iov: IoVecs::single(sched.load_ptr(page), to_usize(len)),
                 },
                 Tracked::Plain,
             ),

@@ -125,9 +125,6 @@ pub enum DiskError {
         sectors: u64,
     },
 
-    #[error("{path}: its bitmap of {bytes} bytes is too large to hold in memory")]
-    BitmapTooLarge { path: PathBuf, bytes: u64 },
-
     #[error("{path}: not supported: {what}")]
     Unsupported { path: PathBuf, what: &'static str },
 

@@ -1,6 +1,7 @@
-//! Opening a disk: a raw image, or a COW file over its backing file with
-//! the whole bitmap in memory; the checks of the backing file against the
-//! header, and the locks that keep two users off the same files.
+//! Opening a disk: a raw image, or a COW file over its backing file and
+//! its bitmap (every page on file read at open, or none, for the daemon's
+//! lazy loading); the checks of the backing file against the header, and
+//! the locks that keep two users off the same files.
 //!
 //! The daemon's asynchronous write path takes the open disk apart
 //! (`daemon::device`); the tools use the synchronous API in `sectors.rs`.
@@ -12,11 +13,13 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::bitmap::Bitmap;
+use super::bitmap::{Bitmap, Pinned};
 use super::error::{DiskError, Result};
 use super::header::{has_cow_magic, CowHeader, Geometry, HeaderLayout, MAX_HEADER_LEN};
 use super::lock::{lock_file, LockKind};
+use crate::fsutil::data_ranges::data_ranges;
 use crate::fsutil::files::{file_kind, mtime32, size_of, usable};
+use crate::fsutil::range_set::RangeSet;
 use crate::units::{to_usize, SECTOR_BYTES};
 
 /// The on-disk format of a served file.
@@ -50,6 +53,10 @@ pub struct DiskOptions {
     pub custom_flags: i32,
     /// Skip the fcntl locks (for read-only inspection by `info`/`check`).
     pub no_lock: bool,
+    /// `None`: read every bitmap page on file at open and keep them (the
+    /// tools). `Some(cap)`: read none; the user loads pages on demand and
+    /// keeps at most `cap` bytes of unpinned ones (the daemon).
+    pub bitmap_cache: Option<u64>,
 }
 
 /// The COW side of a disk.
@@ -184,45 +191,59 @@ pub fn read_header(file: &File, path: &Path) -> Result<CowHeader> {
     CowHeader::parse(&head, len, path)
 }
 
-/// The bitmap is held in memory whole; 1 GiB of it covers 4 PiB of disk
-/// at 512-byte chunks. Anything larger is a hostile or broken header.
-pub const MAX_BITMAP_BYTES: u64 = 1 << 30;
-
-/// Reads the bitmap of a COW file into memory.
+/// The bitmap of a COW file with no page read yet: pages of the bitmap
+/// area that are holes of the file (SEEK_DATA) are known zero.
 ///
 /// Every byte between the bitmap offset and the data offset that holds
-/// bits of real chunks is read. For v1/v2 this is one byte more than the
-/// header's (under-counting) bitmap length when the chunk count is not a
-/// multiple of 8: those last bits are stored there by writers (and by
-/// `write_sectors`), so they must be read back too.
-pub fn read_bitmap(file: &File, path: &Path, geometry: &Geometry) -> Result<Bitmap> {
-    let bytes = geometry.chunks.div_ceil(8);
-    if bytes > MAX_BITMAP_BYTES {
-        return Err(DiskError::BitmapTooLarge {
-            path: path.to_owned(),
-            bytes,
-        });
-    }
-    let mut bitmap = Bitmap::try_new(geometry.chunks, geometry.sectorsize).ok_or_else(|| {
-        DiskError::BitmapTooLarge {
-            path: path.to_owned(),
-            bytes,
-        }
-    })?;
+/// bits of real chunks is the bitmap's. For v1/v2 this is one byte more
+/// than the header's (under-counting) bitmap length when the chunk count
+/// is not a multiple of 8: those last bits are stored there by writers
+/// (and by `write_sectors`), so they must be read back too.
+pub fn lazy_bitmap(file: &File, path: &Path, geometry: &Geometry) -> Result<Bitmap> {
+    let bitmap = Bitmap::new(geometry.chunks, geometry.sectorsize);
     let room = geometry.data_offset - geometry.bitmap_offset;
-    let on_disk = to_usize(room.min(bitmap.byte_len() as u64));
-    read_full_at(
-        file,
-        &mut bitmap.as_bytes_mut()[..on_disk],
-        geometry.bitmap_offset,
-        path,
-    )?;
-    // Bits past the last chunk (in the last byte) are not ours to trust.
-    let tail = geometry.chunks % 8;
-    if tail != 0 && on_disk == bitmap.byte_len() {
-        bitmap.as_bytes_mut()[on_disk - 1] &= (1u8 << tail) - 1;
+    let stored = room.min(bitmap.byte_len() as u64);
+    let page = bitmap.page_bytes() as u64;
+    let mut on_file = RangeSet::new();
+    let area = geometry.bitmap_offset..geometry.bitmap_offset + stored;
+    for r in data_ranges(file, area) {
+        let r = r.map_err(DiskError::io(path, "find the data of the bitmap"))?;
+        let (a, b) = (
+            r.start - geometry.bitmap_offset,
+            r.end - geometry.bitmap_offset,
+        );
+        on_file.insert(a / page..(b - 1) / page + 1);
     }
-    Ok(bitmap)
+    Ok(bitmap.with_stored_bytes(stored).with_on_file(on_file))
+}
+
+/// Reads every page of `bitmap` that is on file (the tools' whole bitmap;
+/// holes stay unallocated).
+pub fn load_all_pages(
+    bitmap: &mut Bitmap,
+    file: &File,
+    path: &Path,
+    bitmap_offset: u64,
+) -> Result<()> {
+    let ranges: Vec<_> = bitmap.pages_on_file().collect();
+    for page in ranges.into_iter().flatten() {
+        if bitmap.pin(page) == Pinned::NeedsLoad {
+            let (start, len) = bitmap.load_span(page);
+            let read = read_full_at(
+                file,
+                &mut bitmap.load_buf(page)[..to_usize(len)],
+                bitmap_offset + start,
+                path,
+            );
+            if let Err(e) = read {
+                bitmap.unpin(page);
+                return Err(e);
+            }
+            bitmap.load_done(page);
+        }
+        bitmap.unpin(page);
+    }
+    Ok(())
 }
 
 /// Where the header's backing path points: relative names are taken
@@ -347,7 +368,11 @@ impl Disk {
             }
         }
 
-        let bitmap = read_bitmap(&file, path, &geometry)?;
+        let mut bitmap = lazy_bitmap(&file, path, &geometry)?;
+        match opts.bitmap_cache {
+            None => load_all_pages(&mut bitmap, &file, path, geometry.bitmap_offset)?,
+            Some(cap) => bitmap = bitmap.with_cap_bytes(cap),
+        }
         let storable_chunks =
             ((geometry.data_offset - geometry.bitmap_offset) * 8).min(geometry.chunks);
         let (file, lock_holder) = with_flags(file, opts.custom_flags, open)?;

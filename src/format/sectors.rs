@@ -134,7 +134,7 @@ impl Disk {
         let b1 = to_usize((first + nchunks).div_ceil(8));
         self.file
             .write_all_at(
-                &cow.bitmap.as_bytes()[b0..b1],
+                &cow.bitmap.bytes(b0 as u64..b1 as u64),
                 cow.geometry.bitmap_offset + b0 as u64,
             )
             .map_err(DiskError::io(&self.path, "bitmap write"))

@@ -18,6 +18,7 @@ use crate::format::open::{
     absolute_backing_path, check_usable, file_size, read_full_at, read_header,
     resolve_header_backing,
 };
+use crate::fsutil::data_ranges::data_ranges;
 use crate::fsutil::files::{file_kind, mtime32, usable};
 use crate::units::to_usize;
 
@@ -124,9 +125,10 @@ pub struct BitmapScan {
     pub allocated_beyond_eof: u64,
 }
 
-/// Scans every bitmap byte from the bitmap offset up to the data offset.
-/// Bits of chunks that fit there count as allocated (as `read_bitmap`
-/// reads them), everything after the last chunk is stray.
+/// Scans every bitmap byte from the bitmap offset up to the data offset
+/// that is not in a hole of the file (holes read as zeros: nothing to
+/// count). Bits of chunks that fit there count as allocated (as the
+/// daemon reads them), everything after the last chunk is stray.
 pub fn scan_bitmap(
     file: &File,
     path: &Path,
@@ -145,36 +147,45 @@ pub fn scan_bitmap(
     let mut scan = BitmapScan::default();
     let region = g.data_offset - g.bitmap_offset;
     let mut buf = vec![0u8; to_usize(PIECE.min(region))];
-    let mut done = 0u64;
-    while done < region {
-        let n = to_usize(PIECE.min(region - done));
-        read_full_at(file, &mut buf[..n], g.bitmap_offset + done, path)?;
-        for (i, &byte) in buf[..n].iter().enumerate() {
-            if byte == 0 {
-                continue;
-            }
-            let base = (done + i as u64) * 8;
-            for bit in 0..8 {
-                if byte & (1 << bit) == 0 {
-                    continue;
-                }
-                let chunk = base + bit;
-                if chunk >= g.chunks {
-                    scan.stray_bits += 1;
-                    continue;
-                }
-                scan.allocated_chunks += 1;
-                if chunk + 1 == g.chunks {
-                    scan.last_chunk_set = true;
-                }
-                if chunk >= first_short {
-                    scan.allocated_beyond_eof += 1;
-                }
-            }
+    for data in data_ranges(file, g.bitmap_offset..g.data_offset) {
+        let data = data.map_err(DiskError::io(path, "find the data of the bitmap"))?;
+        let mut done = data.start - g.bitmap_offset;
+        let end = data.end - g.bitmap_offset;
+        while done < end {
+            let n = to_usize(PIECE.min(end - done));
+            read_full_at(file, &mut buf[..n], g.bitmap_offset + done, path)?;
+            scan_piece(&mut scan, &buf[..n], done * 8, g.chunks, first_short);
+            done += n as u64;
         }
-        done += n as u64;
     }
     Ok(scan)
+}
+
+/// Counts the set bits of bitmap bytes whose first bit is chunk `base`.
+fn scan_piece(scan: &mut BitmapScan, bytes: &[u8], base: u64, chunks: u64, first_short: u64) {
+    for (i, &byte) in bytes.iter().enumerate() {
+        if byte == 0 {
+            continue;
+        }
+        let base = base + i as u64 * 8;
+        for bit in 0..8 {
+            if byte & (1 << bit) == 0 {
+                continue;
+            }
+            let chunk = base + bit;
+            if chunk >= chunks {
+                scan.stray_bits += 1;
+                continue;
+            }
+            scan.allocated_chunks += 1;
+            if chunk + 1 == chunks {
+                scan.last_chunk_set = true;
+            }
+            if chunk >= first_short {
+                scan.allocated_beyond_eof += 1;
+            }
+        }
+    }
 }
 
 /// A disk file opened read-only for `info` and `check`.

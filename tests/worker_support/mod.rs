@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tempfile::TempDir;
-use vhost_user_cow::daemon::device::{CacheMode, Device, DeviceOptions};
+use vhost_user_cow::daemon::device::{CacheMode, Device, DeviceOptions, DEFAULT_BITMAP_CACHE};
 use vhost_user_cow::daemon::virtqueue::Virtqueue;
 use vhost_user_cow::daemon::worker::{RingMode, Worker};
 use vhost_user_cow::format::{create_cow, CreateOptions, Disk, DiskFormat, DiskOptions};
@@ -118,6 +118,7 @@ impl Harness {
                 cache: CacheMode::Buffered,
                 serial: None,
                 throttle: Vec::new(),
+                bitmap_cache: DEFAULT_BITMAP_CACHE,
             },
             1,
         )
