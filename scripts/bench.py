@@ -103,6 +103,33 @@ def drop_dirty() -> None:
     os.sync()
 
 
+def make_golden(path: Path, size: int) -> None:
+    """A backing image full of random data (not sparse, so reads are real);
+    kept when one of that size is there already."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    log(f"creating {path} ({size >> 20} MiB of random data)")
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+    tmp.rename(path)
+
+
+def new_overlay(ours: Path, who: str, path: Path, base: Path) -> Path:
+    """A fresh overlay of `base` at `path`: a COW file made by our binary
+    (who == "ours") or a qcow2 made by qemu-img."""
+    path.unlink(missing_ok=True)
+    if who == "ours":
+        run([str(ours), "create", str(path), "--backing", str(base)], stdout=subprocess.DEVNULL)
+    else:
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(path)])
+    return path
+
+
 class Daemon:
     """A fresh daemon serving one disk on a socket."""
 
@@ -167,18 +194,7 @@ class Bench:
 
     # ---- images -------------------------------------------------------
     def make_base(self) -> None:
-        """A backing image full of random data (not sparse, so reads are real)."""
-        if self.base.exists() and self.base.stat().st_size == self.size:
-            return
-        log(f"creating {self.base} ({self.size >> 20} MiB of random data)")
-        tmp = self.base.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            left = self.size
-            while left:
-                n = min(left, 16 * MiB)
-                f.write(os.urandom(n))
-                left -= n
-        tmp.rename(self.base)
+        make_golden(self.base, self.size)
 
     def make_raw(self) -> None:
         if not (self.raw.exists() and self.raw.stat().st_size == self.size):
@@ -192,17 +208,10 @@ class Bench:
         return self.work / f"{kind}.qcow2"
 
     def new_cow(self, kind: str) -> Path:
-        p = self.cow_path(kind)
-        p.unlink(missing_ok=True)
-        run([str(self.ours), "create", str(p), "--backing", str(self.base)],
-            stdout=subprocess.DEVNULL)
-        return p
+        return new_overlay(self.ours, "ours", self.cow_path(kind), self.base)
 
     def new_qcow(self, kind: str) -> Path:
-        p = self.qcow_path(kind)
-        p.unlink(missing_ok=True)
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "raw", str(p)])
-        return p
+        return new_overlay(self.ours, "qsd", self.qcow_path(kind), self.base)
 
     # ---- daemons ------------------------------------------------------
     def start(self, who: str, kind: str, queues: int, tag: str) -> Daemon:

@@ -58,9 +58,7 @@ class Density:
         self.base = self.work / "golden.img"
 
     def make_base(self) -> None:
-        b = bench.Bench.__new__(bench.Bench)
-        b.base, b.size = self.base, self.a.size
-        bench.Bench.make_base(b)
+        bench.make_golden(self.base, self.a.size)
 
     def overlay(self, who: str, i: int) -> Path:
         return self.work / (f"vm{i}.cow" if who == "ours" else f"vm{i}.qcow2")
@@ -68,15 +66,7 @@ class Density:
     def new_overlays(self, who: str, n: int) -> list[Path]:
         paths = []
         for i in range(n):
-            p = self.overlay(who, i)
-            p.unlink(missing_ok=True)
-            if who == "ours":
-                bench.run([str(self.ours), "create", str(p), "--backing", str(self.base)],
-                          stdout=subprocess.DEVNULL)
-            else:
-                bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base),
-                           "-F", "raw", str(p)])
-            paths.append(p)
+            paths.append(bench.new_overlay(self.ours, who, self.overlay(who, i), self.base))
         return paths
 
     def sock(self, who: str, i: int) -> Path:

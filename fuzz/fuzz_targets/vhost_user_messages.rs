@@ -79,6 +79,8 @@ fn backend(read_only: bool) -> &'static Backend {
                         read_only,
                         cache: CacheMode::Buffered,
                         serial: Some("fuzz".into()),
+                        throttle: Vec::new(),
+                        bitmap_cache: vhost_user_cow::daemon::device::DEFAULT_BITMAP_CACHE,
                     },
                     1,
                 )
@@ -94,6 +96,7 @@ fn backend(read_only: bool) -> &'static Backend {
                         poll: Duration::ZERO,
                         inline_writes: false,
                     },
+                    Arc::new(vhost_user_cow::daemon::request_stats::RequestStats::new(1)),
                 )
                 .expect("start the workers"),
             );

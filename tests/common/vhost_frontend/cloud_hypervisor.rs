@@ -34,7 +34,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 
 use super::config::{feature, BlkConfigSpace, CONFIG_LEN};
 use super::guest_memory::{Arena, GuestMemory, GUEST_BASE};
-use super::handshake::{open_frontend, FrontendOptions, VhostUserBlk, Watchdog};
+use super::handshake::{check_queue_count, open_frontend, FrontendOptions, VhostUserBlk, Watchdog};
 use super::virtqueue::SplitQueue;
 
 /// Bit numbers cloud-hypervisor offers that the test driver has no name
@@ -166,12 +166,7 @@ impl VhostUserBlk {
         } else {
             None
         };
-        if u64::from(opts.num_queues) > max_queues.unwrap_or(1) {
-            return Err(format!(
-                "{} queues wanted, backend has {max_queues:?}",
-                opts.num_queues
-            ));
-        }
+        check_queue_count(opts.num_queues, max_queues)?;
         let (_, raw) = send(&wd, &mut sent, &mut fe, "GET_CONFIG", |fe| {
             fe.get_config(
                 0,

@@ -283,6 +283,16 @@ impl Drop for Watchdog {
     }
 }
 
+/// Refuses more queues than GET_QUEUE_NUM allows (one without MQ).
+pub fn check_queue_count(wanted: u16, max_queues: Option<u64>) -> Result<(), String> {
+    if u64::from(wanted) > max_queues.unwrap_or(1) {
+        return Err(format!(
+            "{wanted} queues wanted, backend has {max_queues:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// Connects to `socket` (bounded in time) and wraps the stream in the
 /// `vhost` crate's frontend, with a watchdog on its exchanges.
 pub fn open_frontend(
@@ -341,12 +351,7 @@ fn negotiate(socket: &Path, opts: &FrontendOptions) -> Result<Negotiated, String
     } else {
         None
     };
-    if u64::from(opts.num_queues) > max_queues.unwrap_or(1) {
-        return Err(format!(
-            "{} queues wanted, backend has {max_queues:?}",
-            opts.num_queues
-        ));
-    }
+    check_queue_count(opts.num_queues, max_queues)?;
     if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
         return Err("backend does not offer VHOST_USER_PROTOCOL_F_CONFIG".into());
     }
