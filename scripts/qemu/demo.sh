@@ -55,7 +55,7 @@ kill "$TAIL_PID" 2>/dev/null || true
 wait "$TAIL_PID" 2>/dev/null || true
 TAIL_PID=""
 ((rc == 0)) || die "QEMU: status $rc (124: no poweroff within 300 s); QEMU said: $(cat "$WORK/console.log.qemu")"
-tr -d '\r' <"$WORK/console.log" | grep -qx 'VMTEST PASS demo' || die "the guest did not finish its demo"
+tr -d '\r' <"$WORK/console.log" | grep -x 'VMTEST PASS demo' >/dev/null || die "the guest did not finish its demo"
 
 step "stop the daemon (SIGTERM)"
 backend_stop || die "the daemon did not exit cleanly; its log: $(cat "$WORK/backend.log")"

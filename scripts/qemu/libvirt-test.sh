@@ -47,7 +47,9 @@ ensure_libvirt() {
     ((${#missing[@]})) || return 0
     "${sudo[@]}" apt-get update -qq >&2
     local want=() suite=""
-    if apt-cache policy libvirt-daemon | grep -q bookworm-backports; then
+    # Not `grep -q`: under pipefail, apt-cache killed by SIGPIPE when grep
+    # stops reading early would make the test false.
+    if apt-cache policy libvirt-daemon | grep bookworm-backports >/dev/null; then
         suite=/bookworm-backports
         # Their libvirt libraries come from the same suite.
         missing+=(libvirt0 libvirt-common libvirt-daemon-common)
@@ -56,7 +58,7 @@ ensure_libvirt() {
     local sim
     sim="$(DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -s install --no-install-recommends "${want[@]}")" ||
         die "apt-get -s install ${want[*]} failed: $sim"
-    if printf '%s\n' "$sim" | grep -q '^Remv'; then
+    if printf '%s\n' "$sim" | grep '^Remv' >/dev/null; then
         printf '%s\n' "$sim" | grep '^Remv' >&2
         die "installing libvirt would remove the packages above; refusing"
     fi
@@ -186,8 +188,8 @@ main() {
     local rc=0 timeout=$((120 * SCALE))
     wait_for_line "$OUT/console.log" '^VMTEST DONE' "$timeout" "$LIBVIRTD_PID" || rc=$?
     ((rc == 0)) || die "no 'VMTEST DONE' on the guest console within ${timeout}s (status $rc)"
-    tr -d '\r' <"$OUT/console.log" | grep -qx 'VMTEST PASS demo' || die "the guest did not report 'VMTEST PASS demo'"
-    if tr -d '\r' <"$OUT/console.log" | grep -q '^VMTEST FAIL'; then
+    tr -d '\r' <"$OUT/console.log" | grep -x 'VMTEST PASS demo' >/dev/null || die "the guest did not report 'VMTEST PASS demo'"
+    if tr -d '\r' <"$OUT/console.log" | grep '^VMTEST FAIL' >/dev/null; then
         die "the guest reported: $(tr -d '\r' <"$OUT/console.log" | grep '^VMTEST FAIL' | head -3)"
     fi
     log "guest: PASS demo after $(elapsed "$t0")s"

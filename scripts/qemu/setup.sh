@@ -81,7 +81,7 @@ ensure_qemu() {
     local sim
     sim="$(apt_get -s install --no-install-recommends "${target[@]}" qemu-system-x86)" ||
         die "apt-get -s install qemu-system-x86 failed: $sim"
-    if printf '%s\n' "$sim" | grep -q '^Remv'; then
+    if printf '%s\n' "$sim" | grep '^Remv' >/dev/null; then
         printf '%s\n' "$sim" | grep '^Remv' >&2
         die "installing qemu-system-x86 would remove the packages above; refusing"
     fi

@@ -109,19 +109,19 @@ expect_guest() {
     shift
     lines="$(vmtest_lines "$console")"
     printf '%s\n' "$lines" | grep '^VMTEST \(INFO\|READY\)' | sed 's/^VMTEST /    guest: /' >&2 || true
-    if printf '%s\n' "$lines" | grep -q '^VMTEST FAIL'; then
+    if printf '%s\n' "$lines" | grep '^VMTEST FAIL' >/dev/null; then
         printf '%s\n' "$lines" | grep '^VMTEST FAIL' | sed 's/^/    /' >&2
         bad=1
     fi
     for name in "$@"; do
-        if printf '%s\n' "$lines" | grep -qx "VMTEST PASS $name"; then
+        if printf '%s\n' "$lines" | grep -x "VMTEST PASS $name" >/dev/null; then
             log "guest: PASS $name"
         else
             log "guest: no 'VMTEST PASS $name'"
             bad=1
         fi
     done
-    if ! printf '%s\n' "$lines" | grep -q '^VMTEST DONE'; then
+    if ! printf '%s\n' "$lines" | grep '^VMTEST DONE' >/dev/null; then
         log "guest: no clean shutdown (no 'VMTEST DONE')"
         bad=1
     fi
@@ -511,7 +511,7 @@ test_daemon_kill_loop() {
         ((k <= kills || nonzero == 0)) || break
         # A random moment: 0.3 to 2.5 s into the guest's writes.
         sleep "$(awk -v r="$RANDOM" 'BEGIN { printf "%.1f", 0.3 + (r % 23) / 10 }')"
-        if vmtest_lines "$d/console.log" | grep -q '^VMTEST INFO workload ends'; then
+        if vmtest_lines "$d/console.log" | grep '^VMTEST INFO workload ends' >/dev/null; then
             ((k > kills)) && break
             show_console "$d/console.log"
             tfail "the guest's workload ended before kill $k of $kills (it runs $(timeout_s "$secs")s)"
@@ -574,6 +574,10 @@ prev_bin() {
         rm -rf "$dir/src"
         mkdir -p "$dir/src"
         git -C "$VUC_SRC_DIR" archive "$sha" | tar -x -C "$dir/src"
+        # tar gives the files the commit's time, older than the seeded
+        # build's artifacts: cargo would take those as up to date and hand
+        # back the current build. Newer files make it compile the crate.
+        find "$dir/src" -type f -exec touch {} +
         if [ ! -d "$target/prev/build/release" ] && [ -d "$target/release" ]; then
             mkdir -p "$target/prev/build"
             cp -a "$target/release" "$target/prev/build/release"
@@ -672,7 +676,7 @@ test_daemon_upgrade() {
     no_vhost_start_error "$d/console.log"
     if ((strict)); then
         expect_guest "$d/console.log" reconnect-upgrade
-    elif ! vmtest_lines "$d/console.log" | grep -qx 'VMTEST PASS reconnect-upgrade'; then
+    elif ! vmtest_lines "$d/console.log" | grep -x 'VMTEST PASS reconnect-upgrade' >/dev/null; then
         log "OUTCOME (not guaranteed with this previous build): $(vmtest_lines "$d/console.log" | grep '^VMTEST FAIL' | head -n 3 | tr '\n' ' ')"
     else
         log "OUTCOME: the guest carried on unharmed (not guaranteed with this previous build)"
@@ -719,7 +723,7 @@ wait_qmp() {
 # clean and merges to what the guest wrote.
 migrated_guest_checks() {
     local d="$1" src="$2" dst="$3" overlay="$4" after
-    if vmtest_lines "$src" | grep -q '^VMTEST DONE'; then
+    if vmtest_lines "$src" | grep '^VMTEST DONE' >/dev/null; then
         tfail "the guest finished on the source: the migration came too late"
     fi
     after="$(vmtest_lines "$dst" | grep -c '^VMTEST INFO chunk' || true)"
