@@ -90,7 +90,8 @@ class Neighbours:
         argv = [str(self.load), "--socket", str(sock), "--pattern", "randread", "--bs", "4k",
                 "--iodepth", "32", "--queues", "1", "--runtime", str(runtime),
                 "--ramp", str(self.a.ramp), "--seed", str(seed), "--json"]
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(bench.taskset("client") + argv, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     def result(self, p: subprocess.Popen) -> dict:
         out, err = p.communicate(timeout=self.a.runtime + self.a.ramp + 120)
@@ -166,6 +167,9 @@ def main() -> int:
     p.add_argument("--ramp", type=float, default=1.0, help="warm-up seconds")
     p.add_argument("--reps", type=int, default=3, help="repetitions of each case")
     p.add_argument("--no-qsd", action="store_true", help="only our daemon as A and B")
+    p.add_argument("--pin", choices=["split", "none"], default="split",
+                   help="split (default): both daemons on CPU 0, the clients on the others, "
+                   "so that A's wake-ups compete with B's daemon; none: unpinned")
     p.add_argument("--workdir", default="/var/tmp/vhost-user-cow-neighbour")
     p.add_argument("--output", help="results directory (default bench-results/neighbour-DATE)")
     p.add_argument("--bin-dir", help="where vhost-user-cow and vhost-user-cow-load are "
@@ -181,6 +185,7 @@ def main() -> int:
                    "-p", "vhost-user-cow", "--bin", "vhost-user-cow",
                    "-p", "vhost-user-cow-load", "--bin", "vhost-user-cow-load"], cwd=bench.ROOT)
         a.bin_dir = str(target / "release")
+    bench.PIN["mode"] = a.pin
     n = Neighbours(a)
     n.make_base()
     pairs = [("ours", "ours")] + ([] if a.no_qsd else [("qsd", "qsd")])
@@ -190,7 +195,7 @@ def main() -> int:
             # Interleaved, so that drift in the machine's load hits both.
             for throttled in (False, True):
                 runs.append(n.one(a_who, b_who, throttled, rep))
-    meta = {"limit": a.limit, "runtime": a.runtime, "reps": a.reps, "size": a.size,
+    meta = {"pin": a.pin, "limit": a.limit, "runtime": a.runtime, "reps": a.reps, "size": a.size,
             "date": f"{dt.datetime.now():%Y-%m-%d %H:%M}", "loadavg": bench.loadavg()}
     rows = summarise(runs, a.limit)
     Path(a.output, "neighbour.json").write_text(json.dumps({"meta": meta, "runs": runs,
