@@ -623,6 +623,17 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(cli.verbose, default_level);
+    if !matches!(cli.command, Command::Serve(_)) {
+        // A tool whose output goes to a closed pipe (`info | head`) ends
+        // quietly, as other command-line tools do, instead of panicking in
+        // println!. The daemon keeps SIGPIPE ignored: a frontend that goes
+        // away must not kill it.
+        // SAFETY: setting a signal's disposition to the default, before
+        // any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Create(a) => cmd_create(a),
         Command::Info(a) => cmd_info(a),

@@ -850,3 +850,32 @@ fn every_argument_in_help_has_a_description() {
         }
     }
 }
+
+/// A tool writing into a closed pipe (`info | head`) ends by SIGPIPE, as
+/// other command-line tools do: no panic, no backtrace.
+#[test]
+fn tools_end_quietly_on_a_closed_pipe() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    write_file(&base, &vec![0u8; 1 << 20]);
+    let cow = dir.path().join("d.cow");
+    ok(run(&[&"create", &cow, &"--backing", &base]));
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(bin())
+        .args([std::ffi::OsStr::new("info"), cow.as_os_str()])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "info into a closed pipe: {:?}, stderr: {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
