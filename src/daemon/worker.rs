@@ -121,6 +121,12 @@ pub struct Worker {
     off_lock_in_flight: usize,
     /// Their completions, split from the scheduler's at reap.
     off_lock_done: Vec<Completion>,
+    /// The scheduler held operations for this thread after the last step
+    /// (a full engine refused one, rule 5).
+    sched_has_ops: bool,
+    /// Reads off the lock completed since: the engine has room for those
+    /// operations, and no scheduler completion will make a step run.
+    sched_retry: bool,
     /// Threads the scheduler gave work to.
     kicks: Vec<ThreadId>,
     /// Per ring published to in this batch: a memory guard to notify with.
@@ -224,6 +230,8 @@ impl Worker {
             to_submit_spare: Vec::new(),
             off_lock_in_flight: 0,
             off_lock_done: Vec::new(),
+            sched_has_ops: false,
+            sched_retry: false,
             kicks: Vec::new(),
             touched: Vec::new(),
             max_inflight,
@@ -339,7 +347,7 @@ impl Worker {
     /// Work for the scheduler is waiting: parts to submit or completions
     /// to report.
     pub fn has_sched_input(&self) -> bool {
-        !self.to_submit.is_empty() || !self.completions.is_empty()
+        !self.to_submit.is_empty() || !self.completions.is_empty() || self.sched_retry
     }
 
     /// Finished requests are waiting to be published.
@@ -634,6 +642,7 @@ impl Worker {
             }
             keep
         });
+        self.sched_retry |= self.sched_has_ops && !mine.is_empty();
         for c in mine.drain(..) {
             self.off_lock_in_flight -= 1;
             self.finish_op(&c);
@@ -789,6 +798,8 @@ impl Worker {
             self.done.push(d);
         }
         self.kicks = sched.take_kicks(self.thread);
+        self.sched_has_ops = sched.has_ops(self.thread);
+        self.sched_retry = false;
     }
 
     /// Hands queued operations to the kernel; inline writes run here,
