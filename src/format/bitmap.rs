@@ -860,6 +860,51 @@ mod tests {
     }
 
     #[test]
+    fn reader_sees_pages_only_while_they_are_valid_and_resident() {
+        // Pages 0..2 on file, 64 chunks (sectors) each; cap of one page.
+        let mut on_file = RangeSet::new();
+        on_file.insert(0..2);
+        let mut b = small_pages(64 * 4).with_on_file(on_file).with_cap_bytes(8);
+        let r = b.reader();
+        assert!(!r.all_set(0, 8), "a page on file, not loaded");
+        assert_eq!(b.pin(0), Pinned::NeedsLoad);
+        b.load_buf(0).fill(0xff);
+        assert!(!r.all_set(0, 8), "a page being loaded");
+        b.load_done(0);
+        assert!(r.all_set(0, 64));
+        assert!(!r.all_set(0, 65), "page 1 not loaded");
+        assert!(!r.all_set(63, 2));
+        // A hole made resident by a write is seen with its bits.
+        b.set_range(128 + 3, 5);
+        assert!(r.all_set(131, 5));
+        assert!(!r.all_set(130, 5) && !r.all_set(131, 6));
+        // Unpinned and over the cap: dropped, withdrawn from readers first.
+        b.unpin(0);
+        b.evict();
+        assert_eq!(b.resident_pages(), 1);
+        assert_eq!(r.all_set(0, 1), b.is_loaded(0));
+        assert_eq!(r.all_set(131, 5), b.is_loaded(2));
+        assert_eq!(b.published_pages(), b.resident_pages());
+        // A copy has its own pages: the reader never sees its changes.
+        let mut copy = b.clone();
+        copy.set_range(192, 64);
+        assert!(!r.all_set(192, 1));
+        drop(copy);
+        assert_eq!(
+            r.all_set(131, 5),
+            b.is_loaded(2),
+            "a dropped copy withdrew nothing"
+        );
+        // Past the end, empty: not known.
+        assert!(!r.all_set(255, 2) && !r.all_set(0, 0) && !r.all_set(u64::MAX, 2));
+        drop(b);
+        assert!(
+            !r.all_set(131, 1),
+            "a reader outliving its bitmap sees nothing"
+        );
+    }
+
+    #[test]
     fn count_chunk_bits_stops_at_the_last_chunk() {
         assert_eq!(count_chunk_bits(&[0xff, 0xff], 0, 16), 16);
         assert_eq!(count_chunk_bits(&[0xff, 0xff], 0, 11), 11);
