@@ -24,6 +24,7 @@ struct PagePtr(*const u8);
 // while the owner keeps the slot alive and changes it only under the
 // write lock (see the module comment).
 unsafe impl Send for PagePtr {}
+// SAFETY: as for Send: shared use is only reads under the read lock.
 unsafe impl Sync for PagePtr {}
 
 /// The published pages, by page number.
