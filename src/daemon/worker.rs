@@ -645,9 +645,18 @@ impl Worker {
         self.sched_retry |= self.sched_has_ops && !mine.is_empty();
         for c in mine.drain(..) {
             self.off_lock_in_flight -= 1;
-            self.finish_op(&c);
+            let id = c.user_data & !OFF_LOCK;
+            // A short read reads as zeros past what was read, as the
+            // scheduler's reads do. Not tracked in `ops`: the request
+            // itself says how long the read was (its whole buffer).
+            if let (Some(f), Ok(n)) = (self.inflight.get(Self::slot_of(id)), c.result) {
+                let len = (f.req.data_len >> SECTOR_SHIFT) << SECTOR_SHIFT;
+                if n < len {
+                    zero_fill(&f.req.data, n, len - n);
+                }
+            }
             self.done.push(Done {
-                id: c.user_data & !OFF_LOCK,
+                id,
                 status: if c.result.is_ok() {
                     Status::Ok
                 } else {
@@ -703,14 +712,6 @@ impl Worker {
                 Ok(()) => {
                     self.off_lock_in_flight += 1;
                     LockCounts::bump(&counts.off_lock_reads);
-                    self.ops.insert(
-                        user_data,
-                        Tracked::GuestRead {
-                            slot,
-                            buf_offset: 0,
-                            len,
-                        },
-                    );
                 }
                 Err(SubmitError::Full(_)) => {
                     // Rule 5: the scheduler parks it and issues it first
