@@ -169,6 +169,11 @@ class Daemon:
         m = re.search(r"write path counters: (\{.*\})", text)
         if m:
             out["counters"] = json.loads(m.group(1))
+        # Reads issued off the scheduler's lock are counted here, not in
+        # the write path's counters.
+        m = re.search(r"lock counters: (\{.*\})", text)
+        if m:
+            out["lock_counters"] = json.loads(m.group(1))
         if rc != 0:
             out["log_tail"] = text[-2000:]
         if self.sock.exists() and rc == 0 and "counters" in out:
@@ -339,6 +344,8 @@ class Bench:
                     log(msg)
                 if "counters" in st:
                     res[f"counters_{i}"] = st["counters"]
+                if "lock_counters" in st:
+                    res[f"lock_counters_{i}"] = st["lock_counters"]
             if who == "ours":
                 c = subprocess.run([str(self.ours), "check", str(self.cow_path(kind))],
                                    capture_output=True, text=True)

@@ -142,6 +142,12 @@ fn query_disk_and_stats_follow_the_guests_io() {
         (&json!(1), &json!(2))
     );
     assert_eq!(stats["write_path"]["writes"], 5);
+    // The read of written sectors went off the scheduler's lock, the one
+    // of backing data through the scheduler.
+    assert_eq!(stats["write_path"]["reads"], 1, "{stats:#}");
+    assert_eq!(stats["locks"]["off_lock_reads"], 1, "{stats:#}");
+    assert_eq!(stats["locks"]["view_read_locks"], 2, "{stats:#}");
+    assert!(stats["locks"]["sched_locks"].as_u64().unwrap() > 0);
     assert_eq!(stats["metadata_failure"], Value::Null);
     drop(dev);
 }

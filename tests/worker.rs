@@ -586,3 +586,130 @@ fn throttled_ring_is_taken_again_when_all_requests_finish_at_once() {
         assert_eq!(h.guest.status(r), S_OK);
     }
 }
+
+// ---------------------------------------------------------------------
+// Reads off the scheduler's lock (docs/design.md): raw reads and COW
+// reads of allocated chunks go straight to the engine.
+
+fn sched_locks(h: &Harness) -> u64 {
+    h.dev
+        .lock_counts(0)
+        .sched_locks
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn off_lock_reads(h: &Harness) -> u64 {
+    h.dev
+        .lock_counts(0)
+        .off_lock_reads
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn raw_reads_take_no_scheduler_lock() {
+    // Room for every read in the engine.
+    let mut h = Harness::new(RAW, 16, mode(false));
+    let reads: Vec<(u64, Req)> = (0..12u64)
+        .map(|i| {
+            let sector = i * 37;
+            (sector, h.guest.read(sector, &[512, 1536, 2048], 0xAA))
+        })
+        .collect();
+    h.kick();
+    // Out of order: completions are matched to their requests.
+    h.run(all_reversed);
+    for (sector, r) in &reads {
+        assert_eq!(h.guest.status(r), S_OK);
+        assert_eq!(
+            h.guest.data(r),
+            patterned(sector * 512, 4096),
+            "sector {sector}"
+        );
+    }
+    assert_eq!(sched_locks(&h), 0);
+    assert_eq!(off_lock_reads(&h), 12);
+    assert_eq!(h.dev.sched().stats().reads, 0);
+    // A write still goes through the scheduler.
+    let w = h.guest.write(3, &data(1, 512));
+    h.kick();
+    h.run(all_in_order);
+    assert_eq!(h.guest.status(&w), S_OK);
+    assert!(sched_locks(&h) > 0);
+}
+
+fn allocated_cow_reads(disk: DiskKind) {
+    let mut h = Harness::new(disk, 8, mode(false));
+    let mine = data(3, 64 * 512);
+    let w = h.guest.write(0, &mine);
+    h.kick();
+    h.run(all_in_order);
+    assert_eq!(h.guest.status(&w), S_OK);
+    let locks = sched_locks(&h);
+    let views = h
+        .dev
+        .lock_counts(0)
+        .view_read_locks
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // Every chunk of these is allocated: no scheduler lock.
+    let reads: Vec<(u64, Req)> = [0u64, 5, 17, 40, 56]
+        .iter()
+        .map(|&s| (s, h.guest.read(s, &[1024, 3072], 0xAA)))
+        .collect();
+    h.kick();
+    h.run(all_reversed);
+    for (s, r) in &reads {
+        assert_eq!(h.guest.status(r), S_OK);
+        let at = usize::try_from(s * 512).unwrap();
+        assert_eq!(h.guest.data(r), &mine[at..at + 4096], "sector {s}");
+    }
+    assert_eq!(
+        sched_locks(&h),
+        locks,
+        "an allocated read took the scheduler's lock"
+    );
+    assert_eq!(off_lock_reads(&h), 5);
+    let views_now = h
+        .dev
+        .lock_counts(0)
+        .view_read_locks
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(views_now - views, 5);
+    // Half over the backing file: through the scheduler (rule 4).
+    let r = h.guest.read(60, &[4096], 0xAA);
+    h.kick();
+    h.run(all_in_order);
+    assert_eq!(h.guest.status(&r), S_OK);
+    let got = h.guest.data(&r);
+    assert_eq!(&got[..2048], &mine[60 * 512..]);
+    assert_eq!(&got[2048..], &patterned(64 * 512, 2048)[..]);
+    assert!(sched_locks(&h) > locks);
+    assert_eq!(off_lock_reads(&h), 5);
+}
+
+#[test]
+fn allocated_cow_reads_take_no_scheduler_lock() {
+    allocated_cow_reads(COW_512);
+}
+
+#[test]
+fn allocated_cow_reads_take_no_scheduler_lock_4k_chunks() {
+    allocated_cow_reads(COW_4K);
+}
+
+#[test]
+fn off_lock_reads_the_engine_has_no_room_for_wait_in_the_scheduler() {
+    // Capacity 1: the second read taken finds the engine full (rule 5).
+    let mut h = Harness::new(RAW, 1, mode(false));
+    let reads: Vec<(u64, Req)> = (0..6u64)
+        .map(|i| (i * 8, h.guest.read(i * 8, &[4096], 0xAA)))
+        .collect();
+    h.kick();
+    h.run(oldest);
+    for (sector, r) in &reads {
+        assert_eq!(h.guest.status(r), S_OK);
+        assert_eq!(h.guest.data(r), patterned(sector * 512, 4096));
+    }
+    assert!(sched_locks(&h) > 0, "no read was parked");
+    assert!(off_lock_reads(&h) > 0);
+    assert_eq!(off_lock_reads(&h) + h.dev.sched().stats().reads, 6);
+}

@@ -235,6 +235,7 @@ impl DaemonCommands {
             "total": self.stats.snapshot(0..n),
             "queues": queues,
             "write_path": write_path,
+            "locks": self.dev.lock_counts_total(),
             "metadata_failure": failure,
         })
     }

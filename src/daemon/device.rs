@@ -5,12 +5,13 @@
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::control::events::EventBus;
 use crate::daemon::scheduler::{CowLayout, Scheduler};
 use crate::daemon::throttle::{Limit, Throttle};
+use crate::format::bitmap_view::BitmapReader;
 use crate::format::error::{DiskError, Result};
 use crate::format::{Disk, DiskFormat, DiskOptions};
 use crate::units::{SECTOR_BYTES, SECTOR_SHIFT};
@@ -124,6 +125,11 @@ pub struct Device {
     /// cannot turn its disk into a COW file naming a host file.
     pub guards_cow_magic: bool,
     sched: Mutex<Scheduler>,
+    /// How reads skip the scheduler (docs/design.md, "Reads off the
+    /// scheduler's lock").
+    off_lock: OffLock,
+    /// Per worker thread: lock and fast-path counters.
+    lock_counts: Box<[LockCounts]>,
     /// The I/O limits.
     pub throttle: Throttle,
     /// Events for control-socket clients (a no-op without a control socket).
@@ -132,6 +138,47 @@ pub struct Device {
     failure_announced: AtomicBool,
     /// Holds the COW file's lock when `file` was opened a second time.
     _lock_holder: Option<File>,
+}
+
+/// Which reads may be issued without the scheduler.
+enum OffLock {
+    /// A raw image: every read (nothing orders reads on a raw image).
+    Raw,
+    /// A COW disk: reads whose chunks are all allocated, read from the COW
+    /// file at `data_offset`; bits are only ever set, after their data.
+    Cow {
+        bitmap: BitmapReader,
+        data_offset: u64,
+    },
+}
+
+/// One worker's counters: written only by that worker (a load and a
+/// store, no locked instruction), read by the control thread and at
+/// exit. Each on its own cache lines, so workers never share one.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct LockCounts {
+    /// Acquisitions of the scheduler's mutex.
+    pub sched_locks: AtomicU64,
+    /// Acquisitions of the bitmap view's read lock (COW reads checked).
+    pub view_read_locks: AtomicU64,
+    /// Reads issued without the scheduler.
+    pub off_lock_reads: AtomicU64,
+}
+
+impl LockCounts {
+    /// Adds one (single writer: no read-modify-write instruction needed).
+    pub fn bump(counter: &AtomicU64) {
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+}
+
+/// The sum of every worker's [`LockCounts`].
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct LockCountsSnapshot {
+    pub sched_locks: u64,
+    pub view_read_locks: u64,
+    pub off_lock_reads: u64,
 }
 
 /// The serial a disk gets when none is given: its file name, shortened to
@@ -174,14 +221,19 @@ impl Device {
         let guards_cow_magic = format_guessed && cow.is_none() && !opts.read_only;
         let mut block_size = 1u32 << SECTOR_SHIFT; // one sector
         let mut cow_summary = None;
-        let (sched, backing, backing_path, description) = match cow {
+        let (sched, off_lock, backing, backing_path, description) = match cow {
             None => (
                 Scheduler::new_raw(sectors, threads, opts.read_only),
+                OffLock::Raw,
                 None,
                 None,
                 format!("raw image, {} sectors", sectors),
             ),
-            Some(c) => {
+            Some(mut c) => {
+                let off_lock = OffLock::Cow {
+                    bitmap: c.bitmap.reader(),
+                    data_offset: c.geometry.data_offset,
+                };
                 let bitmap_block = match opts.cache {
                     CacheMode::Direct => {
                         // O_DIRECT bitmap writes need block-aligned file
@@ -240,6 +292,7 @@ impl Device {
                 };
                 (
                     Scheduler::new_cow(sectors, c.bitmap, layout, threads, opts.read_only),
+                    off_lock,
                     Some(c.backing),
                     Some(c.backing_path),
                     description,
@@ -270,6 +323,8 @@ impl Device {
             format_guessed,
             guards_cow_magic,
             sched: Mutex::new(sched),
+            off_lock,
+            lock_counts: (0..threads.max(1)).map(|_| LockCounts::default()).collect(),
             events,
             throttle: Throttle::new(&opts.throttle),
             failure_announced: AtomicBool::new(false),
@@ -295,6 +350,50 @@ impl Device {
     /// the state it left is still the best there is to drain.
     pub fn sched(&self) -> MutexGuard<'_, Scheduler> {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file offset a read of sectors `[sector, sector + count)` can be
+    /// issued at without the scheduler (in the COW file, or the raw
+    /// image), or None when it must go through the scheduler: a COW read
+    /// touching a chunk not known allocated (backing data, rule 4; a page
+    /// not resident), or a range the scheduler refuses. `view_lock` is set
+    /// when the bitmap view's read lock was taken.
+    pub fn read_off_lock(&self, sector: u64, count: u64, view_lock: &mut bool) -> Option<u64> {
+        let end = sector.checked_add(count)?;
+        if count == 0 || end > self.sectors {
+            return None;
+        }
+        match &self.off_lock {
+            OffLock::Raw => Some(sector * SECTOR_BYTES),
+            OffLock::Cow {
+                bitmap,
+                data_offset,
+            } => {
+                *view_lock = true;
+                // Set bits stay set and their data is in the COW file
+                // (rule 1): reading it at any later moment is right.
+                bitmap
+                    .all_set(sector, count)
+                    .then(|| data_offset + sector * SECTOR_BYTES)
+            }
+        }
+    }
+
+    /// Worker `thread`'s counters (the last one's for a thread past the
+    /// end, which the scheduler's queues do not have either).
+    pub fn lock_counts(&self, thread: usize) -> &LockCounts {
+        &self.lock_counts[thread.min(self.lock_counts.len() - 1)]
+    }
+
+    /// Every worker's counters, summed.
+    pub fn lock_counts_total(&self) -> LockCountsSnapshot {
+        let mut t = LockCountsSnapshot::default();
+        for c in self.lock_counts.iter() {
+            t.sched_locks += c.sched_locks.load(Ordering::Relaxed);
+            t.view_read_locks += c.view_read_locks.load(Ordering::Relaxed);
+            t.off_lock_reads += c.off_lock_reads.load(Ordering::Relaxed);
+        }
+        t
     }
 
     /// Announces the scheduler's metadata failure once (called after each

@@ -254,6 +254,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         "write path counters: {}",
         serde_json::to_string(&sched_stats).unwrap_or_default()
     );
+    log::info!(
+        "lock counters: {}",
+        serde_json::to_string(&dev.lock_counts_total()).unwrap_or_default()
+    );
     if let Some(why) = dev.sched().failure() {
         log::error!("the disk stopped accepting writes: {why}");
     }

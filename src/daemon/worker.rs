@@ -3,9 +3,12 @@
 //! thread's own I/O engine, and publish finished requests on the used
 //! rings. The loop that runs these steps is `worker_thread.rs`.
 //!
-//! Locks: no step takes the scheduler's mutex; the loop takes it at most
-//! once per iteration and passes `&mut Scheduler` to
-//! [`Worker::sched_step`]. A virtqueue's mutex is taken in
+//! Locks: the scheduler's mutex is taken only by
+//! [`Worker::sched_step_locked`], at most once per loop iteration (it
+//! passes `&mut Scheduler` to [`Worker::sched_step`]). Reads that need no
+//! ordering (raw images, COW reads of allocated chunks) skip it:
+//! [`Worker::issue_off_lock`] issues them straight to the engine and
+//! [`Worker::reap`] finishes them. A virtqueue's mutex is taken in
 //! [`Worker::take_requests`] and [`Worker::publish`], never while the
 //! scheduler's is held.
 
@@ -17,7 +20,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::cow_magic_guard::{pin_first_sector, FirstSector};
-use super::device::Device;
+use super::device::{Device, LockCounts};
 use super::guest_memory::{Memory, MemoryGuard};
 use super::request_stats::{self, RequestStats};
 use super::scheduler::{
@@ -37,6 +40,10 @@ use crate::virtio::request::{
 /// Bits of a scheduler request id: thread, slot, part (discard ranges).
 const PART_BITS: u32 = 8;
 const SLOT_BITS: u32 = 32;
+/// Marks the engine user data of a read issued off the scheduler's lock
+/// (the request id in the other bits); the scheduler's op ids count up
+/// from 1 and never reach it.
+const OFF_LOCK: u64 = 1 << 63;
 
 /// The one place where the write path's outcome becomes a virtio status.
 pub fn guest_status(status: Status) -> u8 {
@@ -107,6 +114,19 @@ pub struct Worker {
     done: Vec<Done>,
     /// Parts of requests taken this iteration, for the scheduler.
     to_submit: Vec<DiskRequest>,
+    /// The other half of `to_submit`'s double buffer (no allocation when
+    /// reads are taken out of it).
+    to_submit_spare: Vec<DiskRequest>,
+    /// Reads issued off the scheduler's lock and not yet reaped.
+    off_lock_in_flight: usize,
+    /// Their completions, split from the scheduler's at reap.
+    off_lock_done: Vec<Completion>,
+    /// The scheduler held operations for this thread after the last step
+    /// (a full engine refused one, rule 5).
+    sched_has_ops: bool,
+    /// Reads off the lock completed since: the engine has room for those
+    /// operations, and no scheduler completion will make a step run.
+    sched_retry: bool,
     /// Threads the scheduler gave work to.
     kicks: Vec<ThreadId>,
     /// Per ring published to in this batch: a memory guard to notify with.
@@ -207,6 +227,11 @@ impl Worker {
             completions: Vec::new(),
             done: Vec::new(),
             to_submit: Vec::new(),
+            to_submit_spare: Vec::new(),
+            off_lock_in_flight: 0,
+            off_lock_done: Vec::new(),
+            sched_has_ops: false,
+            sched_retry: false,
             kicks: Vec::new(),
             touched: Vec::new(),
             max_inflight,
@@ -322,7 +347,7 @@ impl Worker {
     /// Work for the scheduler is waiting: parts to submit or completions
     /// to report.
     pub fn has_sched_input(&self) -> bool {
-        !self.to_submit.is_empty() || !self.completions.is_empty()
+        !self.to_submit.is_empty() || !self.completions.is_empty() || self.sched_retry
     }
 
     /// Finished requests are waiting to be published.
@@ -597,9 +622,130 @@ impl Worker {
     }
 
     /// Collects finished engine operations (no lock). Inline writes
-    /// complete inside `flush`, so this also reaps after a flush.
+    /// complete inside `flush`, so this also reaps after a flush. Reads
+    /// issued off the scheduler's lock finish here (into `done`); only the
+    /// scheduler's operations are left for its step.
     pub fn reap(&mut self) {
+        let before = self.completions.len();
         self.engine.reap(&mut self.completions);
+        if self.off_lock_in_flight == 0 || self.completions.len() == before {
+            return;
+        }
+        let mut mine = std::mem::take(&mut self.off_lock_done);
+        let mut i = 0;
+        // Stable: the scheduler's completions keep their order.
+        self.completions.retain(|c| {
+            let keep = i < before || c.user_data & OFF_LOCK == 0;
+            i += 1;
+            if !keep {
+                mine.push(*c);
+            }
+            keep
+        });
+        self.sched_retry |= self.sched_has_ops && !mine.is_empty();
+        for c in mine.drain(..) {
+            self.off_lock_in_flight -= 1;
+            let id = c.user_data & !OFF_LOCK;
+            // A short read reads as zeros past what was read, as the
+            // scheduler's reads do. Not tracked in `ops`: the request
+            // itself says how long the read was (its whole buffer).
+            if let (Some(f), Ok(n)) = (self.inflight.get(Self::slot_of(id)), c.result) {
+                let len = (f.req.data_len >> SECTOR_SHIFT) << SECTOR_SHIFT;
+                if n < len {
+                    zero_fill(&f.req.data, n, len - n);
+                }
+            }
+            self.done.push(Done {
+                id,
+                status: if c.result.is_ok() {
+                    Status::Ok
+                } else {
+                    Status::IoErr
+                },
+            });
+        }
+        self.off_lock_done = mine;
+    }
+
+    /// Issues the reads among the parts taken that need no ordering
+    /// straight to the engine, without the scheduler's lock (raw images;
+    /// COW reads whose chunks are all allocated: `Device::read_off_lock`).
+    /// The rest stay for the scheduler; so does a read the engine has no
+    /// room for (the scheduler parks it, rule 5).
+    pub fn issue_off_lock(&mut self, dev: &Device) {
+        if !self.to_submit.iter().any(|p| p.kind == ReqKind::Read) {
+            return;
+        }
+        let counts = dev.lock_counts(self.thread);
+        let mut parts = std::mem::take(&mut self.to_submit);
+        self.to_submit = std::mem::take(&mut self.to_submit_spare);
+        let mut full = false;
+        for p in parts.drain(..) {
+            if full || p.kind != ReqKind::Read {
+                self.to_submit.push(p);
+                continue;
+            }
+            let mut view_lock = false;
+            let offset = dev.read_off_lock(p.sector, p.count, &mut view_lock);
+            if view_lock {
+                LockCounts::bump(&counts.view_read_locks);
+            }
+            let Some(offset) = offset else {
+                self.to_submit.push(p);
+                continue;
+            };
+            let slot = Self::slot_of(p.id);
+            let len = p.count << SECTOR_SHIFT;
+            let Some(f) = self.inflight.get(slot) else {
+                self.to_submit.push(p);
+                continue;
+            };
+            let io = IoOp::Readv {
+                fd: dev.cow_fd(),
+                offset,
+                iov: iovecs(&f.req.data, 0, len),
+            };
+            let user_data = OFF_LOCK | p.id;
+            // SAFETY: the request's buffers stay mapped (its memory guard)
+            // and untouched until its completion is reaped.
+            match unsafe { self.engine.submit(io, user_data) } {
+                Ok(()) => {
+                    self.off_lock_in_flight += 1;
+                    LockCounts::bump(&counts.off_lock_reads);
+                }
+                Err(SubmitError::Full(_)) => {
+                    // Rule 5: the scheduler parks it and issues it first
+                    // once completions free room.
+                    full = true;
+                    self.to_submit.push(p);
+                }
+                Err(e) => {
+                    crate::log_limited!(
+                        log::Level::Error,
+                        "cannot issue",
+                        "cannot issue a read of {} sectors at {}: {e}",
+                        p.count,
+                        p.sector
+                    );
+                    self.done.push(Done {
+                        id: p.id,
+                        status: Status::IoErr,
+                    });
+                }
+            }
+        }
+        self.to_submit_spare = parts;
+    }
+
+    /// Takes the scheduler's lock (counted) for one [`sched_step`], and
+    /// announces a metadata failure it shows.
+    ///
+    /// [`sched_step`]: Worker::sched_step
+    pub fn sched_step_locked(&mut self, dev: &Device) {
+        let mut sched = dev.sched();
+        LockCounts::bump(&dev.lock_counts(self.thread).sched_locks);
+        self.sched_step(dev, &mut sched);
+        dev.announce_failure(&sched);
     }
 
     /// The one step under the scheduler's lock: submit the parts taken,
@@ -653,6 +799,8 @@ impl Worker {
             self.done.push(d);
         }
         self.kicks = sched.take_kicks(self.thread);
+        self.sched_has_ops = sched.has_ops(self.thread);
+        self.sched_retry = false;
     }
 
     /// Hands queued operations to the kernel; inline writes run here,

@@ -366,12 +366,10 @@ impl WorkerLoop {
                 worker.release_delayed(&dev);
             }
             worker.reap();
+            worker.issue_off_lock(&dev);
             if worker.has_sched_input() || woken {
                 woken = false;
-                let mut sched = dev.sched();
-                worker.sched_step(&dev, &mut sched);
-                dev.announce_failure(&sched);
-                drop(sched);
+                worker.sched_step_locked(&dev);
                 for t in worker.take_kicks() {
                     if t != thread {
                         let _ = mailboxes[t].wake.write(1);

@@ -20,9 +20,11 @@
 //! flight (docs/design.md, "The bitmap in pages").
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
+use super::bitmap_view::{BitmapReader, View};
 use crate::fsutil::page_pool::PagePool;
 use crate::fsutil::range_set::RangeSet;
 use crate::units::to_usize;
@@ -62,7 +64,6 @@ struct Page {
     referenced: bool,
 }
 
-#[derive(Clone)]
 pub struct Bitmap {
     chunks: u64,
     /// log2(sectors per chunk).
@@ -86,6 +87,42 @@ pub struct Bitmap {
     frozen: bool,
     loads: u64,
     evictions: u64,
+    /// The resident pages as readers off the owner's lock see them
+    /// (`bitmap_view.rs`); made by the first `reader`.
+    view: Option<Arc<View>>,
+}
+
+/// A copy has its own pages and no readers (the scheduler's exhaustive
+/// tests clone it at every step).
+impl Clone for Bitmap {
+    fn clone(&self) -> Bitmap {
+        Bitmap {
+            chunks: self.chunks,
+            chunk_shift: self.chunk_shift,
+            page_shift: self.page_shift,
+            stored_bytes: self.stored_bytes,
+            pool: self.pool.clone(),
+            pages: self.pages.clone(),
+            on_file: self.on_file.clone(),
+            cap_pages: self.cap_pages,
+            clock: self.clock.clone(),
+            resident: self.resident,
+            frozen: self.frozen,
+            loads: self.loads,
+            evictions: self.evictions,
+            view: None,
+        }
+    }
+}
+
+/// Readers that outlive the bitmap find no page (and take the slow path)
+/// rather than freed memory.
+impl Drop for Bitmap {
+    fn drop(&mut self) {
+        if let Some(v) = &self.view {
+            v.write().clear();
+        }
+    }
 }
 
 impl std::fmt::Debug for Bitmap {
@@ -158,7 +195,34 @@ impl Bitmap {
             frozen: false,
             loads: 0,
             evictions: 0,
+            view: None,
         }
+    }
+
+    /// A handle for threads that ask whether ranges are allocated without
+    /// the owner's lock. From now on every page change is published to it.
+    pub fn reader(&mut self) -> BitmapReader {
+        let view = match &self.view {
+            Some(v) => v.clone(),
+            None => {
+                let v = View::new();
+                let mut published = v.write();
+                for (&page, p) in &self.pages {
+                    if let (true, Some(slot)) = (p.loaded, p.slot) {
+                        published.publish(page, self.pool.ptr(slot));
+                    }
+                }
+                drop(published);
+                self.view = Some(v.clone());
+                v
+            }
+        };
+        BitmapReader::new(view, self.chunks, self.chunk_shift, self.page_shift)
+    }
+
+    /// Pages readers off the lock can see (for tests and counters).
+    pub fn published_pages(&self) -> usize {
+        self.view.as_ref().map_or(0, |v| v.write().len())
     }
 
     /// Pages of `bytes` (a power of two, at least 8: words never straddle
@@ -279,8 +343,11 @@ impl Bitmap {
         self.pool.alloc()
     }
 
-    fn free_slot(&mut self, slot: Option<u32>) {
+    fn free_slot(&mut self, page: u64, slot: Option<u32>) {
         if let Some(s) = slot {
+            if let Some(v) = &self.view {
+                v.write().withdraw(page);
+            }
             self.resident -= 1;
             self.pool.free(s);
         }
@@ -328,7 +395,7 @@ impl Bitmap {
         if p.pins == 0 && (!p.loaded || p.slot.is_none()) {
             let slot = p.slot;
             self.pages.remove(&page);
-            self.free_slot(slot);
+            self.free_slot(page, slot);
         }
     }
 
@@ -375,6 +442,10 @@ impl Bitmap {
         if chunks % 8 != 0 && (start..start + len).contains(&(last - 1)) {
             bytes[to_usize(last - 1 - start)] &= (1u8 << (chunks % 8)) - 1;
         }
+        // Valid now: readers may see it.
+        if let Some(v) = &self.view {
+            v.write().publish(page, self.pool.ptr(slot));
+        }
         self.loads += 1;
         self.clock.push_back(page);
     }
@@ -414,7 +485,7 @@ impl Bitmap {
             }
             let slot = p.slot;
             self.pages.remove(&page);
-            self.free_slot(slot);
+            self.free_slot(page, slot);
             self.evictions += 1;
         }
     }
@@ -575,13 +646,21 @@ impl Bitmap {
         assert!(first + count <= self.chunks, "bit range beyond bitmap");
         let end = first + count;
         let pc = self.page_chunks();
+        // Readers off the lock never see bytes change under them.
+        let view = self.view.clone();
+        let mut published = view.as_deref().map(View::write);
         let mut bit = first;
         while bit < end {
             let page = bit / pc;
             let base = page * pc;
             let hi = end.min(base + pc);
             if value || self.pages.contains_key(&page) || self.on_file.contains(page) {
-                update_bits(self.page_mut(page), bit - base, hi - base, value);
+                let bytes = self.page_mut(page);
+                if let Some(p) = published.as_mut() {
+                    // A page made from a hole becomes visible here.
+                    p.publish(page, bytes.as_ptr());
+                }
+                update_bits(bytes, bit - base, hi - base, value);
             }
             bit = hi;
         }
@@ -778,6 +857,51 @@ mod tests {
     /// 8-byte pages: 64 chunks each.
     fn small_pages(chunks: u64) -> Bitmap {
         Bitmap::new(chunks, 512).with_page_bytes(8)
+    }
+
+    #[test]
+    fn reader_sees_pages_only_while_they_are_valid_and_resident() {
+        // Pages 0..2 on file, 64 chunks (sectors) each; cap of one page.
+        let mut on_file = RangeSet::new();
+        on_file.insert(0..2);
+        let mut b = small_pages(64 * 4).with_on_file(on_file).with_cap_bytes(8);
+        let r = b.reader();
+        assert!(!r.all_set(0, 8), "a page on file, not loaded");
+        assert_eq!(b.pin(0), Pinned::NeedsLoad);
+        b.load_buf(0).fill(0xff);
+        assert!(!r.all_set(0, 8), "a page being loaded");
+        b.load_done(0);
+        assert!(r.all_set(0, 64));
+        assert!(!r.all_set(0, 65), "page 1 not loaded");
+        assert!(!r.all_set(63, 2));
+        // A hole made resident by a write is seen with its bits.
+        b.set_range(128 + 3, 5);
+        assert!(r.all_set(131, 5));
+        assert!(!r.all_set(130, 5) && !r.all_set(131, 6));
+        // Unpinned and over the cap: dropped, withdrawn from readers first.
+        b.unpin(0);
+        b.evict();
+        assert_eq!(b.resident_pages(), 1);
+        assert_eq!(r.all_set(0, 1), b.is_loaded(0));
+        assert_eq!(r.all_set(131, 5), b.is_loaded(2));
+        assert_eq!(b.published_pages(), b.resident_pages());
+        // A copy has its own pages: the reader never sees its changes.
+        let mut copy = b.clone();
+        copy.set_range(192, 64);
+        assert!(!r.all_set(192, 1));
+        drop(copy);
+        assert_eq!(
+            r.all_set(131, 5),
+            b.is_loaded(2),
+            "a dropped copy withdrew nothing"
+        );
+        // Past the end, empty: not known.
+        assert!(!r.all_set(255, 2) && !r.all_set(0, 0) && !r.all_set(u64::MAX, 2));
+        drop(b);
+        assert!(
+            !r.all_set(131, 1),
+            "a reader outliving its bitmap sees nothing"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! the synchronous sector API of the tools, the locks, and the errors.
 
 pub mod bitmap;
+pub mod bitmap_view;
 pub mod create;
 pub mod error;
 pub mod header;

@@ -159,8 +159,9 @@ impl Harness {
     }
 
     /// One iteration of `WorkerLoop::run`, in its order: take (after a
-    /// kick or when backpressure left descriptors behind), reap, one
-    /// scheduler step under the lock, flush the engine, reap, publish.
+    /// kick or when backpressure left descriptors behind), reap, issue the
+    /// reads that skip the scheduler, one scheduler step under the lock,
+    /// flush the engine, reap, publish.
     pub fn iterate(&mut self) {
         self.iterations += 1;
         assert!(
@@ -173,11 +174,10 @@ impl Harness {
                 .take_requests(&self.dev, &self.rings, &self.guest.mem, self.mode);
         }
         self.worker.reap();
+        self.worker.issue_off_lock(&self.dev);
         if self.worker.has_sched_input() || self.woken {
             self.woken = false;
-            let mut sched = self.dev.sched();
-            self.worker.sched_step(&self.dev, &mut sched);
-            drop(sched);
+            self.worker.sched_step_locked(&self.dev);
             // One thread: the scheduler never names another one.
             assert!(self.worker.take_kicks().is_empty());
         }
