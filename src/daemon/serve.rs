@@ -168,32 +168,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             }
         );
     }
-    let (listener, socket_dir, name) = match &opts.socket {
-        SocketSource::Path { path, mode } => {
-            let listener = bind(path, *mode)?;
-            let dir = SocketDir::open(path);
-            let dir = match dir {
-                Ok(d) => d,
-                Err(source) => {
-                    let _ = std::fs::remove_file(path);
-                    return Err(ServeError::Socket {
-                        path: path.clone(),
-                        op: "open its directory",
-                        source,
-                    });
-                }
-            };
-            (listener, Some(dir), path.display().to_string())
-        }
-        SocketSource::Fd(fd) => {
-            // SAFETY: the fd was handed to us by our parent for this use.
-            let l = unsafe { UnixListener::from_raw_fd(*fd) };
-            l.local_addr()
-                .map_err(|source| ServeError::BadFd { fd: *fd, source })?;
-            (l, None, format!("fd {fd}"))
-        }
-    };
-
+    // The control socket first: whoever waits for the data socket to
+    // appear (a supervisor, the tests) finds the control socket there too.
     let control = match &opts.control_socket {
         None => None,
         Some(path) => {
@@ -210,15 +186,18 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                         source,
                     })
             });
-            match bound {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    if let Some(d) = &socket_dir {
-                        d.remove();
-                    }
-                    return Err(e);
-                }
+            Some(bound?)
+        }
+    };
+
+    let data = bind_data(&opts.socket);
+    let (listener, socket_dir, name) = match data {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some((_, d)) = &control {
+                d.remove();
             }
+            return Err(e);
         }
     };
 
@@ -263,6 +242,37 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     }
     super::log_limit::report_suppressed();
     result
+}
+
+/// The data socket: bound at its path, or inherited (socket activation).
+fn bind_data(
+    socket: &SocketSource,
+) -> Result<(UnixListener, Option<SocketDir>, String), ServeError> {
+    Ok(match socket {
+        SocketSource::Path { path, mode } => {
+            let listener = bind(path, *mode)?;
+            let dir = SocketDir::open(path);
+            let dir = match dir {
+                Ok(d) => d,
+                Err(source) => {
+                    let _ = std::fs::remove_file(path);
+                    return Err(ServeError::Socket {
+                        path: path.clone(),
+                        op: "open its directory",
+                        source,
+                    });
+                }
+            };
+            (listener, Some(dir), path.display().to_string())
+        }
+        SocketSource::Fd(fd) => {
+            // SAFETY: the fd was handed to us by our parent for this use.
+            let l = unsafe { UnixListener::from_raw_fd(*fd) };
+            l.local_addr()
+                .map_err(|source| ServeError::BadFd { fd: *fd, source })?;
+            (l, None, format!("fd {fd}"))
+        }
+    })
 }
 
 /// The sockets the daemon listens on.
