@@ -199,6 +199,17 @@ impl WorkerPool {
         self.mailboxes.len()
     }
 
+    /// Something that wakes worker `thread` (for work the control thread
+    /// gave it in the scheduler).
+    pub fn waker(&self) -> Box<dyn Fn(ThreadId) + Send + Sync> {
+        let mailboxes = self.mailboxes.clone();
+        Box::new(move |t| {
+            if let Some(m) = mailboxes.get(t) {
+                let _ = m.wake.write(1);
+            }
+        })
+    }
+
     pub fn engine_name(&self) -> &'static str {
         self.engine_name
     }
@@ -343,6 +354,12 @@ impl WorkerLoop {
                         detaching.push(done);
                     }
                     Command::Exit => {
+                        // A backup does not keep the daemon from exiting.
+                        let mut s = dev.sched();
+                        if let Some(p) = s.backup_progress() {
+                            s.cancel_backup(p.id);
+                        }
+                        drop(s);
                         for r in rings.drain(..) {
                             unwatch(&epoll, &r);
                         }
@@ -370,7 +387,7 @@ impl WorkerLoop {
                 woken = false;
                 let mut sched = dev.sched();
                 worker.sched_step(&dev, &mut sched);
-                dev.announce_failure(&sched);
+                dev.after_step(&mut sched);
                 drop(sched);
                 for t in worker.take_kicks() {
                     if t != thread {
@@ -381,6 +398,7 @@ impl WorkerLoop {
                 }
             }
             worker.flush_engine();
+            worker.run_backup_io(&dev);
             worker.reap(); // inline writes completed in the flush
             worker.publish(&rings, mode);
 
