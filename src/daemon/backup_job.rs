@@ -140,7 +140,8 @@ impl BackupJobs {
             return Err(BackupError::NotRegular { what: name });
         }
         // SAFETY: F_GETFL on an open fd.
-        let flags = unsafe { libc::fcntl(std::os::unix::io::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+        let flags =
+            unsafe { libc::fcntl(std::os::unix::io::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
         if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
             return Err(BackupError::NotWritable { what: name });
         }

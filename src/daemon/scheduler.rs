@@ -262,7 +262,10 @@ enum OpOwner {
     Bitmap,
     Load(u64),
     Sync(ReqId),
-    BackupWrite { cluster: u64, len: u64 },
+    BackupWrite {
+        cluster: u64,
+        len: u64,
+    },
     BackupSync,
 }
 
@@ -1413,7 +1416,12 @@ impl Scheduler {
                 if job.all_copied() {
                     job.syncing = true;
                     let (thread, id) = (job.thread, job.id);
-                    self.emit(thread, None, OpKind::BackupSync { job: id }, OpOwner::BackupSync);
+                    self.emit(
+                        thread,
+                        None,
+                        OpKind::BackupSync { job: id },
+                        OpOwner::BackupSync,
+                    );
                 }
                 return;
             }
@@ -1486,10 +1494,7 @@ impl Scheduler {
             job.copying.remove(&cluster);
             self.freed_bounces[thread].push(bounce);
             if status != Status::Ok {
-                let why = format!(
-                    "read of the disk at offset {} failed",
-                    first * SECTOR_BYTES
-                );
+                let why = format!("read of the disk at offset {} failed", first * SECTOR_BYTES);
                 self.stop_backup(JobState::Failed, Some(why));
             }
             self.pump_backup();

@@ -699,7 +699,9 @@ impl Worker {
                     bounce,
                 } => {
                     let buf = self.bounces.remove(&bounce);
-                    let data = buf.as_ref().map_or(&[][..], |b| &b.as_slice()[..to_usize(len)]);
+                    let data = buf
+                        .as_ref()
+                        .map_or(&[][..], |b| &b.as_slice()[..to_usize(len)]);
                     match dev.backups.target(job) {
                         None => Err(libc::EBADF),
                         Some(_) if data.iter().all(|&b| b == 0) => Ok(0),
