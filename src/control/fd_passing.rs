@@ -15,11 +15,17 @@ use std::os::unix::net::UnixStream;
 /// more that came with it (MSG_CTRUNC).
 pub const MAX_FDS_PER_MESSAGE: usize = 4;
 
+/// Bytes of `n` descriptors in a control message.
+#[allow(clippy::cast_possible_truncation)] // a few descriptors: 4 bytes each
+fn fd_bytes(n: usize) -> u32 {
+    (n * std::mem::size_of::<RawFd>()) as u32
+}
+
 /// Control-message space for `n` descriptors, in u64 words (aligned as
 /// `cmsghdr` needs).
 fn cmsg_words(n: usize) -> usize {
     // SAFETY: CMSG_SPACE only computes a size.
-    let bytes = unsafe { libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let bytes = unsafe { libc::CMSG_SPACE(fd_bytes(n)) } as usize;
     bytes.div_ceil(8)
 }
 
@@ -83,11 +89,11 @@ pub fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: RawFd) -> io::Result<
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        msg.msg_controllen = libc::CMSG_SPACE(fd_bytes(1)) as usize;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes(1)) as usize;
         libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd);
         libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
     };

@@ -342,6 +342,12 @@ impl Worker {
         !self.to_submit.is_empty() || !self.completions.is_empty() || !self.backup_done.is_empty()
     }
 
+    /// Backup writes or their results wait (the loop is busy with a
+    /// backup's copies).
+    pub fn has_backup_work(&self) -> bool {
+        !self.backup_io.is_empty() || !self.backup_done.is_empty()
+    }
+
     /// Finished requests are waiting to be published.
     pub fn has_done(&self) -> bool {
         !self.done.is_empty()

@@ -425,6 +425,12 @@ impl WorkerLoop {
             }
 
             if worker.has_work_now() || take || woken {
+                // A backup's copies can keep the loop busy for long: look
+                // at the rings every time round, since no epoll wait
+                // reports their kicks meanwhile (guest I/O goes on).
+                if worker.has_backup_work() {
+                    take = true;
+                }
                 poll_until = None;
                 continue;
             }
