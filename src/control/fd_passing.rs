@@ -2,10 +2,12 @@
 //! backup` hands the daemon the target it created, so that a confined
 //! daemon needs no access to the path.
 //!
-//! On a stream socket the kernel delivers a message's descriptors with its
-//! first byte, and one `recvmsg` never returns bytes from before that
-//! byte together with them; so a descriptor belongs to the request line
-//! its first byte starts (or continues).
+//! On a stream socket the kernel attaches a `sendmsg`'s descriptors to its
+//! bytes, and a `recvmsg` that returns them stops at the end of those
+//! bytes (bytes sent before may come in front of them). So the last byte
+//! a `recvmsg` with descriptors returns was sent with them: a descriptor
+//! belongs to the request line that byte is in, when each line and its
+//! descriptor go out in one `sendmsg`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -117,18 +119,31 @@ mod tests {
     use std::io::{Read, Seek, Write};
 
     #[test]
-    fn a_descriptor_arrives_with_the_bytes_it_was_sent_with() {
+    fn a_descriptor_arrives_with_the_last_bytes_it_was_sent_with() {
         let (a, b) = UnixStream::pair().unwrap();
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(b"hello").unwrap();
         (&a).write_all(b"before\n").unwrap();
         send_with_fd(&a, b"with\n", f.as_raw_fd()).unwrap();
+        (&a).write_all(b"after\n").unwrap();
+        let mut got = Vec::new();
+        let mut passed = None;
         let mut buf = [0u8; 64];
-        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
-        assert_eq!((&buf[..n], fds.len()), (&b"before\n"[..], 0));
-        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
-        assert_eq!((&buf[..n], fds.len()), (&b"with\n"[..], 1));
-        let mut got = std::fs::File::from(fds.into_iter().next().unwrap());
+        while got.len() < 18 {
+            let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+            if !fds.is_empty() {
+                assert_eq!(fds.len(), 1);
+                assert!(
+                    got.ends_with(b"with\n"),
+                    "{:?}",
+                    String::from_utf8_lossy(&got)
+                );
+                passed = fds.into_iter().next();
+            }
+        }
+        assert_eq!(got, b"before\nwith\nafter\n");
+        let mut got = std::fs::File::from(passed.expect("no descriptor came"));
         got.rewind().unwrap();
         let mut s = String::new();
         got.read_to_string(&mut s).unwrap();

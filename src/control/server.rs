@@ -60,7 +60,7 @@ struct Client {
     /// Close once the output is sent (after a fatal request error).
     closing: bool,
     /// Descriptors received and not yet handed to their line, each with
-    /// the stream offset of the byte it came with.
+    /// the stream offset of the last byte read with it.
     fds: Vec<(u64, OwnedFd)>,
     /// The stream offset of `input[0]`.
     consumed: u64,
@@ -241,7 +241,8 @@ impl ControlServer {
                 // Gone, possibly in the middle of a line: nothing to answer.
                 Ok((0, _)) => return false,
                 Ok((n, fds)) => {
-                    let at = c.consumed + c.input.len() as u64;
+                    // The last byte read came with them (fd_passing.rs).
+                    let at = c.consumed + (c.input.len() + n) as u64 - 1;
                     for fd in fds {
                         if c.fds.len() < MAX_CLIENT_FDS {
                             c.fds.push((at, fd));
