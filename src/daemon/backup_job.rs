@@ -127,6 +127,7 @@ impl BackupJobs {
     pub fn start(
         &self,
         sched: &Mutex<Scheduler>,
+        events: &EventBus,
         file: File,
         name: String,
         size: u64,
@@ -145,11 +146,17 @@ impl BackupJobs {
         if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
             return Err(BackupError::NotWritable { what: name });
         }
-        if let Some(p) = lock_sched(sched).backup_progress() {
-            return Err(BackupError::Busy(format!(
-                "backup job {} is still running; one job at a time",
-                p.id
-            )));
+        {
+            let mut s = lock_sched(sched);
+            // A job that ended under this thread's lock (cancel-job) is
+            // reported before another starts.
+            self.after_step(&mut s, events);
+            if let Some(p) = s.backup_progress() {
+                return Err(BackupError::Busy(format!(
+                    "backup job {} is still running; one job at a time",
+                    p.id
+                )));
+            }
         }
         file.set_len(0).map_err(io("truncate"))?;
         file.set_len(size).map_err(io("truncate"))?;
@@ -180,8 +187,12 @@ impl BackupJobs {
     }
 
     /// Cancels job `id` if it runs.
-    pub fn cancel(&self, sched: &Mutex<Scheduler>, id: u64) -> bool {
-        let done = lock_sched(sched).cancel_backup(id);
+    pub fn cancel(&self, sched: &Mutex<Scheduler>, events: &EventBus, id: u64) -> bool {
+        let mut s = lock_sched(sched);
+        let done = s.cancel_backup(id);
+        // With nothing in flight it ended at once: say so now.
+        self.after_step(&mut s, events);
+        drop(s);
         if done {
             if let Some(w) = self.waker.get() {
                 w(JOB_THREAD);

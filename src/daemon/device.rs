@@ -316,12 +316,17 @@ impl Device {
 
     /// Starts a backup of the disk into `file` (`backup_job.rs`).
     pub fn start_backup(&self, file: File, name: String) -> std::result::Result<u64, BackupError> {
-        self.backups
-            .start(&self.sched, file, name, self.sectors * SECTOR_BYTES)
+        self.backups.start(
+            &self.sched,
+            &self.events,
+            file,
+            name,
+            self.sectors * SECTOR_BYTES,
+        )
     }
 
     pub fn cancel_backup(&self, id: u64) -> bool {
-        self.backups.cancel(&self.sched, id)
+        self.backups.cancel(&self.sched, &self.events, id)
     }
 
     /// `query-jobs`.

@@ -1256,6 +1256,12 @@ impl Scheduler {
                 }
             ));
         }
+        if let Some(end) = &self.backup_ended {
+            return Err(format!(
+                "the end of job {} has not been reported yet",
+                end.id
+            ));
+        }
         let spc = self.cow.as_ref().map_or(1, |(b, _)| b.sectors_per_chunk());
         let cluster = cluster_sectors.max(1).div_ceil(spc) * spc;
         self.backup = Some(CopyJob::new(
@@ -1264,7 +1270,6 @@ impl Scheduler {
             self.sectors,
             cluster,
         ));
-        self.backup_ended = None;
         self.pump_backup();
         Ok(())
     }
