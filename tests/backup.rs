@@ -262,6 +262,12 @@ fn one_job_at_a_time_cancel_and_refused_targets() {
     let (class, desc) = start_backup(&mut c, &ro).unwrap_err();
     assert_eq!(class, ErrorClass::InvalidParameter);
     assert!(desc.contains("not open for writing"), "{desc}");
+    let append = OpenOptions::new()
+        .append(true)
+        .open(s.dir.path().join("two.img"))
+        .unwrap();
+    let (_, desc) = start_backup(&mut c, &append).unwrap_err();
+    assert!(desc.contains("O_APPEND"), "{desc}");
     let d = File::open(s.dir.path()).unwrap();
     let (_, desc) = start_backup(&mut c, &d).unwrap_err();
     assert!(desc.contains("not a regular file"), "{desc}");

@@ -34,6 +34,8 @@ pub enum BackupError {
     NotRegular { what: String },
     #[error("the target ({what}) is not open for writing")]
     NotWritable { what: String },
+    #[error("the target ({what}) is open with O_APPEND, which would put every cluster at its end")]
+    Append { what: String },
     #[error("the target ({what}): {op}: {source}")]
     Io {
         what: String,
@@ -145,6 +147,9 @@ impl BackupJobs {
             unsafe { libc::fcntl(std::os::unix::io::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
         if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
             return Err(BackupError::NotWritable { what: name });
+        }
+        if flags & libc::O_APPEND != 0 {
+            return Err(BackupError::Append { what: name });
         }
         {
             let mut s = lock_sched(sched);

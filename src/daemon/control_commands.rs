@@ -133,9 +133,9 @@ fn backup(dev: &Device, args: &Map<String, Value>, fd: Option<File>) -> Result<V
     };
     let id = dev.start_backup(file, name.clone()).map_err(|e| {
         let class = match e {
-            BackupError::NotRegular { .. } | BackupError::NotWritable { .. } => {
-                ErrorClass::InvalidParameter
-            }
+            BackupError::NotRegular { .. }
+            | BackupError::NotWritable { .. }
+            | BackupError::Append { .. } => ErrorClass::InvalidParameter,
             _ => ErrorClass::GenericError,
         };
         ErrorBody::new(class, e.to_string())
