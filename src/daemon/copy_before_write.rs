@@ -38,12 +38,11 @@ pub struct JobProgress {
     pub error: Option<String>,
 }
 
-/// A cluster being copied: its internal read request, then its write.
+/// A cluster being copied (its internal read, then its write to the
+/// target): the bounce buffer its data goes through.
 #[derive(Debug, Clone)]
 pub struct Copying {
     pub bounce: u64,
-    /// The read is done and the write to the target is issued.
-    pub writing: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -235,21 +234,9 @@ mod tests {
         assert_eq!(j.cluster_span(2), (8, 2));
         assert_eq!(j.hold_write(7, 3, 2), 2); // clusters 0 and 1
         assert_eq!(j.next_cluster(), Some(0));
-        j.copying.insert(
-            0,
-            Copying {
-                bounce: 1,
-                writing: false,
-            },
-        );
+        j.copying.insert(0, Copying { bounce: 1 });
         assert_eq!(j.next_cluster(), Some(1));
-        j.copying.insert(
-            1,
-            Copying {
-                bounce: 2,
-                writing: false,
-            },
-        );
+        j.copying.insert(1, Copying { bounce: 2 });
         assert_eq!(j.next_cluster(), Some(2));
         assert!(j.cluster_copied(0, 0).is_empty());
         assert_eq!(j.cluster_copied(1, 2048), vec![7]);

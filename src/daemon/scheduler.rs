@@ -18,6 +18,12 @@
 //! pages its sectors use from `submit` until it finishes; a page that is
 //! on file and not resident is read by a `BitmapLoad` operation first,
 //! which the request waits for (docs/design.md, "The bitmap in pages").
+//!
+//! A backup job (rule 10, copy-before-write) copies the disk as it was at
+//! its start: each cluster is read by an internal read request (pins,
+//! loads and rule 4 as for any read) into a bounce buffer and written to
+//! the target; guest writes over clusters not yet copied wait for them
+//! (`copy_before_write.rs` keeps the clusters' states).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::ops::Range;
@@ -1445,13 +1451,7 @@ impl Scheduler {
         let bounce = self.next_bounce;
         self.next_bounce += 1;
         let job = self.backup.as_mut().unwrap();
-        job.copying.insert(
-            cluster,
-            Copying {
-                bounce,
-                writing: false,
-            },
-        );
+        job.copying.insert(cluster, Copying { bounce });
         let (sector, count) = job.cluster_span(cluster);
         let id = BACKUP_READ | cluster;
         let req = DiskRequest {
@@ -1493,8 +1493,7 @@ impl Scheduler {
         let job = self.backup.as_mut().expect("backup read without a job");
         let (first, count) = job.cluster_span(cluster);
         let (thread, id) = (job.thread, job.id);
-        let c = job.copying.get_mut(&cluster).expect("cluster not copying");
-        let bounce = c.bounce;
+        let bounce = job.copying[&cluster].bounce;
         if job.state != JobState::Running || status != Status::Ok {
             job.copying.remove(&cluster);
             self.freed_bounces[thread].push(bounce);
@@ -1505,7 +1504,6 @@ impl Scheduler {
             self.pump_backup();
             return;
         }
-        c.writing = true;
         let len = count * SECTOR_BYTES;
         let kind = OpKind::BackupWrite {
             job: id,
