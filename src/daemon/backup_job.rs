@@ -184,10 +184,9 @@ impl BackupJobs {
         }));
         inner.last_progress = None;
         drop(inner);
+        let kicks = s.take_kicks(usize::MAX);
         drop(s);
-        if let Some(w) = self.waker.get() {
-            w(JOB_THREAD);
-        }
+        self.wake(&kicks);
         Ok(id)
     }
 
@@ -197,13 +196,20 @@ impl BackupJobs {
         let done = s.cancel_backup(id);
         // With nothing in flight it ended at once: say so now.
         self.after_step(&mut s, events);
+        // The writes it released may be any thread's.
+        let kicks = s.take_kicks(usize::MAX);
         drop(s);
-        if done {
-            if let Some(w) = self.waker.get() {
-                w(JOB_THREAD);
+        self.wake(&kicks);
+        done
+    }
+
+    /// Wakes the workers the control thread gave scheduler work to.
+    fn wake(&self, threads: &[ThreadId]) {
+        if let Some(w) = self.waker.get() {
+            for &t in threads {
+                w(t);
             }
         }
-        done
     }
 
     /// The running job and those that ended, oldest first.
