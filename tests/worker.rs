@@ -607,13 +607,13 @@ fn a_backup_copies_the_disk_as_it_was_while_a_write_waits_for_its_cluster() {
     assert_eq!(h.guest.status(&w), S_OK);
     assert_eq!(
         std::fs::read(&target).unwrap(),
-        patterned(0, LEN as usize),
+        patterned(0, vhost_user_cow::units::to_usize(LEN)),
         "the target is not the image at the start"
     );
     assert_eq!(h.read_back(400, 8), new, "the guest's write was lost");
     // The write reached the image only after the last cluster was read.
     let log = h.log();
-    let pos = |f: &dyn Fn(&Event) -> bool| log.iter().position(|e| f(e)).unwrap();
+    let pos = |f: &dyn Fn(&Event) -> bool| log.iter().position(f).unwrap();
     let cluster_read = pos(&|e| {
         matches!(
             e,
