@@ -268,6 +268,13 @@ fn one_job_at_a_time_cancel_and_refused_targets() {
         .unwrap();
     let (_, desc) = start_backup(&mut c, &append).unwrap_err();
     assert!(desc.contains("O_APPEND"), "{desc}");
+    let Image::Cow { cow, .. } = &image else {
+        unreachable!()
+    };
+    let disk = OpenOptions::new().write(true).open(cow).unwrap();
+    let (class, desc) = start_backup(&mut c, &disk).unwrap_err();
+    assert_eq!(class, ErrorClass::InvalidParameter);
+    assert!(desc.contains("the disk's own image"), "{desc}");
     let d = File::open(s.dir.path()).unwrap();
     let (_, desc) = start_backup(&mut c, &d).unwrap_err();
     assert!(desc.contains("not a regular file"), "{desc}");

@@ -8,7 +8,7 @@
 //! looking up the target, `query-jobs`), never the other way round.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +43,8 @@ pub enum BackupError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the target ({what}) is the disk's own {which}")]
+    IsTheDisk { what: String, which: &'static str },
     #[error("{0}")]
     Busy(String),
 }
@@ -126,10 +128,13 @@ impl BackupJobs {
     /// `chunk_sectors`) into `file`: checked to be a regular writable
     /// file, emptied and made `size` bytes long (sparse). The copy's point
     /// in time is when the scheduler's lock is taken here.
+    /// `disk_files` (the image, the backing file) are refused as targets:
+    /// emptying one would destroy the disk.
     pub fn start(
         &self,
         sched: &Mutex<Scheduler>,
         events: &EventBus,
+        disk_files: &[(&File, &'static str)],
         file: File,
         name: String,
         size: u64,
@@ -141,6 +146,13 @@ impl BackupJobs {
         let meta = file.metadata().map_err(io("fstat"))?;
         if !meta.file_type().is_file() || meta.file_type().is_block_device() {
             return Err(BackupError::NotRegular { what: name });
+        }
+        for (f, which) in disk_files {
+            if f.metadata()
+                .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
+            {
+                return Err(BackupError::IsTheDisk { what: name, which });
+            }
         }
         // SAFETY: F_GETFL on an open fd.
         let flags =

@@ -135,7 +135,8 @@ fn backup(dev: &Device, args: &Map<String, Value>, fd: Option<File>) -> Result<V
         let class = match e {
             BackupError::NotRegular { .. }
             | BackupError::NotWritable { .. }
-            | BackupError::Append { .. } => ErrorClass::InvalidParameter,
+            | BackupError::Append { .. }
+            | BackupError::IsTheDisk { .. } => ErrorClass::InvalidParameter,
             _ => ErrorClass::GenericError,
         };
         ErrorBody::new(class, e.to_string())

@@ -316,9 +316,14 @@ impl Device {
 
     /// Starts a backup of the disk into `file` (`backup_job.rs`).
     pub fn start_backup(&self, file: File, name: String) -> std::result::Result<u64, BackupError> {
+        let mut disk_files = vec![(&self.file, "image")];
+        if let Some(b) = &self.backing {
+            disk_files.push((b, "backing file"));
+        }
         self.backups.start(
             &self.sched,
             &self.events,
+            &disk_files,
             file,
             name,
             self.sectors * SECTOR_BYTES,
