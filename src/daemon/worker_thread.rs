@@ -354,12 +354,15 @@ impl WorkerLoop {
                         detaching.push(done);
                     }
                     Command::Exit => {
-                        // A backup does not keep the daemon from exiting.
+                        // A backup does not keep the daemon from exiting. The
+                        // writes it held go on: a scheduler step issues
+                        // them (and wakes the threads they belong to).
                         let mut s = dev.sched();
                         if let Some(p) = s.backup_progress() {
                             s.cancel_backup(p.id);
                         }
                         drop(s);
+                        woken = true;
                         for r in rings.drain(..) {
                             unwatch(&epoll, &r);
                         }
