@@ -60,13 +60,19 @@ struct CtlArgs {
     /// The daemon's control socket (serve --control-socket).
     #[arg(value_name = "SOCKET")]
     socket: PathBuf,
-    /// The command (`query-commands` lists them), or `events` to print
-    /// the daemon's events as they happen.
+    /// The command (`query-commands` lists them), `events` to print the
+    /// daemon's events as they happen, or `backup TARGET` to copy the disk
+    /// into a new file TARGET (created here and passed to the daemon).
     #[arg(value_name = "COMMAND")]
     command: String,
-    /// The command's arguments as key=value (values in JSON, or strings).
+    /// The command's arguments as key=value (values in JSON, or strings);
+    /// for `backup`, the target file.
     #[arg(value_name = "KEY=VALUE")]
     args: Vec<String>,
+    /// With `backup`: return once the job started instead of waiting for
+    /// its end.
+    #[arg(long)]
+    no_wait: bool,
     /// Print the answer (or each event) as JSON.
     #[arg(long)]
     json: bool,
@@ -421,6 +427,20 @@ fn cmd_ctl(a: CtlArgs) -> CmdResult {
             }
             seen += 1;
         }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.command == "backup" {
+        let [target] = &a.args[..] else {
+            return Err("usage: ctl SOCKET backup TARGET (a new file)".into());
+        };
+        let mut out = std::io::stdout().lock();
+        vhost_user_cow::control::ctl_backup::run(
+            &mut client,
+            std::path::Path::new(target),
+            !a.no_wait,
+            a.json,
+            &mut out,
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     let args = parse_arguments(&a.args)?;

@@ -10,7 +10,10 @@ mod sched_model;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use sched_model::{Action, Config, Harness, BITMAP_OFFSET, DATA_OFFSET, QUEUES, SECTORS};
+use sched_model::{
+    Action, BackupPlan, Config, Harness, BITMAP_OFFSET, DATA_OFFSET, QUEUES, SECTORS,
+};
+use vhost_user_cow::daemon::copy_before_write::JobState;
 use vhost_user_cow::daemon::scheduler::{
     CowLayout, DiskRequest, Done, Op, OpKind, ReqKind, Scheduler, Status, Target, ThreadId,
 };
@@ -31,6 +34,17 @@ fn explore_chunked(
 }
 
 fn explore_with(script: &[(ReqKind, u64, u64, ThreadId)], config: Config, inject: bool) -> u64 {
+    explore_backup(script, config, inject, None)
+}
+
+/// Every interleaving, with a backup that may start at any point once
+/// `plan.after` requests were submitted.
+fn explore_backup(
+    script: &[(ReqKind, u64, u64, ThreadId)],
+    config: Config,
+    inject: bool,
+    plan: Option<BackupPlan>,
+) -> u64 {
     fn go(h: Harness, script: &[(ReqKind, u64, u64, ThreadId)], inject: bool, paths: &mut u64) {
         let actions = h.actions(script, inject);
         if actions.is_empty() {
@@ -48,8 +62,25 @@ fn explore_with(script: &[(ReqKind, u64, u64, ThreadId)], config: Config, inject
     let mut paths = 0;
     let mut h = Harness::with(config);
     h.auto_issue = true;
+    h.backup_plan = plan;
     go(h, script, inject, &mut paths);
     paths
+}
+
+/// A disk of `sectors` sectors in one bitmap page.
+fn small(capacity: usize, spc: u64, sectors: u64) -> Config {
+    let mut c = Config::new(capacity, 1, spc);
+    c.sectors = sectors;
+    c
+}
+
+fn plan(after: usize, cluster_sectors: u64, cancel: bool) -> Option<BackupPlan> {
+    Some(BackupPlan {
+        after,
+        cluster_sectors,
+        cancel,
+        thread: 0,
+    })
 }
 
 /// 128 sectors in 8-byte bitmap pages (64 chunks each): two pages, at
@@ -424,6 +455,236 @@ fn direct_mode_loads_whole_blocks() {
         k => panic!("{k:?}"),
     }
     h.finish();
+}
+
+// Rule 10, copy-before-write: the target holds the disk as it was when
+// the backup started, whatever the guest writes meanwhile.
+
+#[test]
+fn exhaustive_backup_starting_among_overlapping_writes() {
+    let paths = explore_backup(
+        &[(Write, 1, 2, 0), (Write, 2, 2, 1)],
+        small(2, 1, 4),
+        false,
+        plan(0, 2, false),
+    );
+    assert!(paths > 100, "{paths}");
+}
+
+#[test]
+fn exhaustive_backup_with_a_write_and_a_read() {
+    explore_backup(
+        &[(Write, 1, 2, 0), (Read, 0, 4, 1)],
+        small(2, 1, 4),
+        false,
+        plan(0, 2, false),
+    );
+}
+
+#[test]
+fn exhaustive_backup_with_copy_ups_and_zeroing() {
+    explore_backup(
+        &[(Write, 1, 1, 0), (Zero, 2, 2, 1)],
+        small(2, 2, 4),
+        false,
+        plan(0, 2, false),
+    );
+}
+
+#[test]
+fn exhaustive_backup_queue_full_errors_and_cancel() {
+    explore_backup(
+        &[(Write, 0, 1, 0), (Write, 6, 2, 1)],
+        small(1, 1, 8),
+        true,
+        plan(0, 4, true),
+    );
+}
+
+#[test]
+fn exhaustive_backup_across_a_page_boundary() {
+    // Two 8-byte pages of 64 chunks, one resident when unpinned.
+    explore_backup(
+        &[(Write, 62, 4, 0)],
+        two_pages(8, 1),
+        false,
+        plan(0, 64, false),
+    );
+}
+
+#[test]
+fn a_write_waits_for_its_cluster_which_is_copied_first() {
+    let mut h = Harness::new(16, 1);
+    h.backup_plan = plan(0, 8, false);
+    h.apply(Action::StartBackup);
+    h.apply(Action::Submit(Write, 33, 2, 1));
+    assert!(!h.sched.has_ops(1), "the write went out before its cluster");
+    assert_eq!(h.sched.stats().writes_waited_on_backup, 1);
+    // Clusters 0..4 are copied from the start; cluster 4 (sectors 32..40)
+    // joins them at once, before cluster 5 and whatever the cursor reaches.
+    while h.sched.has_ops(0) {
+        h.apply(Action::Issue(0));
+    }
+    let reads: Vec<u64> = h
+        .in_flight
+        .iter()
+        .filter_map(|f| match f.op.kind {
+            OpKind::BackupRead { offset, .. } => Some(offset / 512),
+            _ => None,
+        })
+        .collect();
+    assert!(!reads.contains(&40), "{reads:?}");
+    assert!(reads.contains(&32), "{reads:?}");
+    h.finish();
+    let b = h.backup.as_ref().unwrap();
+    assert_eq!(b.ended.as_ref().unwrap().state, JobState::Completed);
+    assert_eq!(b.target[33], 1_000_033, "the write reached the copy");
+}
+
+#[test]
+fn a_second_backup_is_refused_while_one_runs_and_cancel_frees_waiters() {
+    let mut h = Harness::new(16, 1);
+    h.backup_plan = plan(0, 8, true);
+    h.apply(Action::StartBackup);
+    assert!(h.sched.start_backup(2, 0, 8).is_err());
+    h.apply(Action::Submit(Write, 20, 1, 1));
+    assert!(!h.sched.has_ops(1));
+    h.apply(Action::CancelBackup);
+    assert!(h.sched.has_ops(1), "cancel leaves the write waiting");
+    h.finish();
+    let end = h.backup.as_ref().unwrap().ended.as_ref().unwrap();
+    assert_eq!(end.state, JobState::Cancelled);
+    assert!(
+        h.sched.start_backup(3, 0, 8).is_ok(),
+        "refused after the end"
+    );
+}
+
+#[test]
+fn raw_disk_backup_reads_the_image_and_writes_the_target() {
+    let mut s = Scheduler::new_raw(16, 1, false);
+    s.start_backup(1, 0, 8).unwrap();
+    let mut writes = 0;
+    let mut synced = false;
+    while let Some(op) = s.pop_op(0) {
+        match op.kind {
+            OpKind::BackupRead {
+                target,
+                offset,
+                len,
+                ..
+            } => {
+                assert_eq!((target, len), (Target::Cow, 4096));
+                assert_eq!(offset % 4096, 0);
+                s.op_done(op.id, Ok(()));
+            }
+            OpKind::BackupWrite { offset, len, .. } => {
+                assert_eq!((offset % 4096, len), (0, 4096));
+                writes += 1;
+                s.backup_io_done(op.id, Ok(if offset == 0 { 0 } else { len }));
+            }
+            OpKind::BackupSync { .. } => {
+                synced = true;
+                s.backup_io_done(op.id, Ok(0));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(writes, 2);
+    assert!(synced);
+    let end = s.take_backup_ended().expect("the job ended");
+    assert_eq!(end.state, JobState::Completed);
+    assert_eq!(end.bytes_written, 4096, "the all-zero cluster skipped");
+    assert!(s.is_idle());
+}
+
+#[test]
+fn a_failed_target_write_fails_the_job_not_the_guest() {
+    let mut s = Scheduler::new_raw(16, 2, false);
+    s.start_backup(1, 0, 8).unwrap();
+    s.submit(DiskRequest {
+        id: 7,
+        thread: 1,
+        kind: Write,
+        sector: 9,
+        count: 1,
+    });
+    assert!(!s.has_ops(1));
+    while let Some(op) = s.pop_op(0) {
+        match op.kind {
+            OpKind::BackupRead { .. } => s.op_done(op.id, Ok(())),
+            OpKind::BackupWrite { .. } => s.backup_io_done(op.id, Err(libc::ENOSPC)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let end = s.take_backup_ended().expect("the job ended");
+    assert_eq!(end.state, JobState::Failed);
+    assert!(end.error.as_deref().unwrap().contains("offset"), "{end:?}");
+    let op = s.pop_op(1).expect("the write goes on");
+    s.op_done(op.id, Ok(()));
+    assert_eq!(
+        s.pop_done(1),
+        Some(Done {
+            id: 7,
+            status: Status::Ok
+        })
+    );
+    assert!(s.is_idle());
+}
+
+fn arb_plan() -> impl Strategy<Value = Option<BackupPlan>> {
+    proptest::option::weighted(
+        0.9,
+        (
+            0usize..30,
+            1u64..12,
+            proptest::bool::weighted(0.2),
+            0..QUEUES,
+        )
+            .prop_map(|(after, cluster_sectors, cancel, thread)| BackupPlan {
+                after,
+                cluster_sectors,
+                cancel,
+                thread,
+            }),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Random schedules with a backup starting among them (rule 10):
+    /// chunk sizes, cluster sizes, refusals, injected errors, cancels.
+    #[test]
+    fn random_schedules_with_a_backup(
+        script in proptest::collection::vec(arb_request(), 30..60),
+        choices in proptest::collection::vec(any::<u32>(), 300..500),
+        capacity in 1usize..6,
+        inject in proptest::bool::weighted(0.2),
+        plan in arb_plan(),
+        spc_shift in prop_oneof![2 => Just(0u32), 1 => Just(1u32), 1 => Just(2u32)],
+    ) {
+        let mut h = Harness::chunked(capacity, 1, 1 << spc_shift);
+        h.backup_plan = plan;
+        h.run_random(&script, &choices, inject);
+        RANDOM_STEPS.fetch_add(h.steps, Ordering::Relaxed);
+    }
+
+    /// The same over small bitmap pages that are dropped and read again.
+    #[test]
+    fn random_schedules_with_a_backup_over_pages(
+        script in proptest::collection::vec(arb_paged_request(256), 30..60),
+        choices in proptest::collection::vec(any::<u32>(), 300..600),
+        capacity in 1usize..6,
+        inject in proptest::bool::weighted(0.2),
+        plan in arb_plan(),
+        cap in 1u64..4,
+    ) {
+        let mut h = Harness::with(Config::new(capacity, 1, 1).paged(256, 8, cap));
+        h.backup_plan = plan.map(|p| BackupPlan { cluster_sectors: p.cluster_sectors * 8, ..p });
+        h.run_random(&script, &choices, inject);
+        RANDOM_STEPS.fetch_add(h.steps, Ordering::Relaxed);
+    }
 }
 
 /// 0-3 write, 4-7 read, 8 zero, 9 flush.

@@ -81,6 +81,9 @@ fn query_commands_lists_every_command() {
         "query-disk",
         "query-stats",
         "subscribe-events",
+        "backup",
+        "query-jobs",
+        "cancel-job",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }

@@ -713,3 +713,64 @@ fn off_lock_reads_the_engine_has_no_room_for_wait_in_the_scheduler() {
     assert!(off_lock_reads(&h) > 0);
     assert_eq!(off_lock_reads(&h) + h.dev.sched().stats().reads, 6);
 }
+
+/// Rule 10 on the real worker: a backup of a raw image started before a
+/// guest write over its last cluster; the operations complete newest
+/// first. The target is the image as it was, the write waited for its
+/// cluster's read and then landed, and the target was synced.
+#[test]
+fn a_backup_copies_the_disk_as_it_was_while_a_write_waits_for_its_cluster() {
+    const LEN: u64 = 256 << 10; // four clusters of 64 KiB
+    let mut h = Harness::new(DiskKind::Raw { len: LEN }, 8, RingMode::default());
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("backup.img");
+    let file = std::fs::File::create(&target).unwrap();
+    let id = h.dev.start_backup(file, "backup.img".into()).unwrap();
+    h.wake();
+    let new = vec![0xeeu8; 4096];
+    let w = h.guest.write(400, &new); // bytes 204800.., the last cluster
+    h.kick();
+    h.run(all_reversed);
+    assert_eq!(h.guest.status(&w), S_OK);
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        patterned(0, vhost_user_cow::units::to_usize(LEN)),
+        "the target is not the image at the start"
+    );
+    assert_eq!(h.read_back(400, 8), new, "the guest's write was lost");
+    // The write reached the image only after the last cluster was read.
+    let log = h.log();
+    let pos = |f: &dyn Fn(&Event) -> bool| log.iter().position(f).unwrap();
+    let cluster_read = pos(&|e| {
+        matches!(
+            e,
+            Event::Completed(
+                OpInfo {
+                    class: Class::CopyRead,
+                    offset: 196608,
+                    ..
+                },
+                Ok(_)
+            )
+        )
+    });
+    let write = pos(&|e| {
+        matches!(
+            e,
+            Event::Accepted(OpInfo {
+                class: Class::GuestWrite,
+                ..
+            })
+        )
+    });
+    assert!(cluster_read < write, "{log:#?}");
+    let end = h.dev.sched().take_backup_ended().expect("the job ended");
+    assert_eq!(end.id, id);
+    assert_eq!(
+        end.state,
+        vhost_user_cow::daemon::copy_before_write::JobState::Completed
+    );
+    assert_eq!(end.bytes_written, LEN);
+    assert_eq!(end.writes_waited, 1);
+    assert_eq!(h.worker.bounce_buffers(), 0, "bounce buffers leaked");
+}

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::io::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -107,6 +108,14 @@ impl Client {
             })
     }
 
+    /// Sends raw bytes with a descriptor passed with their first byte.
+    pub fn send_raw_with_fd(&mut self, bytes: &[u8], fd: RawFd) -> Result<(), ClientError> {
+        super::fd_passing::send_with_fd(&self.writer, bytes, fd).map_err(|source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     /// Reads the next answer (a return or an error), keeping events for
     /// [`Client::next_event`].
     pub fn read_answer(
@@ -129,6 +138,26 @@ impl Client {
         name: &str,
         arguments: Value,
     ) -> Result<Result<Value, ErrorBody>, ClientError> {
+        self.execute_passing(name, arguments, None)
+    }
+
+    /// Executes a command with descriptor `fd` passed along with its line
+    /// (SCM_RIGHTS), as `backup` wants its target.
+    pub fn execute_with_fd(
+        &mut self,
+        name: &str,
+        arguments: Value,
+        fd: RawFd,
+    ) -> Result<Result<Value, ErrorBody>, ClientError> {
+        self.execute_passing(name, arguments, Some(fd))
+    }
+
+    fn execute_passing(
+        &mut self,
+        name: &str,
+        arguments: Value,
+        fd: Option<RawFd>,
+    ) -> Result<Result<Value, ErrorBody>, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut req = serde_json::json!({ "execute": name, "id": id });
@@ -137,7 +166,10 @@ impl Client {
         }
         let mut line = serde_json::to_vec(&req).unwrap_or_default();
         line.push(b'\n');
-        self.send_raw(&line)?;
+        match fd {
+            None => self.send_raw(&line)?,
+            Some(fd) => self.send_raw_with_fd(&line, fd)?,
+        }
         let (answer, got) = self.read_answer()?;
         if got != Some(Value::from(id)) {
             return Err(self.protocol(format!("answer for id {got:?}, expected {id}")));

@@ -6,6 +6,8 @@
 
 pub mod client;
 pub mod ctl;
+pub mod ctl_backup;
 pub mod events;
+pub mod fd_passing;
 pub mod server;
 pub mod wire;

@@ -5,7 +5,9 @@
 //! and events passes a bound, so no client can stall the others or grow
 //! the daemon's memory.
 
-use std::io::{self, Read};
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -14,20 +16,31 @@ use serde_json::{Map, Value};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::events::EventBus;
+use super::fd_passing::recv_with_fds;
 use super::wire::{self, ErrorBody, ErrorClass};
 
 /// Clients served at once; one more is told so and disconnected.
 pub const MAX_CLIENTS: usize = 256;
 /// Unsent bytes a client may have before it is disconnected.
 const MAX_BACKLOG: usize = 4 << 20;
+/// Passed descriptors a client may have waiting for their request line;
+/// more are closed at once.
+const MAX_CLIENT_FDS: usize = 8;
 
 /// What the daemon executes. Names are QMP-style (`query-disk`).
 pub trait Commands: Send + Sync {
     /// Every command with a one-line description.
     fn list(&self) -> Vec<(&'static str, &'static str)>;
     /// Runs a command the list names; anything else is the caller's
-    /// CommandNotFound.
-    fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, ErrorBody>;
+    /// CommandNotFound. `fd` is the first descriptor passed with the
+    /// request's line (SCM_RIGHTS); a command that does not keep it
+    /// closes it by dropping it.
+    fn execute(
+        &self,
+        name: &str,
+        args: &Map<String, Value>,
+        fd: Option<File>,
+    ) -> Result<Value, ErrorBody>;
 }
 
 /// The commands the server itself answers.
@@ -46,6 +59,11 @@ struct Client {
     subscribed: bool,
     /// Close once the output is sent (after a fatal request error).
     closing: bool,
+    /// Descriptors received and not yet handed to their line, each with
+    /// the stream offset of the last byte read with it.
+    fds: Vec<(u64, OwnedFd)>,
+    /// The stream offset of `input[0]`.
+    consumed: u64,
 }
 
 impl Client {
@@ -197,6 +215,8 @@ impl ControlServer {
                 output: Vec::new(),
                 subscribed: false,
                 closing: false,
+                fds: Vec::new(),
+                consumed: 0,
             };
             if clients.len() >= MAX_CLIENTS {
                 let e = ErrorBody::new(
@@ -217,10 +237,27 @@ impl ControlServer {
     fn read_client(&self, c: &mut Client) -> bool {
         let mut buf = [0u8; 4096];
         loop {
-            match c.stream.read(&mut buf) {
+            match recv_with_fds(&c.stream, &mut buf) {
                 // Gone, possibly in the middle of a line: nothing to answer.
-                Ok(0) => return false,
-                Ok(n) => c.input.extend_from_slice(&buf[..n]),
+                Ok((0, _)) => return false,
+                Ok((n, fds)) => {
+                    // The last byte read came with them (fd_passing.rs).
+                    let at = c.consumed + (c.input.len() + n) as u64 - 1;
+                    for fd in fds {
+                        if c.fds.len() < MAX_CLIENT_FDS {
+                            c.fds.push((at, fd));
+                        } else {
+                            crate::log_limited!(
+                                log::Level::Warn,
+                                "control fds",
+                                "{}: a client passed more than {MAX_CLIENT_FDS} descriptors \
+                                 ahead of its requests: the extra ones are closed",
+                                self.name
+                            );
+                        }
+                    }
+                    c.input.extend_from_slice(&buf[..n]);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => return false,
@@ -235,6 +272,14 @@ impl ControlServer {
             let end = start + pos;
             let line = &input[start..end];
             start = end + 1;
+            // The descriptors that came with this line's bytes: the first
+            // goes to its command, the others (and any the command does not
+            // keep) are closed once it is handled.
+            let line_end = c.consumed + end as u64;
+            let split = c.fds.partition_point(|(at, _)| *at <= line_end);
+            let mut mine = c.fds.drain(..split).map(|(_, fd)| File::from(fd));
+            let fd = mine.next();
+            drop(mine);
             if c.closing || line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -242,14 +287,17 @@ impl ControlServer {
                 self.refuse_long_line(c);
                 continue;
             }
-            let answer = self.answer(c, line);
+            let answer = self.answer(c, line, fd);
             c.queue(&answer);
         }
         input.drain(..start);
+        c.consumed += start as u64;
         c.input = input;
         if c.input.len() > wire::MAX_LINE {
             self.refuse_long_line(c);
+            c.consumed += c.input.len() as u64;
             c.input.clear();
+            c.fds.clear();
         }
         true
     }
@@ -263,7 +311,7 @@ impl ControlServer {
         c.closing = true;
     }
 
-    fn answer(&self, c: &mut Client, line: &[u8]) -> Vec<u8> {
+    fn answer(&self, c: &mut Client, line: &[u8], fd: Option<File>) -> Vec<u8> {
         let req = match wire::parse_request(line) {
             Ok(r) => r,
             Err((id, e)) => return wire::error_line(&e, id),
@@ -275,7 +323,7 @@ impl ControlServer {
                 Ok(Value::Object(Map::new()))
             }
             name if self.commands.list().iter().any(|(n, _)| *n == name) => {
-                self.commands.execute(name, &req.arguments)
+                self.commands.execute(name, &req.arguments, fd)
             }
             name => Err(ErrorBody::new(
                 ErrorClass::CommandNotFound,

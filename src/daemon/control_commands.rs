@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use std::fs::File;
+
 use super::active_connection::{ActiveConnection, ConnectionId};
+use super::backup_job::BackupError;
 use super::device::Device;
 use super::protocol::FrontendHandler;
 use super::request_stats::RequestStats;
@@ -96,7 +99,76 @@ const COMMANDS: &[(&str, &str)] = &[
          bps-total, each RATE, \"RATE:BURST\" or {rate, burst}; none: no limits",
     ),
     ("query-throttle", "the I/O limits in force"),
+    (
+        "backup",
+        "copy the disk as it is now into the file passed with the request (SCM_RIGHTS; \
+         `ctl SOCKET backup TARGET` creates and passes it) while the guest goes on; \
+         target: how to name it",
+    ),
+    (
+        "query-jobs",
+        "the backup job running and those that ended: status, progress, bytes written",
+    ),
+    ("cancel-job", "cancel the job with this id"),
 ];
+
+/// `backup`: the target passed with the request, checked, and the job
+/// started; its id.
+fn backup(dev: &Device, args: &Map<String, Value>, fd: Option<File>) -> Result<Value, ErrorBody> {
+    let bad = |what: String| ErrorBody::new(ErrorClass::InvalidParameter, what);
+    let mut name = "the passed descriptor".to_owned();
+    for (key, value) in args {
+        match (key.as_str(), value) {
+            ("target", Value::String(s)) => name = s.clone(),
+            ("target", _) => return Err(bad("target: expected a string".into())),
+            _ => return Err(bad(format!("backup: unknown argument '{key}' (target)"))),
+        }
+    }
+    let Some(file) = fd else {
+        return Err(bad(
+            "backup needs the target file passed with the request as a descriptor \
+             (SCM_RIGHTS); `vhost-user-cow ctl SOCKET backup TARGET` creates and passes it"
+                .into(),
+        ));
+    };
+    let id = dev.start_backup(file, name.clone()).map_err(|e| {
+        let class = match e {
+            BackupError::NotRegular { .. }
+            | BackupError::NotWritable { .. }
+            | BackupError::Append { .. }
+            | BackupError::IsTheDisk { .. } => ErrorClass::InvalidParameter,
+            _ => ErrorClass::GenericError,
+        };
+        ErrorBody::new(class, e.to_string())
+    })?;
+    log::info!("backup job {id} to {name} started through the control socket");
+    Ok(json!({ "id": id }))
+}
+
+fn cancel_job(dev: &Device, args: &Map<String, Value>) -> Result<Value, ErrorBody> {
+    let bad = |what: String| ErrorBody::new(ErrorClass::InvalidParameter, what);
+    let mut id = None;
+    for (key, value) in args {
+        match key.as_str() {
+            "id" => {
+                id = Some(
+                    value
+                        .as_u64()
+                        .ok_or_else(|| bad("id: expected a job number".into()))?,
+                )
+            }
+            _ => return Err(bad(format!("cancel-job: unknown argument '{key}' (id)"))),
+        }
+    }
+    let id = id.ok_or_else(|| bad("cancel-job needs the job's id".into()))?;
+    if !dev.cancel_backup(id) {
+        return Err(ErrorBody::new(
+            ErrorClass::GenericError,
+            format!("no job {id} is running (query-jobs lists them)"),
+        ));
+    }
+    Ok(json!({}))
+}
 
 /// `set-throttle`'s arguments as limits.
 fn parse_limits(args: &Map<String, Value>) -> Result<Vec<Limit>, ErrorBody> {
@@ -280,7 +352,17 @@ impl Commands for DaemonCommands {
         COMMANDS.to_vec()
     }
 
-    fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, ErrorBody> {
+    fn execute(
+        &self,
+        name: &str,
+        args: &Map<String, Value>,
+        fd: Option<File>,
+    ) -> Result<Value, ErrorBody> {
+        match name {
+            "backup" => return backup(&self.dev, args, fd),
+            "cancel-job" => return cancel_job(&self.dev, args),
+            _ => {}
+        }
         if name == "set-throttle" {
             let limits = parse_limits(args)?;
             self.dev.throttle.set(&limits);
@@ -300,6 +382,7 @@ impl Commands for DaemonCommands {
             "query-disk" => Ok(self.query_disk()),
             "query-stats" => Ok(self.query_stats()),
             "query-connection" => self.query_connection(),
+            "query-jobs" => Ok(self.dev.list_jobs()),
             _ => Err(ErrorBody::new(
                 ErrorClass::CommandNotFound,
                 format!("no such command: {name}"),

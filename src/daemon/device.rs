@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::control::events::EventBus;
+use crate::daemon::backup_job::{BackupError, BackupJobs};
 use crate::daemon::scheduler::{CowLayout, Scheduler};
 use crate::daemon::throttle::{Limit, Throttle};
 use crate::format::bitmap_view::BitmapReader;
@@ -134,6 +135,8 @@ pub struct Device {
     pub throttle: Throttle,
     /// Events for control-socket clients (a no-op without a control socket).
     pub events: Arc<EventBus>,
+    /// Backup jobs: their targets, clocks and events.
+    pub backups: BackupJobs,
     /// The metadata failure (rule 8) was announced as an event.
     failure_announced: AtomicBool,
     /// Holds the COW file's lock when `file` was opened a second time.
@@ -327,6 +330,7 @@ impl Device {
             lock_counts: (0..threads.max(1)).map(|_| LockCounts::default()).collect(),
             events,
             throttle: Throttle::new(&opts.throttle),
+            backups: BackupJobs::default(),
             failure_announced: AtomicBool::new(false),
             _lock_holder: lock_holder,
         })
@@ -407,6 +411,38 @@ impl Device {
                 );
             }
         }
+    }
+
+    /// Starts a backup of the disk into `file` (`backup_job.rs`).
+    pub fn start_backup(&self, file: File, name: String) -> std::result::Result<u64, BackupError> {
+        let mut disk_files = vec![(&self.file, "image")];
+        if let Some(b) = &self.backing {
+            disk_files.push((b, "backing file"));
+        }
+        self.backups.start(
+            &self.sched,
+            &self.events,
+            &disk_files,
+            file,
+            name,
+            self.sectors * SECTOR_BYTES,
+        )
+    }
+
+    pub fn cancel_backup(&self, id: u64) -> bool {
+        self.backups.cancel(&self.sched, &self.events, id)
+    }
+
+    /// `query-jobs`.
+    pub fn list_jobs(&self) -> serde_json::Value {
+        self.backups.list(&self.sched)
+    }
+
+    /// What follows every scheduler step: the metadata failure's event,
+    /// the backup job's.
+    pub fn after_step(&self, sched: &mut Scheduler) {
+        self.announce_failure(sched);
+        self.backups.after_step(sched, &self.events);
     }
 
     pub fn sync(&self) -> Result<()> {

@@ -3,7 +3,9 @@
 //! protocol and life cycle.
 
 pub mod active_connection;
+pub mod backup_job;
 pub mod control_commands;
+pub mod copy_before_write;
 pub mod cow_magic_guard;
 pub mod device;
 pub mod dirty_log;

@@ -18,14 +18,29 @@
 //! pages its sectors use from `submit` until it finishes; a page that is
 //! on file and not resident is read by a `BitmapLoad` operation first,
 //! which the request waits for (docs/design.md, "The bitmap in pages").
+//!
+//! A backup job (rule 10, copy-before-write) copies the disk as it was at
+//! its start: each cluster is read by an internal read request (pins,
+//! loads and rule 4 as for any read) into a bounce buffer and written to
+//! the target; guest writes over clusters not yet copied wait for them
+//! (`copy_before_write.rs` keeps the clusters' states).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::ops::Range;
 
 use rustc_hash::FxHashMap;
 
+use super::copy_before_write::{CopyJob, Copying, JobProgress, JobState};
 use crate::format::bitmap::{Bitmap, Extent, Pinned};
 use crate::units::SECTOR_BYTES;
+
+/// The ids of a backup job's internal reads (one per cluster being
+/// copied) have this bit set; guest request ids never do.
+const BACKUP_READ: ReqId = 1 << 63;
+
+/// Cluster copies a backup keeps in flight; writes waiting for a cluster
+/// may start as many again (they go first: rule 10).
+const BACKUP_COPIES: usize = 4;
 
 pub type ReqId = u64;
 pub type OpId = u64;
@@ -97,6 +112,30 @@ pub enum OpKind {
     /// Copy-up, second half: write bounce buffer `bounce` to the COW file
     /// at `offset`; the buffer is free once this completes.
     CopyWrite { offset: u64, len: u64, bounce: u64 },
+    /// Backup (rule 10): read `len` bytes of the disk as the guest sees it
+    /// (from `target` at `offset`) into bounce buffer `bounce` of
+    /// `bounce_len` bytes (allocated by the caller on first use), at
+    /// `bounce_offset`.
+    BackupRead {
+        target: Target,
+        offset: u64,
+        len: u64,
+        bounce: u64,
+        bounce_offset: u64,
+        bounce_len: u64,
+    },
+    /// Backup: write bounce buffer `bounce` (`len` bytes) to job `job`'s
+    /// target at `offset`, skipping it if all zero; the buffer is free once
+    /// this completes. Reported with `Scheduler::backup_io_done`.
+    BackupWrite {
+        job: u64,
+        offset: u64,
+        len: u64,
+        bounce: u64,
+    },
+    /// Backup: fdatasync of job `job`'s target. Reported with
+    /// `Scheduler::backup_io_done`.
+    BackupSync { job: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +183,8 @@ pub struct Stats {
     pub reads_deferred: u64,
     pub copy_ups: u64,
     pub writes_queued_on_copy_up: u64,
+    /// Guest writes that waited for a backup to copy their clusters first.
+    pub writes_waited_on_backup: u64,
     /// Bitmap pages read from the file, dropped under the cap, and the
     /// requests that waited for a page to be read.
     pub bitmap_page_loads: u64,
@@ -170,6 +211,9 @@ enum Phase {
     Barrier(u64),
     /// A flush whose fdatasync is in flight.
     Syncing,
+    /// A write waiting for a backup to copy its clusters (rule 10; the
+    /// job counts them).
+    BackupWait,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +268,11 @@ enum OpOwner {
     Bitmap,
     Load(u64),
     Sync(ReqId),
+    BackupWrite {
+        cluster: u64,
+        len: u64,
+    },
+    BackupSync,
 }
 
 fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
@@ -263,6 +312,13 @@ pub struct Scheduler {
     kicks: Vec<bool>,
     failure: Option<String>,
     stats: Stats,
+    /// The backup job (rule 10), until its last operation has completed.
+    backup: Option<CopyJob>,
+    /// A job that ended, until the caller takes it.
+    backup_ended: Option<JobProgress>,
+    /// Per thread: bounce buffers of backup reads whose cluster will not be
+    /// written (the job ended or the read failed); the caller frees them.
+    freed_bounces: Vec<Vec<u64>>,
 }
 
 impl Scheduler {
@@ -314,6 +370,9 @@ impl Scheduler {
             kicks: vec![false; threads],
             failure: None,
             stats: Stats::default(),
+            backup: None,
+            backup_ended: None,
+            freed_bounces: (0..threads).map(|_| Vec::new()).collect(),
         }
     }
 
@@ -362,6 +421,7 @@ impl Scheduler {
     /// True when nothing is in flight, queued, parked or waiting.
     pub fn is_idle(&self) -> bool {
         self.reqs.is_empty()
+            && self.backup.is_none()
             && self.loading.is_empty()
             && self.pending.is_empty()
             && self.ready.iter().all(VecDeque::is_empty)
@@ -411,14 +471,16 @@ impl Scheduler {
 
     fn finish(&mut self, id: ReqId, status: Status) {
         let st = self.reqs.remove(&id).expect("finishing an unknown request");
-        if status != Status::Ok {
+        if status != Status::Ok && id & BACKUP_READ == 0 {
             self.stats.errors += 1;
         }
         if st.pinned {
             self.unpin_pages(&st.req);
         }
-        self.done[st.req.thread].push_back(Done { id, status });
-        self.kicks[st.req.thread] = true;
+        if id & BACKUP_READ == 0 {
+            self.done[st.req.thread].push_back(Done { id, status });
+            self.kicks[st.req.thread] = true;
+        }
         for c in st.counted_on {
             if let Some(r) = self.records.get_mut(&c) {
                 r.reads -= 1;
@@ -435,6 +497,9 @@ impl Scheduler {
                 }
             }
             self.settle_record(c);
+        }
+        if id & BACKUP_READ != 0 {
+            self.backup_read_done(id & !BACKUP_READ, status);
         }
     }
 
@@ -709,6 +774,7 @@ impl Scheduler {
         };
         let data_offset = self.cow.as_ref().map_or(0, |(_, l)| l.data_offset);
         let raw = self.cow.is_none();
+        let bounce = (id & BACKUP_READ != 0).then(|| self.backup_bounce(id));
         for e in extents {
             let (target, offset) = if e.in_cow {
                 if !raw {
@@ -720,11 +786,23 @@ impl Scheduler {
                 self.count_read_on_records(id, e);
                 (Target::Backing, e.sector * SECTOR_BYTES)
             };
-            let kind = OpKind::Read {
-                target,
-                offset,
-                len: e.count * SECTOR_BYTES,
-                buf_offset: (e.sector - req.sector) * SECTOR_BYTES,
+            let len = e.count * SECTOR_BYTES;
+            let buf_offset = (e.sector - req.sector) * SECTOR_BYTES;
+            let kind = match bounce {
+                Some(bounce) => OpKind::BackupRead {
+                    target,
+                    offset,
+                    len,
+                    bounce,
+                    bounce_offset: buf_offset,
+                    bounce_len: req.count * SECTOR_BYTES,
+                },
+                None => OpKind::Read {
+                    target,
+                    offset,
+                    len,
+                    buf_offset,
+                },
             };
             self.emit_data(id, kind);
         }
@@ -857,6 +935,9 @@ impl Scheduler {
             }
             None => 0,
         };
+        if self.hold_for_backup(id) {
+            return;
+        }
         let Some(copies) = self.plan_copy_ups(id) else {
             return;
         };
@@ -928,6 +1009,10 @@ impl Scheduler {
                 self.emit(thread, Some(req), kind, OpOwner::Data(req));
             }
             OpOwner::Bitmap => self.bitmap_write_done(op, result),
+            OpOwner::BackupWrite { len, .. } => {
+                self.backup_io_done_as(owner, result.map(|()| len));
+            }
+            OpOwner::BackupSync => self.backup_io_done_as(owner, result.map(|()| 0)),
             OpOwner::Load(page) => self.load_done(page, result),
             OpOwner::Sync(id) => {
                 let status = if result.is_ok() && self.failure.is_none() {
@@ -1151,6 +1236,282 @@ impl Scheduler {
             // Mapped again now: the bits may have changed meanwhile.
             self.issue_read(id);
         }
+    }
+}
+
+/// Backup jobs: copy-before-write (docs/design.md, rule 10).
+impl Scheduler {
+    /// Starts backup job `id`: the point in time of the copy is now. Its
+    /// clusters of `cluster_sectors` (rounded up to whole chunks) are
+    /// copied by `thread`'s engine. Refused while a job is running or its
+    /// last operations are in flight.
+    pub fn start_backup(
+        &mut self,
+        id: u64,
+        thread: ThreadId,
+        cluster_sectors: u64,
+    ) -> Result<(), String> {
+        if let Some(j) = &self.backup {
+            return Err(format!(
+                "job {} is still {}; one job at a time",
+                j.id,
+                if j.state == JobState::Running {
+                    "running"
+                } else {
+                    "finishing its last operations"
+                }
+            ));
+        }
+        if let Some(end) = &self.backup_ended {
+            return Err(format!(
+                "the end of job {} has not been reported yet",
+                end.id
+            ));
+        }
+        let spc = self.cow.as_ref().map_or(1, |(b, _)| b.sectors_per_chunk());
+        let cluster = cluster_sectors.max(1).div_ceil(spc) * spc;
+        self.backup = Some(CopyJob::new(
+            id,
+            thread.min(self.ready.len() - 1),
+            self.sectors,
+            cluster,
+        ));
+        self.pump_backup();
+        Ok(())
+    }
+
+    /// Cancels job `id`: writes waiting for it go on at once; the copies in
+    /// flight finish, then the job ends (`take_backup_ended`). False when
+    /// no such job is running.
+    pub fn cancel_backup(&mut self, id: u64) -> bool {
+        match &self.backup {
+            Some(j) if j.id == id && j.state == JobState::Running => {
+                self.stop_backup(JobState::Cancelled, None);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The job running or finishing, as `query-jobs` shows it.
+    pub fn backup_progress(&self) -> Option<JobProgress> {
+        self.backup.as_ref().map(CopyJob::progress)
+    }
+
+    /// Whether the job's progress changed since the last call.
+    pub fn take_backup_progressed(&mut self) -> bool {
+        self.backup
+            .as_mut()
+            .is_some_and(|j| std::mem::take(&mut j.progressed))
+    }
+
+    /// The job that ended (completed, cancelled or failed) with nothing of
+    /// it in flight any more, once.
+    pub fn take_backup_ended(&mut self) -> Option<JobProgress> {
+        self.backup_ended.take()
+    }
+
+    /// A bounce buffer of a backup read `thread` may free (its cluster is
+    /// not going to be written).
+    pub fn pop_freed_bounce(&mut self, thread: ThreadId) -> Option<u64> {
+        self.freed_bounces[thread].pop()
+    }
+
+    /// A `BackupWrite` (`Ok(bytes written)`, 0 when skipped as all zero)
+    /// or `BackupSync` (`Ok(0)`) finished.
+    pub fn backup_io_done(&mut self, op: OpId, result: Result<u64, i32>) {
+        let owner = self.ops.remove(&op).expect("completion of an unknown op");
+        self.backup_io_done_as(owner, result);
+    }
+
+    fn backup_io_done_as(&mut self, owner: OpOwner, result: Result<u64, i32>) {
+        let Some(job) = self.backup.as_mut() else {
+            unreachable!("backup operation without a job")
+        };
+        match (owner, result) {
+            (OpOwner::BackupWrite { cluster, .. }, Ok(bytes)) => {
+                if job.state == JobState::Running {
+                    let free = job.cluster_copied(cluster, bytes);
+                    self.release_held(free);
+                } else {
+                    job.copying.remove(&cluster);
+                }
+            }
+            (OpOwner::BackupWrite { cluster, .. }, Err(errno)) => {
+                job.copying.remove(&cluster);
+                let (first, _) = job.cluster_span(cluster);
+                let why = format!(
+                    "write of the target at offset {} failed: {}",
+                    first * SECTOR_BYTES,
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                self.stop_backup(JobState::Failed, Some(why));
+            }
+            (OpOwner::BackupSync, Ok(_)) => {
+                job.syncing = false;
+                if job.state == JobState::Running {
+                    job.state = JobState::Completed;
+                }
+            }
+            (OpOwner::BackupSync, Err(errno)) => {
+                job.syncing = false;
+                let why = format!(
+                    "fdatasync of the target failed: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                self.stop_backup(JobState::Failed, Some(why));
+            }
+            _ => unreachable!("not a backup operation"),
+        }
+        self.pump_backup();
+    }
+
+    /// Rule 10: a write or zeroing over clusters not yet in the target
+    /// waits until they are (they are copied first). True if it waits.
+    fn hold_for_backup(&mut self, id: ReqId) -> bool {
+        let Some(job) = self.backup.as_mut() else {
+            return false;
+        };
+        let req = self.reqs[&id].req;
+        let n = job.hold_write(id, req.sector, req.count);
+        if n == 0 {
+            return false;
+        }
+        self.stats.writes_waited_on_backup += 1;
+        self.reqs.get_mut(&id).unwrap().phase = Phase::BackupWait;
+        self.pump_backup();
+        true
+    }
+
+    /// Writes no cluster holds any more start (again) in arrival order.
+    fn release_held(&mut self, ids: Vec<ReqId>) {
+        for id in ids {
+            let st = self.reqs.get_mut(&id).expect("held write vanished");
+            debug_assert!(matches!(st.phase, Phase::BackupWait));
+            st.phase = Phase::Data;
+            self.start_write(id);
+        }
+    }
+
+    fn stop_backup(&mut self, state: JobState, error: Option<String>) {
+        let Some(job) = self.backup.as_mut() else {
+            return;
+        };
+        if let Some(e) = &error {
+            log::error!("backup job {}: {e}; the job failed", job.id);
+        }
+        let free = job.stop(state, error);
+        self.release_held(free);
+    }
+
+    /// Keeps the job's copies going: urgent clusters first, up to the
+    /// bound; the target's fdatasync once every cluster is in; the end of
+    /// the job once nothing of it is in flight.
+    fn pump_backup(&mut self) {
+        loop {
+            let Some(job) = self.backup.as_mut() else {
+                return;
+            };
+            if job.state == JobState::Running {
+                if job.syncing {
+                    return;
+                }
+                let room = job.copying.len() < BACKUP_COPIES
+                    || (job.copying.len() < 2 * BACKUP_COPIES && job.has_urgent());
+                if room {
+                    if let Some(c) = job.next_cluster() {
+                        self.start_cluster_copy(c);
+                        continue;
+                    }
+                }
+                if job.all_copied() {
+                    job.syncing = true;
+                    let (thread, id) = (job.thread, job.id);
+                    self.emit(
+                        thread,
+                        None,
+                        OpKind::BackupSync { job: id },
+                        OpOwner::BackupSync,
+                    );
+                }
+                return;
+            }
+            if job.copying.is_empty() && !job.syncing {
+                let ended = self.backup.take().map(|j| j.progress());
+                self.backup_ended = ended;
+            }
+            return;
+        }
+    }
+
+    /// Reads `cluster` as the guest sees it, as an internal read request:
+    /// pages pinned and loaded, rule 4 and copy-up records obeyed, like
+    /// any read; its data goes to a bounce buffer.
+    fn start_cluster_copy(&mut self, cluster: u64) {
+        let bounce = self.next_bounce;
+        self.next_bounce += 1;
+        let job = self.backup.as_mut().unwrap();
+        job.copying.insert(cluster, Copying { bounce });
+        let (sector, count) = job.cluster_span(cluster);
+        let id = BACKUP_READ | cluster;
+        let req = DiskRequest {
+            id,
+            thread: job.thread,
+            kind: ReqKind::Read,
+            sector,
+            count,
+        };
+        self.reqs.insert(
+            id,
+            ReqState {
+                req,
+                phase: Phase::Data,
+                ops_left: 0,
+                failed: false,
+                seq: 0,
+                copies: Vec::new(),
+                counted_on: Vec::new(),
+                pinned: false,
+            },
+        );
+        let loads = self.pin_pages(id);
+        if loads > 0 {
+            self.reqs.get_mut(&id).unwrap().phase = Phase::Loading(loads);
+            return;
+        }
+        self.start_read(id);
+    }
+
+    fn backup_bounce(&self, id: ReqId) -> u64 {
+        let job = self.backup.as_ref().expect("backup read without a job");
+        job.copying[&(id & !BACKUP_READ)].bounce
+    }
+
+    /// A cluster's read finished: write it to the target, unless the job
+    /// ended meanwhile or the read failed (which fails the job).
+    fn backup_read_done(&mut self, cluster: u64, status: Status) {
+        let job = self.backup.as_mut().expect("backup read without a job");
+        let (first, count) = job.cluster_span(cluster);
+        let (thread, id) = (job.thread, job.id);
+        let bounce = job.copying[&cluster].bounce;
+        if job.state != JobState::Running || status != Status::Ok {
+            job.copying.remove(&cluster);
+            self.freed_bounces[thread].push(bounce);
+            if status != Status::Ok {
+                let why = format!("read of the disk at offset {} failed", first * SECTOR_BYTES);
+                self.stop_backup(JobState::Failed, Some(why));
+            }
+            self.pump_backup();
+            return;
+        }
+        let len = count * SECTOR_BYTES;
+        let kind = OpKind::BackupWrite {
+            job: id,
+            offset: first * SECTOR_BYTES,
+            len,
+            bounce,
+        };
+        self.emit(thread, None, kind, OpOwner::BackupWrite { cluster, len });
     }
 }
 

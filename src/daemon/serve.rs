@@ -310,6 +310,7 @@ fn serve_bound(
     // io_uring rings and pool threads are made here, before the filter.
     let stats = Arc::new(RequestStats::new(usize::from(opts.protocol.num_queues)));
     let pool = Arc::new(WorkerPool::start(dev.clone(), workers, stats.clone())?);
+    dev.backups.set_waker(pool.waker());
     let slot = Arc::new(ConnectionSlot::default());
     if let (Some(l), Some(path)) = (control, &opts.control_socket) {
         let commands = Arc::new(DaemonCommands {

@@ -86,6 +86,13 @@ enum Tracked {
     CopyRead { bounce: u64, len: u64 },
     /// A copy-up write from a bounce buffer: free it.
     CopyWrite { bounce: u64 },
+    /// A backup read into part of a bounce buffer: zero-fill a short read
+    /// (the scheduler says when the buffer is freed).
+    BackupRead {
+        bounce: u64,
+        bounce_offset: u64,
+        len: u64,
+    },
     /// Nothing to do but report it.
     Plain,
 }
@@ -107,8 +114,16 @@ pub struct Worker {
     /// Engine operations in flight that need work at completion, by user
     /// data (the scheduler's op id): the one table of them.
     ops: FxHashMap<OpId, Tracked>,
-    /// Copy-up bounce buffers, from CopyRead issue to CopyWrite completion.
+    /// Copy-up bounce buffers, from CopyRead issue to CopyWrite completion;
+    /// backup bounce buffers, from the first BackupRead to the BackupWrite
+    /// done (or the scheduler freeing them).
     bounces: FxHashMap<u64, AlignedBuf>,
+    /// Backup writes and syncs of the target, done on this thread outside
+    /// the scheduler's lock (`run_backup_io`): the engine's ring may touch
+    /// the disk's files only.
+    backup_io: Vec<Op>,
+    /// Their results, for the next scheduler step.
+    backup_done: Vec<(OpId, Result<u64, i32>)>,
     completions: Vec<Completion>,
     /// Finished requests not yet published.
     done: Vec<Done>,
@@ -224,6 +239,8 @@ impl Worker {
             inflight: Slab::new(),
             ops: FxHashMap::default(),
             bounces: FxHashMap::default(),
+            backup_io: Vec::new(),
+            backup_done: Vec::new(),
             completions: Vec::new(),
             done: Vec::new(),
             to_submit: Vec::new(),
@@ -347,7 +364,16 @@ impl Worker {
     /// Work for the scheduler is waiting: parts to submit or completions
     /// to report.
     pub fn has_sched_input(&self) -> bool {
-        !self.to_submit.is_empty() || !self.completions.is_empty() || self.sched_retry
+        !self.to_submit.is_empty()
+            || !self.completions.is_empty()
+            || !self.backup_done.is_empty()
+            || self.sched_retry
+    }
+
+    /// Backup writes or their results wait (the loop is busy with a
+    /// backup's copies).
+    pub fn has_backup_work(&self) -> bool {
+        !self.backup_io.is_empty() || !self.backup_done.is_empty()
     }
 
     /// Finished requests are waiting to be published.
@@ -745,7 +771,7 @@ impl Worker {
         let mut sched = dev.sched();
         LockCounts::bump(&dev.lock_counts(self.thread).sched_locks);
         self.sched_step(dev, &mut sched);
-        dev.announce_failure(&sched);
+        dev.after_step(&mut sched);
     }
 
     /// The one step under the scheduler's lock: submit the parts taken,
@@ -761,9 +787,19 @@ impl Worker {
             sched.op_done(c.user_data, c.result.map(|_| ()));
         }
         self.completions = completions;
+        for (op, result) in self.backup_done.drain(..) {
+            sched.backup_io_done(op, result);
+        }
         // No capacity check here: a full engine says so, and the refused
         // operation goes back to the scheduler (rule 5).
         while let Some(op) = sched.pop_op(self.thread) {
+            if matches!(
+                op.kind,
+                OpKind::BackupWrite { .. } | OpKind::BackupSync { .. }
+            ) {
+                self.backup_io.push(op);
+                continue;
+            }
             let (io, tracked) = self.io_op(dev, sched, &op);
             // SAFETY: request buffers stay mapped (memory guard) and are not
             // touched until completion; bounce buffers stay in `bounces`
@@ -798,9 +834,51 @@ impl Worker {
         while let Some(d) = sched.pop_done(self.thread) {
             self.done.push(d);
         }
+        while let Some(b) = sched.pop_freed_bounce(self.thread) {
+            self.bounces.remove(&b);
+        }
         self.kicks = sched.take_kicks(self.thread);
         self.sched_has_ops = sched.has_ops(self.thread);
         self.sched_retry = false;
+    }
+
+    /// Writes backup clusters to their job's target and syncs it, here on
+    /// the worker thread and outside the scheduler's lock (the io_uring is
+    /// restricted to the disk's files, so the target is not in it). An
+    /// all-zero cluster is not written: the target was made sparse.
+    pub fn run_backup_io(&mut self, dev: &Device) {
+        for op in std::mem::take(&mut self.backup_io) {
+            let result = match op.kind {
+                OpKind::BackupWrite {
+                    job,
+                    offset,
+                    len,
+                    bounce,
+                } => {
+                    let buf = self.bounces.remove(&bounce);
+                    let data = buf
+                        .as_ref()
+                        .map_or(&[][..], |b| &b.as_slice()[..to_usize(len)]);
+                    match dev.backups.target(job) {
+                        None => Err(libc::EBADF),
+                        Some(_) if data.iter().all(|&b| b == 0) => Ok(0),
+                        Some(t) => t
+                            .write_at(data, offset)
+                            .map(|()| len)
+                            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)),
+                    }
+                }
+                OpKind::BackupSync { job } => match dev.backups.target(job) {
+                    None => Err(libc::EBADF),
+                    Some(t) => t
+                        .sync()
+                        .map(|()| 0)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)),
+                },
+                _ => unreachable!("not a backup operation: {:?}", op.kind),
+            };
+            self.backup_done.push((op.id, result));
+        }
     }
 
     /// Hands queued operations to the kernel; inline writes run here,
@@ -817,7 +895,7 @@ impl Worker {
             Tracked::CopyRead { bounce, .. } | Tracked::CopyWrite { bounce } => {
                 self.bounces.remove(&bounce);
             }
-            Tracked::GuestRead { .. } | Tracked::Plain => {}
+            Tracked::GuestRead { .. } | Tracked::BackupRead { .. } | Tracked::Plain => {}
         }
     }
 
@@ -841,6 +919,19 @@ impl Worker {
             (Some(Tracked::CopyRead { bounce, len }), Ok(n)) if n < len => {
                 if let Some(b) = self.bounces.get_mut(&bounce) {
                     b.as_mut_slice()[to_usize(n)..to_usize(len)].fill(0);
+                }
+            }
+            (
+                Some(Tracked::BackupRead {
+                    bounce,
+                    bounce_offset,
+                    len,
+                }),
+                Ok(n),
+            ) if n < len => {
+                if let Some(b) = self.bounces.get_mut(&bounce) {
+                    b.as_mut_slice()[to_usize(bounce_offset + n)..to_usize(bounce_offset + len)]
+                        .fill(0);
                 }
             }
             (Some(Tracked::CopyRead { bounce, .. }), Err(_))
@@ -867,6 +958,37 @@ impl Worker {
                 .map_or(&[][..], |f| &f.req.data[..])
         }
         match op.kind {
+            OpKind::BackupRead {
+                target,
+                offset,
+                len,
+                bounce,
+                bounce_offset,
+                bounce_len,
+            } => {
+                let all = self.bounce(bounce, bounce_len);
+                let base = all.as_slice()[0].iov_base as *mut u8;
+                // SAFETY: bounce_offset + len <= bounce_len, the buffer's size.
+                let ptr = unsafe { base.add(to_usize(bounce_offset)) };
+                (
+                    IoOp::Readv {
+                        fd: match target {
+                            Target::Backing => dev.backing_fd(),
+                            Target::Cow => dev.cow_fd(),
+                        },
+                        offset,
+                        iov: IoVecs::single(ptr, to_usize(len)),
+                    },
+                    Tracked::BackupRead {
+                        bounce,
+                        bounce_offset,
+                        len,
+                    },
+                )
+            }
+            OpKind::BackupWrite { .. } | OpKind::BackupSync { .. } => {
+                unreachable!("backup writes are not engine operations")
+            }
             OpKind::CopyRead {
                 offset,
                 len,

@@ -199,6 +199,17 @@ impl WorkerPool {
         self.mailboxes.len()
     }
 
+    /// Something that wakes worker `thread` (for work the control thread
+    /// gave it in the scheduler).
+    pub fn waker(&self) -> Box<dyn Fn(ThreadId) + Send + Sync> {
+        let mailboxes = self.mailboxes.clone();
+        Box::new(move |t| {
+            if let Some(m) = mailboxes.get(t) {
+                let _ = m.wake.write(1);
+            }
+        })
+    }
+
     pub fn engine_name(&self) -> &'static str {
         self.engine_name
     }
@@ -343,6 +354,15 @@ impl WorkerLoop {
                         detaching.push(done);
                     }
                     Command::Exit => {
+                        // A backup does not keep the daemon from exiting. The
+                        // writes it held go on: a scheduler step issues
+                        // them (and wakes the threads they belong to).
+                        let mut s = dev.sched();
+                        if let Some(p) = s.backup_progress() {
+                            s.cancel_backup(p.id);
+                        }
+                        drop(s);
+                        woken = true;
                         for r in rings.drain(..) {
                             unwatch(&epoll, &r);
                         }
@@ -379,6 +399,7 @@ impl WorkerLoop {
                 }
             }
             worker.flush_engine();
+            worker.run_backup_io(&dev);
             worker.reap(); // inline writes completed in the flush
             worker.publish(&rings, mode);
 
@@ -405,6 +426,12 @@ impl WorkerLoop {
             }
 
             if worker.has_work_now() || take || woken {
+                // A backup's copies can keep the loop busy for long: look
+                // at the rings every time round, since no epoll wait
+                // reports their kicks meanwhile (guest I/O goes on).
+                if worker.has_backup_work() {
+                    take = true;
+                }
                 poll_until = None;
                 continue;
             }

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use vhost_user_cow::daemon::copy_before_write::{JobProgress, JobState};
 use vhost_user_cow::daemon::scheduler::{
     CowLayout, DiskRequest, Done, Op, OpKind, ReqKind, Scheduler, Status, Target, ThreadId,
 };
@@ -105,6 +106,38 @@ pub struct ReqModel {
     done: Option<Status>,
 }
 
+/// When a script's backup starts (rule 10) and what it may do.
+#[derive(Clone, Copy, Debug)]
+pub struct BackupPlan {
+    /// Available once this many requests were submitted.
+    pub after: usize,
+    pub cluster_sectors: u64,
+    /// Whether it may be cancelled.
+    pub cancel: bool,
+    /// The worker thread whose engine copies.
+    pub thread: ThreadId,
+}
+
+/// A backup job as the model sees it: the disk at the moment it started,
+/// and the target's sectors.
+#[derive(Clone, Debug)]
+pub struct BackupModel {
+    /// Requests numbered from here were submitted after the start.
+    first_after: u64,
+    /// Per sector, the values the copy may hold: what a read submitted at
+    /// the start could return (writes in flight then, either way).
+    snapshot: Vec<BTreeSet<u64>>,
+    /// The target; 0: never written.
+    pub target: Vec<u64>,
+    /// Clusters whose write to the target completed.
+    copied: BTreeSet<u64>,
+    cluster: u64,
+    pub ended: Option<JobProgress>,
+    /// A failure was injected where the job may fail of it.
+    may_fail: bool,
+    cancelled: bool,
+}
+
 #[derive(Clone)]
 pub struct Harness {
     pub sched: Scheduler,
@@ -139,6 +172,8 @@ pub struct Harness {
     /// runs branch only on submissions and completion order).
     pub auto_issue: bool,
     pub steps: u64,
+    pub backup_plan: Option<BackupPlan>,
+    pub backup: Option<BackupModel>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -147,6 +182,8 @@ pub enum Action {
     Issue(ThreadId),
     Complete(usize),
     Fail(usize),
+    StartBackup,
+    CancelBackup,
 }
 
 impl Harness {
@@ -203,6 +240,8 @@ impl Harness {
             refused: [false; QUEUES],
             auto_issue: false,
             steps: 0,
+            backup_plan: None,
+            backup: None,
         }
     }
 
@@ -373,15 +412,173 @@ impl Harness {
                 let data = (first..first + len / 512).map(backing_tag).collect();
                 self.bounces.insert(bounce, data);
             }
-            OpKind::Write { .. } | OpKind::Zero { .. } | OpKind::CopyWrite { .. } => {}
+            OpKind::BackupRead {
+                target,
+                offset,
+                len,
+                bounce,
+                bounce_offset,
+                bounce_len,
+            } => {
+                let first = match target {
+                    Target::Cow => (offset - DATA_OFFSET) / 512,
+                    Target::Backing => offset / 512,
+                };
+                let mut vals = Vec::new();
+                for s in first..first + len / 512 {
+                    let v = match target {
+                        Target::Cow => {
+                            assert_eq!(
+                                self.mem_bit(s),
+                                Some(true),
+                                "backup read of COW sector {s} whose bit is not set"
+                            );
+                            self.cow_data[to_usize(s)]
+                        }
+                        Target::Backing => backing_tag(s),
+                    };
+                    assert_ne!(
+                        v, UNWRITTEN,
+                        "backup read of sector {s} saw unwritten COW data"
+                    );
+                    vals.push(v);
+                }
+                let buf = self
+                    .bounces
+                    .entry(bounce)
+                    .or_insert_with(|| vec![0; to_usize(bounce_len / 512)]);
+                let at = to_usize(bounce_offset / 512);
+                buf[at..at + vals.len()].copy_from_slice(&vals);
+            }
+            OpKind::Write { offset, len, .. }
+            | OpKind::Zero { offset, len }
+            | OpKind::CopyWrite { offset, len, .. } => self.check_copied_first(&op, offset, len),
+            OpKind::BackupWrite { .. } | OpKind::BackupSync { .. } => {}
         }
         self.in_flight.push(InFlight { op, snapshot });
+    }
+
+    /// Rule 10: while a backup runs, a write submitted after its start
+    /// changes only clusters already in the target.
+    fn check_copied_first(&self, op: &Op, offset: u64, len: u64) {
+        let Some(b) = &self.backup else { return };
+        let running = self
+            .sched
+            .backup_progress()
+            .is_some_and(|p| p.state == JobState::Running);
+        let req = op.req.unwrap();
+        if !running || req < b.first_after {
+            return;
+        }
+        let first = (offset - DATA_OFFSET) / 512;
+        for s in first..first + len / 512 {
+            assert!(
+                b.copied.contains(&(s / b.cluster)),
+                "rule 10: write {req} reaches sector {s} before its cluster was copied"
+            );
+        }
+    }
+
+    fn start_backup(&mut self) {
+        let plan = self.backup_plan.expect("no backup planned");
+        let spc = self.spc;
+        self.sched
+            .start_backup(1, plan.thread, plan.cluster_sectors)
+            .expect("a backup starts");
+        self.backup = Some(BackupModel {
+            first_after: self.next_req,
+            snapshot: self.possible.clone(),
+            target: vec![0; to_usize(self.sectors)],
+            copied: BTreeSet::new(),
+            cluster: plan.cluster_sectors.div_ceil(spc) * spc,
+            ended: None,
+            may_fail: false,
+            cancelled: false,
+        });
+        self.after_backup_step();
+    }
+
+    /// What the scheduler hands back of the job after each step.
+    fn after_backup_step(&mut self) {
+        for q in 0..QUEUES {
+            while let Some(b) = self.sched.pop_freed_bounce(q) {
+                self.bounces.remove(&b);
+            }
+        }
+        if let Some(end) = self.sched.take_backup_ended() {
+            let b = self
+                .backup
+                .as_mut()
+                .expect("a job ended that never started");
+            assert!(b.ended.is_none(), "the job ended twice");
+            b.ended = Some(end);
+        }
+    }
+
+    fn backup_io(&mut self, op: Op, fail: bool) {
+        let result = match op.kind {
+            OpKind::BackupWrite {
+                offset,
+                len,
+                bounce,
+                ..
+            } => {
+                let data = self
+                    .bounces
+                    .remove(&bounce)
+                    .expect("backup write before its read");
+                assert_eq!(data.len() as u64, len / 512);
+                let b = self.backup.as_mut().unwrap();
+                if fail {
+                    b.may_fail = true;
+                    Err(libc::EIO)
+                } else {
+                    let first = to_usize(offset / 512);
+                    b.target[first..first + data.len()].copy_from_slice(&data);
+                    b.copied.insert(offset / 512 / b.cluster);
+                    Ok(len)
+                }
+            }
+            OpKind::BackupSync { .. } => {
+                let b = self.backup.as_mut().unwrap();
+                assert_eq!(
+                    b.copied.len() as u64,
+                    self.sectors.div_ceil(b.cluster),
+                    "target synced before every cluster was in it"
+                );
+                if fail {
+                    b.may_fail = true;
+                    Err(libc::EIO)
+                } else {
+                    Ok(0)
+                }
+            }
+            _ => unreachable!(),
+        };
+        self.sched.backup_io_done(op.id, result);
+        self.drain_done();
     }
 
     fn complete(&mut self, idx: usize, fail: bool) {
         let f = self.in_flight.remove(idx);
         self.refused = [false; QUEUES];
         let op = f.op;
+        if matches!(
+            op.kind,
+            OpKind::BackupWrite { .. } | OpKind::BackupSync { .. }
+        ) {
+            return self.backup_io(op, fail);
+        }
+        if fail
+            && matches!(
+                op.kind,
+                OpKind::BackupRead { .. } | OpKind::BitmapLoad { .. }
+            )
+        {
+            if let Some(b) = &mut self.backup {
+                b.may_fail = true;
+            }
+        }
         match op.kind {
             OpKind::Write { offset, len, .. } | OpKind::Zero { offset, len } => {
                 let id = op.req.unwrap();
@@ -448,7 +645,8 @@ impl Harness {
                     }
                 }
             }
-            OpKind::Read { .. } | OpKind::CopyRead { .. } => {}
+            OpKind::Read { .. } | OpKind::CopyRead { .. } | OpKind::BackupRead { .. } => {}
+            OpKind::BackupWrite { .. } | OpKind::BackupSync { .. } => unreachable!(),
         }
         if fail && matches!(op.kind, OpKind::BitmapWrite { .. }) {
             self.failed_device = true;
@@ -556,6 +754,11 @@ impl Harness {
                                 r.acceptable[s - rs].extend(visible.iter().copied());
                             }
                         }
+                        if let Some(b) = &mut self.backup {
+                            if id < b.first_after {
+                                b.snapshot[s].extend(visible.iter().copied());
+                            }
+                        }
                         self.possible[s].extend(visible);
                     }
                 }
@@ -643,10 +846,23 @@ impl Harness {
             if inject
                 && matches!(
                     f.op.kind,
-                    OpKind::BitmapWrite { .. } | OpKind::BitmapLoad { .. }
+                    OpKind::BitmapWrite { .. }
+                        | OpKind::BitmapLoad { .. }
+                        | OpKind::BackupRead { .. }
+                        | OpKind::BackupWrite { .. }
+                        | OpKind::BackupSync { .. }
                 )
             {
                 a.push(Action::Fail(i));
+            }
+        }
+        if let Some(plan) = self.backup_plan {
+            match &self.backup {
+                None if submitted >= plan.after => a.push(Action::StartBackup),
+                Some(b) if plan.cancel && !b.cancelled && b.ended.is_none() => {
+                    a.push(Action::CancelBackup);
+                }
+                _ => {}
             }
         }
         a
@@ -659,6 +875,20 @@ impl Harness {
             Action::Issue(q) => self.issue(q),
             Action::Complete(i) => self.complete(i, false),
             Action::Fail(i) => self.complete(i, true),
+            Action::StartBackup => self.start_backup(),
+            Action::CancelBackup => {
+                let b = self.backup.as_mut().unwrap();
+                b.cancelled = true;
+                let running = self
+                    .sched
+                    .backup_progress()
+                    .is_some_and(|p| p.state == JobState::Running);
+                assert_eq!(self.sched.cancel_backup(1), running);
+                self.drain_done();
+            }
+        }
+        if self.backup.is_some() {
+            self.after_backup_step();
         }
         self.check();
         if self.auto_issue {
@@ -696,6 +926,9 @@ impl Harness {
 
     /// (d) once everything has completed, nothing is left anywhere.
     pub fn finish(&mut self) {
+        if self.backup_plan.is_some() && self.backup.is_none() {
+            self.apply(Action::StartBackup);
+        }
         loop {
             let mut progressed = false;
             for q in 0..QUEUES {
@@ -718,6 +951,28 @@ impl Harness {
             self.sched
         );
         assert_eq!(self.sched.copy_up_records(), 0, "copy-up records leaked");
+        assert!(self.bounces.is_empty(), "bounce buffers leaked");
+        if let Some(b) = &self.backup {
+            let end = b.ended.as_ref().expect("the backup never ended");
+            match end.state {
+                JobState::Completed => {
+                    // Rule 10: the target is the disk at the start, sector
+                    // by sector (a write in flight then either way).
+                    for s in 0..to_usize(self.sectors) {
+                        assert!(
+                            b.snapshot[s].contains(&b.target[s]),
+                            "backup: target sector {s} holds {}, the disk at the start one of {:?}",
+                            b.target[s],
+                            b.snapshot[s]
+                        );
+                    }
+                    assert_eq!(end.clusters_done, end.clusters_total);
+                }
+                JobState::Cancelled => assert!(b.cancelled, "{end:?}"),
+                JobState::Failed => assert!(b.may_fail, "backup failed: {end:?}"),
+                JobState::Running => unreachable!("ended while running"),
+            }
+        }
         let bitmap = self.sched.bitmap().unwrap();
         if !self.failed_device {
             // Nothing pinned: the cap holds, and what is resident is what

@@ -182,9 +182,16 @@ impl Harness {
             assert!(self.worker.take_kicks().is_empty());
         }
         self.worker.flush_engine();
+        self.worker.run_backup_io(&self.dev);
         self.worker.reap();
         self.worker.publish(&self.rings, self.mode);
         self.record_used();
+    }
+
+    /// Another thread gave this one scheduler work (the control thread
+    /// starting a backup wakes the worker so).
+    pub fn wake(&mut self) {
+        self.woken = true;
     }
 
     fn record_used(&mut self) {
