@@ -436,8 +436,11 @@ impl WorkerLoop {
                 continue;
             }
             // The polling window: a request that follows soon after the
-            // last one is picked up without a trip through epoll.
-            if !poll.is_zero() && !rings.is_empty() {
+            // last one is picked up without a trip through epoll. Not while
+            // requests wait on the I/O limits: the limit, not a wake-up,
+            // decides their latency, and a throttled guest must not cost a
+            // core's time in polls (nor its neighbours' share of it).
+            if !poll.is_zero() && !rings.is_empty() && worker.delayed_wait().is_none() {
                 let until = *poll_until.get_or_insert_with(|| Instant::now() + poll);
                 if Instant::now() < until {
                     let avail = conn.as_ref().is_some_and(|c| has_avail(&rings, &c.mem));
