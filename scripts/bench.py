@@ -130,6 +130,25 @@ def new_overlay(ours: Path, who: str, path: Path, base: Path) -> Path:
     return path
 
 
+class Workspace:
+    """A benchmark's directories and binaries: work files under
+    --workdir, results and logs under --output, our binaries in --bin-dir,
+    the golden image `golden.img`."""
+
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.work = Path(a.workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.out = Path(a.output)
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        self.ours = Path(a.bin_dir) / "vhost-user-cow"
+        self.load = Path(a.bin_dir) / "vhost-user-cow-load"
+        self.base = self.work / "golden.img"
+
+    def make_base(self) -> None:
+        make_golden(self.base, self.a.size)
+
+
 class Daemon:
     """A fresh daemon serving one disk on a socket."""
 

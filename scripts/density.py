@@ -46,20 +46,7 @@ def cached_bytes(*files: Path) -> int:
     return sum(int(x) for x in out.split())
 
 
-class Density:
-    def __init__(self, a: argparse.Namespace):
-        self.a = a
-        self.work = Path(a.workdir)
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.out = Path(a.output)
-        (self.out / "logs").mkdir(parents=True, exist_ok=True)
-        self.ours = Path(a.bin_dir) / "vhost-user-cow"
-        self.load = Path(a.bin_dir) / "vhost-user-cow-load"
-        self.base = self.work / "golden.img"
-
-    def make_base(self) -> None:
-        bench.make_golden(self.base, self.a.size)
-
+class Density(bench.Workspace):
     def overlay(self, who: str, i: int) -> Path:
         return self.work / (f"vm{i}.cow" if who == "ours" else f"vm{i}.qcow2")
 

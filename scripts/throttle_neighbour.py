@@ -39,20 +39,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-class Neighbours:
+class Neighbours(bench.Workspace):
     def __init__(self, a: argparse.Namespace):
-        self.a = a
-        self.work = Path(a.workdir)
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.out = Path(a.output)
-        (self.out / "logs").mkdir(parents=True, exist_ok=True)
-        self.ours = Path(a.bin_dir) / "vhost-user-cow"
-        self.load = Path(a.bin_dir) / "vhost-user-cow-load"
-        self.base = self.work / "golden.img"
+        super().__init__(a)
         self.seq = 0
-
-    def make_base(self) -> None:
-        bench.make_golden(self.base, self.a.size)
 
     def overlay(self, who: str, name: str) -> Path:
         p = self.work / (f"{name}.cow" if who == "ours" else f"{name}.qcow2")

@@ -232,6 +232,22 @@ struct ReqState {
     pinned: bool,
 }
 
+impl ReqState {
+    /// A request just submitted: in its data phase, nothing issued yet.
+    fn new(req: DiskRequest) -> ReqState {
+        ReqState {
+            req,
+            phase: Phase::Data,
+            ops_left: 0,
+            failed: false,
+            seq: 0,
+            copies: Vec::new(),
+            counted_on: Vec::new(),
+            pinned: false,
+        }
+    }
+}
+
 /// A chunk being copied up (rule 9), like a device-mapper snapshot's
 /// pending exception: it lives while its owner is unfinished or any read
 /// of the chunk's backing data or any queued write refers to it.
@@ -564,19 +580,7 @@ impl Scheduler {
             "request id {} reused while in flight",
             req.id
         );
-        self.reqs.insert(
-            req.id,
-            ReqState {
-                req,
-                phase: Phase::Data,
-                ops_left: 0,
-                failed: false,
-                seq: 0,
-                copies: Vec::new(),
-                counted_on: Vec::new(),
-                pinned: false,
-            },
-        );
+        self.reqs.insert(req.id, ReqState::new(req));
         let bytes = req.count * SECTOR_BYTES;
         match req.kind {
             ReqKind::Read => {
@@ -1461,19 +1465,7 @@ impl Scheduler {
             sector,
             count,
         };
-        self.reqs.insert(
-            id,
-            ReqState {
-                req,
-                phase: Phase::Data,
-                ops_left: 0,
-                failed: false,
-                seq: 0,
-                copies: Vec::new(),
-                counted_on: Vec::new(),
-                pinned: false,
-            },
-        );
+        self.reqs.insert(id, ReqState::new(req));
         let loads = self.pin_pages(id);
         if loads > 0 {
             self.reqs.get_mut(&id).unwrap().phase = Phase::Loading(loads);
