@@ -206,7 +206,9 @@ fn killed_daemon_resubmits_requests_in_flight_exactly_once() {
         batch = submit_writes(&mut dev, &mut rng, 48);
         // Stop the daemon as soon as the area shows something in flight.
         wait_marked(&area, &layout);
-        d.signal(libc::SIGSTOP);
+        // Every thread stopped before the marks are read: a worker still
+        // running would take (and mark) more.
+        d.stop_threads();
         at_kill = marked(&area, &layout);
         if at_kill.iter().any(|q| !q.is_empty()) {
             eprintln!("attempt {attempt}: in flight at the kill: {at_kill:?}");

@@ -36,19 +36,7 @@ fn start(dir: &std::path::Path) -> Daemon {
 /// SIGSTOP, then waits until every thread of the daemon is stopped, so
 /// nothing it was sent afterwards can be answered.
 fn stop_process(d: &mut Daemon) {
-    d.signal(libc::SIGSTOP);
-    let stat = format!("/proc/{}/stat", d.pid());
-    let start = Instant::now();
-    loop {
-        let s = std::fs::read_to_string(&stat).unwrap();
-        // The state is the field after the parenthesised command name.
-        let state = s[s.rfind(')').unwrap() + 1..].split_whitespace().next();
-        if state == Some("T") {
-            return;
-        }
-        assert!(start.elapsed() < SLACK, "daemon not stopped: {s}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    d.stop_threads();
 }
 
 fn panic_text(r: Box<dyn std::any::Any + Send>) -> String {

@@ -256,6 +256,32 @@ impl Daemon {
     }
 
     /// Sends `sig` to the daemon (e.g. SIGSTOP, SIGKILL).
+    /// SIGSTOP, then waits until every thread of the daemon is stopped:
+    /// kill() returns before a thread running on another CPU has stopped,
+    /// and until then it may still take and answer requests.
+    pub fn stop_threads(&mut self) {
+        self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        let start = Instant::now();
+        loop {
+            let states: Vec<String> = std::fs::read_dir(&tasks)
+                .unwrap_or_else(|e| panic!("{tasks}: {e}"))
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+                // The state is the field after the parenthesised name.
+                .filter_map(|s| Some(s[s.rfind(')')? + 1..].split_whitespace().next()?.to_owned()))
+                .collect();
+            if !states.is_empty() && states.iter().all(|st| st == "T" || st == "t") {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon {} not stopped 10 s after SIGSTOP: thread states {states:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     pub fn signal(&mut self, sig: libc::c_int) {
         assert!(self.running(), "{:?} exited before signal {sig}", self.peer);
         // SAFETY: signalling our own child by pid; it was running just now
