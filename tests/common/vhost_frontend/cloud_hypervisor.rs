@@ -34,7 +34,9 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 
 use super::config::{feature, BlkConfigSpace, CONFIG_LEN};
 use super::guest_memory::{Arena, GuestMemory, GUEST_BASE};
-use super::handshake::{check_queue_count, open_frontend, FrontendOptions, VhostUserBlk, Watchdog};
+use super::handshake::{
+    check_queue_count, open_frontend, region_info, FrontendOptions, VhostUserBlk, Watchdog,
+};
 use super::virtqueue::SplitQueue;
 
 /// Bit numbers cloud-hypervisor offers that the test driver has no name
@@ -243,16 +245,7 @@ impl VhostUserBlk {
     }
 
     fn ch_regions(&self, range: std::ops::Range<usize>) -> Vec<VhostUserMemoryRegionInfo> {
-        self.mem.regions()[range]
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.gpa,
-                memory_size: r.size,
-                userspace_addr: r.host_base(),
-                mmap_offset: 0,
-                mmap_handle: r.fd(),
-            })
-            .collect()
+        self.mem.regions()[range].iter().map(region_info).collect()
     }
 
     /// The activation (`setup_vhost_user`): features, memory, rings.

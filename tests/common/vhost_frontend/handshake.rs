@@ -378,6 +378,17 @@ fn negotiate(socket: &Path, opts: &FrontendOptions) -> Result<Negotiated, String
     })
 }
 
+/// How a frontend describes a guest memory region to the backend.
+pub fn region_info(r: &super::guest_memory::Region) -> VhostUserMemoryRegionInfo {
+    VhostUserMemoryRegionInfo {
+        guest_phys_addr: r.gpa,
+        memory_size: r.size,
+        userspace_addr: r.host_base(),
+        mmap_offset: 0,
+        mmap_handle: r.fd(),
+    }
+}
+
 /// SET_MEM_TABLE, or ADD_MEM_REGION per region when asked and offered.
 fn hand_over_memory(
     n: &mut Negotiated,
@@ -385,17 +396,7 @@ fn hand_over_memory(
     opts: &FrontendOptions,
 ) -> Result<(), String> {
     let (fe, wd) = (&mut n.fe, &n.wd);
-    let regions: Vec<VhostUserMemoryRegionInfo> = mem
-        .regions()
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo {
-            guest_phys_addr: r.gpa,
-            memory_size: r.size,
-            userspace_addr: r.host_base(),
-            mmap_offset: 0,
-            mmap_handle: r.fd(),
-        })
-        .collect();
+    let regions: Vec<VhostUserMemoryRegionInfo> = mem.regions().iter().map(region_info).collect();
     if opts.add_mem_region
         && n.protocol
             .contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
