@@ -77,33 +77,13 @@ pub fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, 
     Ok((n as usize, fds))
 }
 
-/// Sends all of `bytes`, the descriptor with the first of them.
+/// Sends all of `bytes`, the descriptor with the first of them
+/// (vmm-sys-util's `sendmsg`, with MSG_NOSIGNAL).
 pub fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: RawFd) -> io::Result<()> {
-    let mut control = vec![0u64; cmsg_words(1)];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr().cast_mut().cast(),
-        iov_len: bytes.len(),
-    };
-    // SAFETY: as in `recv_with_fds`; the control buffer has room for one
-    // descriptor's message.
-    let n = unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(fd_bytes(1)) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes(1)) as usize;
-        libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd);
-        libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[allow(clippy::cast_sign_loss)] // checked non-negative
-    let sent = n as usize;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let sent = stream
+        .send_with_fd(bytes, fd)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     if sent < bytes.len() {
         // The descriptor went with the first byte; the rest is plain.
         use std::io::Write;
