@@ -12,6 +12,7 @@ pub mod dirty_log;
 pub mod guest_memory;
 pub mod inflight;
 pub mod log_limit;
+pub mod memory_trim;
 pub mod protocol;
 pub mod request_stats;
 pub mod sandbox;

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::active_connection::ConnectionId;
 use super::control_commands::{ConnectionSlot, DaemonCommands};
 use super::device::{Device, DeviceOptions};
+use super::memory_trim;
 use super::protocol::{FrontendHandler, ProtocolOptions};
 use super::request_stats::RequestStats;
 use super::sandbox::{self, SandboxError, SandboxMode, SocketDir};
@@ -296,6 +297,8 @@ fn serve_bound(
         name,
         control,
     } = bound;
+    // Start-up's deepest calls are behind us; /proc is still there.
+    memory_trim::note_main_stack();
     sandbox::enter(opts.confinement.sandbox)?;
     {
         let shutdown = shutdown.clone();
@@ -385,6 +388,8 @@ mod test_hooks {
 /// more (a migration's destination, or a frontend reconnecting before its
 /// old connection was seen closing). A third is closed at once.
 const MAX_CONNECTIONS: usize = 2;
+/// How long the frontends stay silent before set-up memory is trimmed.
+const TRIM_AFTER_QUIET: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How long a frontend may take to send the rest of a message it began:
 /// the one message thread serves every connection, so a stalled message
@@ -450,6 +455,9 @@ fn accept_loop(
     let active = slot.active.clone();
     let mut conns: Vec<Connection> = Vec::new();
     let mut next_id: ConnectionId = 1;
+    // Set-up freed memory since the last trim: trim once the messages
+    // stop for a while (start-up counts as such a burst).
+    let mut trim_due = true;
     let result = loop {
         let mut fds = vec![
             shutdown.as_raw_fd(),
@@ -457,9 +465,16 @@ fn accept_loop(
             listener.as_raw_fd(),
         ];
         fds.extend(conns.iter().map(|c| c.fd));
-        let Some(ready) = readable(&fds) else {
+        let quiet = trim_due.then_some(TRIM_AFTER_QUIET);
+        let Some(ready) = readable(&fds, quiet) else {
             break Ok(());
         };
+        if !ready.iter().any(|&r| r) {
+            memory_trim::trim(true);
+            trim_due = false;
+            continue;
+        }
+        trim_due = true;
         if ready[0] {
             break Ok(());
         }
@@ -544,8 +559,10 @@ fn accept_loop(
     result
 }
 
-/// Which of `fds` are readable (or hung up); None if poll itself failed.
-fn readable(fds: &[RawFd]) -> Option<Vec<bool>> {
+/// Which of `fds` are readable (or hung up), all false when `timeout`
+/// passed first; None if poll itself failed.
+fn readable(fds: &[RawFd], timeout: Option<std::time::Duration>) -> Option<Vec<bool>> {
+    let timeout_ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
     let mut polled: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -556,16 +573,20 @@ fn readable(fds: &[RawFd]) -> Option<Vec<bool>> {
         .collect();
     loop {
         // SAFETY: a valid pollfd array of its length.
-        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
+        let n = unsafe {
+            libc::poll(
+                polled.as_mut_ptr(),
+                polled.len() as libc::nfds_t,
+                timeout_ms,
+            )
+        };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             return None;
         }
-        if n > 0 {
-            return Some(polled.iter().map(|p| p.revents != 0).collect());
-        }
+        return Some(polled.iter().map(|p| p.revents != 0).collect());
     }
 }
 

@@ -127,6 +127,9 @@ pub struct Worker {
     completions: Vec<Completion>,
     /// Finished requests not yet published.
     done: Vec<Done>,
+    /// Chains taken off a ring in one walk, before they are parsed (kept:
+    /// no allocation per pass).
+    chains: Vec<virtio_queue::DescriptorChain<MemoryGuard>>,
     /// Parts of requests taken this iteration, for the scheduler.
     to_submit: Vec<DiskRequest>,
     /// The other half of `to_submit`'s double buffer (no allocation when
@@ -243,6 +246,7 @@ impl Worker {
             backup_done: Vec::new(),
             completions: Vec::new(),
             done: Vec::new(),
+            chains: Vec::new(),
             to_submit: Vec::new(),
             to_submit_spare: Vec::new(),
             off_lock_in_flight: 0,
@@ -461,9 +465,17 @@ impl Worker {
                 let _ = vq.queue.disable_notification(&*guard);
             }
             while self.inflight.len() < self.max_inflight {
-                let chain = match vq.queue.iter(guard.clone()) {
-                    Ok(mut it) => it.next(),
-                    Err(virtio_queue::Error::QueueNotReady) => return,
+                // One walk of the avail ring per pass (one read of its
+                // index), the chains parsed after it: the refusals among
+                // them need the queue the walk borrows.
+                let room = self.max_inflight - self.inflight.len();
+                let mut chains = std::mem::take(&mut self.chains);
+                match vq.queue.iter(guard.clone()) {
+                    Ok(it) => chains.extend(it.take(room)),
+                    Err(virtio_queue::Error::QueueNotReady) => {
+                        self.chains = chains;
+                        return;
+                    }
                     Err(e) => {
                         // The avail index ran more than the queue size
                         // ahead: the ring is broken until set up anew.
@@ -475,15 +487,20 @@ impl Worker {
                         );
                         vq.broken = true;
                         vq.started = false;
+                        self.chains = chains;
                         return;
                     }
-                };
-                let Some(chain) = chain else {
+                }
+                let found = chains.len();
+                for chain in chains.drain(..) {
+                    let head = chain.head_index();
+                    vq.mark_taken(head);
+                    refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &guard);
+                }
+                self.chains = chains;
+                if found < room {
                     break;
-                };
-                let head = chain.head_index();
-                vq.mark_taken(head);
-                refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &guard);
+                }
             }
             if self.inflight.len() >= self.max_inflight {
                 self.throttled = true;
@@ -1120,6 +1137,9 @@ impl Worker {
         touched.clear();
         touched.resize_with(rings.len(), || None);
         let now_us = self.clock_us();
+        // The ring last published to stays locked for the next request
+        // (a batch mostly finishes on one ring): one lock per batch.
+        let mut held: Option<(usize, std::sync::MutexGuard<'_, VirtqueueState>)> = None;
         for d in done.drain(..) {
             let slot = Self::slot_of(d.id);
             let Some(f) = self.inflight.get_mut(slot) else {
@@ -1153,16 +1173,35 @@ impl Worker {
             if let Some(stats) = &self.stats {
                 count_finished(stats, &f, now_us);
             }
-            let Some(i) = rings.iter().position(|r| r.index == f.ring) else {
+            let i = match &held {
+                Some((i, _)) if rings[*i].index == f.ring => *i,
+                _ => {
+                    let Some(i) = rings.iter().position(|r| r.index == f.ring) else {
+                        continue;
+                    };
+                    drop(held.take()); // released before the next ring is locked
+                    held = Some((i, rings[i].lock()));
+                    i
+                }
+            };
+            let Some((_, vq)) = held.as_mut() else {
                 continue;
             };
             // The request's own memory guard: the map it was parsed with.
             write_status(&*f.mem, f.req.status_addr, f.status);
-            let mut vq = rings[i].lock();
             // Before the used index is published.
             vq.log_published(&f.req);
             if vq.add_used(&f.mem, f.head, f.req.used_len(f.status)) {
                 touched[i] = Some(f.mem);
+            }
+        }
+        // The held ring first, and released before any other is locked:
+        // never two virtqueue locks at once.
+        if let Some((h, mut vq)) = held.take() {
+            if let Some(mem) = touched[h].take() {
+                if vq.queue.needs_notification(&*mem).unwrap_or(true) {
+                    vq.signal_used();
+                }
             }
         }
         for (ring, mem) in rings.iter().zip(&mut touched) {

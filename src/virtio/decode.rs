@@ -9,7 +9,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 use super::chain::Chain;
-use super::framing::{copy_from_guest, frame, truncate_pieces, Frame, Piece};
+use super::framing::{copy_from_guest, frame, truncate_pieces, Frame, Piece, Pieces};
 use super::request::*;
 use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
 
@@ -141,7 +141,7 @@ fn decode_data<G: GuestMemory + ?Sized>(
 fn decode_get_id<G: GuestMemory + ?Sized>(
     mem: &G,
     req: &mut BlkRequest,
-    mut data: Vec<Piece>,
+    mut data: Pieces,
 ) -> Result<(), RequestError> {
     let len = truncate_pieces(&mut data, ID_BYTES as u64);
     req.data = resolve(mem, &data, Permissions::Write)?;

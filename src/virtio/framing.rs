@@ -6,6 +6,7 @@
 //! in between is the data, still as guest ranges ([`Piece`]s); the
 //! per-type decoding in `decode.rs` gives it meaning.
 
+use smallvec::SmallVec;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -33,14 +34,18 @@ impl Piece {
     }
 }
 
+/// Pieces of one side of a chain. A request has a few descriptors (header,
+/// data, status): held inline, with no allocation per request.
+pub(super) type Pieces = SmallVec<[Piece; 4]>;
+
 /// A framed request: its header, its data as guest ranges on either side,
 /// and where its status byte goes.
 pub(super) struct Frame {
     pub header: [u8; HEADER_SIZE],
     /// Device-readable data after the header (empty pieces dropped).
-    pub readable: Vec<Piece>,
+    pub readable: Pieces,
     /// Device-writable data before the status byte (empty pieces dropped).
-    pub writable: Vec<Piece>,
+    pub writable: Pieces,
     pub status_addr: GuestAddress,
 }
 
@@ -55,7 +60,7 @@ pub(super) fn frame<C: Chain>(chain: &C) -> Result<Frame, RequestFailure> {
     };
     // Walk the whole chain (virtio-queue bounds the walk by the queue size /
     // indirect table length), keeping at most MAX_CHAIN_DESCRIPTORS.
-    let mut descs: Vec<Descriptor> = Vec::with_capacity(4);
+    let mut descs: SmallVec<[Descriptor; 4]> = SmallVec::new();
     let mut count = 0usize;
     let mut last = None;
     for d in chain.clone() {
@@ -115,12 +120,12 @@ pub(super) fn frame<C: Chain>(chain: &C) -> Result<Frame, RequestFailure> {
         }));
     }
 
-    let mut readable: Vec<Piece> = descs[..first_writable]
+    let mut readable: Pieces = descs[..first_writable]
         .iter()
         .enumerate()
         .map(|(i, d)| piece(i, d))
         .collect();
-    let mut writable: Vec<Piece> = descs[first_writable..]
+    let mut writable: Pieces = descs[first_writable..]
         .iter()
         .enumerate()
         .map(|(i, d)| piece(first_writable + i, d))
@@ -135,17 +140,16 @@ pub(super) fn frame<C: Chain>(chain: &C) -> Result<Frame, RequestFailure> {
         return Err(fail(RequestError::HeaderTooShort { len: readable_len }));
     }
     let mut header = [0u8; HEADER_SIZE];
-    let readable_data = split_off_front(&mut readable, HEADER_SIZE as u64);
     copy_from_guest(mem, &readable, &mut header).map_err(fail)?;
-    let writable_data = {
-        writable.retain(|p| p.len > 0);
-        writable
-    };
-    let readable_data: Vec<Piece> = readable_data.into_iter().filter(|p| p.len > 0).collect();
+    // What follows the header is the readable data, split in place (no
+    // second list of pieces moved around).
+    drop_front(&mut readable, HEADER_SIZE as u64);
+    readable.retain(|p| p.len > 0);
+    writable.retain(|p| p.len > 0);
     Ok(Frame {
         header,
-        readable: readable_data,
-        writable: writable_data,
+        readable,
+        writable,
         status_addr,
     })
 }
@@ -191,37 +195,32 @@ fn find_status<G: GuestMemory + ?Sized>(
     Ok(status)
 }
 
-/// Removes the first `n` bytes from `pieces` (which keeps them) and returns
-/// the remainder. The caller guarantees `pieces` holds at least `n` bytes.
-pub(super) fn split_off_front(pieces: &mut Vec<Piece>, n: u64) -> Vec<Piece> {
-    let mut rest = Vec::new();
+/// Removes the first `n` bytes from `pieces`: whole pieces, and the
+/// start of the piece the boundary falls in. The caller guarantees
+/// `pieces` holds at least `n` bytes.
+pub(super) fn drop_front(pieces: &mut Pieces, n: u64) {
     let mut left = n;
-    let mut keep = 0;
-    for (i, p) in pieces.iter_mut().enumerate() {
+    let mut whole = 0;
+    for p in pieces.iter_mut() {
         if left == 0 {
-            rest.push(*p);
-            continue;
+            break;
         }
-        keep = i + 1;
         if p.len > left {
-            let mut tail = *p;
             // Saturating: an address that would wrap is never guest RAM and
             // is rejected when resolved.
-            tail.addr = GuestAddress(p.addr.raw_value().saturating_add(left));
-            tail.len = p.len - left;
-            p.len = left;
-            rest.push(tail);
+            p.addr = GuestAddress(p.addr.raw_value().saturating_add(left));
+            p.len -= left;
             left = 0;
         } else {
             left -= p.len;
+            whole += 1;
         }
     }
-    pieces.truncate(keep);
-    rest
+    pieces.drain(..whole);
 }
 
 /// Keeps at most `n` bytes of `pieces`; returns the kept length.
-pub(super) fn truncate_pieces(pieces: &mut Vec<Piece>, n: u64) -> u64 {
+pub(super) fn truncate_pieces(pieces: &mut Pieces, n: u64) -> u64 {
     let mut total = 0;
     let mut keep = 0;
     for p in pieces.iter_mut() {
