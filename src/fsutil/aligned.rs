@@ -9,6 +9,8 @@ pub const PAGE: usize = 4096;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Mapped from the kernel (`mapped_zeroed`) rather than allocated.
+    mapped: bool,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -32,7 +34,41 @@ impl AlignedBuf {
         let layout = Layout::from_size_align(len, PAGE).ok()?;
         // SAFETY: layout has non-zero size.
         let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
-        Some(AlignedBuf { ptr, len })
+        Some(AlignedBuf {
+            ptr,
+            len,
+            mapped: false,
+        })
+    }
+
+    /// `len` zero bytes (whole pages) mapped from the kernel: its pages
+    /// become resident only when written, where the allocator's aligned
+    /// zeroed allocation writes every byte. For large blocks used a page at
+    /// a time (the bitmap's page pool); None when the mapping fails.
+    pub fn mapped_zeroed(len: usize) -> Option<AlignedBuf> {
+        let len = len.checked_next_multiple_of(PAGE)?.max(PAGE);
+        {
+            // SAFETY: a new private anonymous mapping; nothing else refers
+            // to it.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return None;
+            }
+            Some(AlignedBuf {
+                ptr: NonNull::new(p.cast())?,
+                len,
+                mapped: true,
+            })
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -60,7 +96,11 @@ impl AlignedBuf {
 
 impl Clone for AlignedBuf {
     fn clone(&self) -> AlignedBuf {
-        let mut b = AlignedBuf::zeroed(self.len);
+        let mut b = if self.mapped {
+            AlignedBuf::mapped_zeroed(self.len).unwrap_or_else(|| AlignedBuf::zeroed(self.len))
+        } else {
+            AlignedBuf::zeroed(self.len)
+        };
         b.as_mut_slice().copy_from_slice(self.as_slice());
         b
     }
@@ -68,7 +108,15 @@ impl Clone for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this layout.
+        if self.mapped {
+            // SAFETY: mapped in `mapped_zeroed` with this length, not used
+            // after this.
+            unsafe {
+                libc::munmap(self.ptr.as_ptr().cast(), self.len);
+            }
+            return;
+        }
+        // SAFETY: allocated in `try_zeroed` with this layout.
         unsafe {
             alloc::dealloc(
                 self.ptr.as_ptr(),
