@@ -96,11 +96,9 @@ impl AlignedBuf {
 
 impl Clone for AlignedBuf {
     fn clone(&self) -> AlignedBuf {
-        let mut b = if self.mapped {
-            AlignedBuf::mapped_zeroed(self.len).unwrap_or_else(|| AlignedBuf::zeroed(self.len))
-        } else {
-            AlignedBuf::zeroed(self.len)
-        };
+        // Allocated, even for a mapped original: clones are the model
+        // checks' copies of a whole scheduler, made at every step.
+        let mut b = AlignedBuf::zeroed(self.len);
         b.as_mut_slice().copy_from_slice(self.as_slice());
         b
     }

@@ -12,8 +12,6 @@ const BLOCK_BYTES: usize = 256 << 10;
 /// 4, ... slots), so that a pool of a few pages stays small (and cheap to
 /// clone, which the scheduler's exhaustive tests do at every step).
 const MAX_SLOTS_PER_BLOCK: usize = 64;
-/// Blocks this large or larger are mapped from the kernel.
-const MAP_BLOCKS_FROM: usize = 64 << 10;
 
 #[derive(Clone)]
 pub struct PagePool {
@@ -50,13 +48,10 @@ impl PagePool {
         let block = self.blocks.len();
         let (first, slots) = self.block_span(block);
         let bytes = self.slot_bytes * slots;
-        // Large blocks are mapped: a slot's memory becomes resident when
-        // the slot is first used, not when its block is made.
-        let block = if bytes >= MAP_BLOCKS_FROM {
-            AlignedBuf::mapped_zeroed(bytes).unwrap_or_else(|| AlignedBuf::zeroed(bytes))
-        } else {
-            AlignedBuf::zeroed(bytes)
-        };
+        // Mapped: a slot's memory becomes resident when the slot is first
+        // used, not when its block is made; and the pages are not left in
+        // a malloc arena once freed.
+        let block = AlignedBuf::mapped_zeroed(bytes).unwrap_or_else(|| AlignedBuf::zeroed(bytes));
         self.blocks.push(block);
         let slot = |i: usize| u32::try_from(first + i).expect("page pool slot numbers fit u32");
         // Hand out the lowest slot now, keep the others (highest popped last).
