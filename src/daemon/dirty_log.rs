@@ -499,8 +499,9 @@ mod tests {
             sector: 0,
             data_len: data.iter().map(|s| s.len() as u64).sum(),
             data,
-            ranges: Vec::new(),
+            ranges: Box::default(),
             status_addr: GuestAddress(status),
+            status_ptr: crate::virtio::request::StatusPtr::UNRESOLVED,
             writable_len: 1,
         }
     }

@@ -1188,7 +1188,8 @@ impl Worker {
                 continue;
             };
             // The request's own memory guard: the map it was parsed with.
-            write_status(&*f.mem, f.req.status_addr, f.status);
+            // SAFETY: `f.mem` is the guard the request was parsed with.
+            unsafe { f.req.write_status(&*f.mem, f.status) };
             // Before the used index is published.
             vq.log_published(&f.req);
             if vq.add_used(&f.mem, f.head, f.req.used_len(f.status)) {

@@ -44,8 +44,9 @@ fn decode<G: GuestMemory + ?Sized>(
         sector,
         data: Vec::new(),
         data_len: 0,
-        ranges: Vec::new(),
+        ranges: Box::default(),
         status_addr: frame.status_addr,
+        status_ptr: frame.status_ptr,
         writable_len: 1,
     };
     match req_type {
@@ -63,7 +64,7 @@ fn decode<G: GuestMemory + ?Sized>(
         RequestType::GetId => decode_get_id(mem, &mut req, frame.writable)?,
         RequestType::Discard | RequestType::WriteZeroes => {
             no_data(req_type, &frame.writable)?;
-            req.ranges = parse_ranges(mem, &frame.readable, req_type, limits)?;
+            req.ranges = parse_ranges(mem, &frame.readable, req_type, limits)?.into_boxed_slice();
         }
         RequestType::Unsupported(t) => return Err(RequestError::UnsupportedType(t)),
     }

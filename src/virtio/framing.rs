@@ -11,7 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::chain::Chain;
-use super::request::{RequestError, RequestFailure, HEADER_SIZE, MAX_CHAIN_DESCRIPTORS};
+use super::request::{RequestError, RequestFailure, StatusPtr, HEADER_SIZE, MAX_CHAIN_DESCRIPTORS};
 
 /// A byte range of one descriptor, used for the header/data/status split.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +47,7 @@ pub(super) struct Frame {
     /// Device-writable data before the status byte (empty pieces dropped).
     pub writable: Pieces,
     pub status_addr: GuestAddress,
+    pub status_ptr: StatusPtr,
 }
 
 /// Walks `chain` (on a clone: the caller keeps it for completing the
@@ -85,7 +86,7 @@ pub(super) fn frame<C: Chain>(chain: &C) -> Result<Frame, RequestFailure> {
         }));
     }
 
-    let status_addr = find_status(mem, &last, count - 1).map_err(no_status)?;
+    let (status_addr, status_ptr) = find_status(mem, &last, count - 1).map_err(no_status)?;
     let fail = |error| RequestFailure {
         error,
         status_addr: Some(status_addr),
@@ -151,6 +152,7 @@ pub(super) fn frame<C: Chain>(chain: &C) -> Result<Frame, RequestFailure> {
         readable,
         writable,
         status_addr,
+        status_ptr,
     })
 }
 
@@ -164,12 +166,13 @@ fn piece(position: usize, d: &Descriptor) -> Piece {
     }
 }
 
-/// Checks the status byte of the last descriptor and returns its address.
+/// Checks the status byte of the last descriptor and returns its guest
+/// and host addresses.
 fn find_status<G: GuestMemory + ?Sized>(
     mem: &G,
     last: &Descriptor,
     position: usize,
-) -> Result<GuestAddress, RequestError> {
+) -> Result<(GuestAddress, StatusPtr), RequestError> {
     let addr = last.addr().raw_value();
     let len = last.len();
     if !last.is_write_only() {
@@ -189,10 +192,14 @@ fn find_status<G: GuestMemory + ?Sized>(
     };
     let status = addr.checked_add(len as u64 - 1).ok_or(oom.clone())?;
     let status = GuestAddress(status);
-    if !mem.check_range(status, 1, Permissions::Write) {
-        return Err(oom);
-    }
-    Ok(status)
+    let slice = mem
+        .get_slices(status, 1, Permissions::Write)
+        .map_err(|_| oom.clone())?
+        .next()
+        .and_then(|s| s.ok())
+        .filter(|s| s.len() == 1)
+        .ok_or(oom)?;
+    Ok((status, StatusPtr::new(slice.ptr_guard_mut().as_ptr())))
 }
 
 /// Removes the first `n` bytes from `pieces`: whole pieces, and the

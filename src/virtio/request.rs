@@ -194,6 +194,26 @@ pub struct DiscardRange {
     pub unmap: bool,
 }
 
+/// The host address of a request's status byte: inside guest memory and
+/// writable when the chain was parsed, mapped as long as the memory guard
+/// the request was parsed with is held (as `Segment`s are). Null when not
+/// resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusPtr(*mut u8);
+
+// SAFETY: an address only, as `Segment`.
+unsafe impl Send for StatusPtr {}
+// SAFETY: as above.
+unsafe impl Sync for StatusPtr {}
+
+impl StatusPtr {
+    pub const UNRESOLVED: StatusPtr = StatusPtr(std::ptr::null_mut());
+
+    pub(super) fn new(ptr: *mut u8) -> StatusPtr {
+        StatusPtr(ptr)
+    }
+}
+
 /// A validated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlkRequest {
@@ -206,10 +226,13 @@ pub struct BlkRequest {
     pub data: Vec<Segment>,
     /// Sum of `data` lengths.
     pub data_len: u64,
-    /// DISCARD / WRITE_ZEROES ranges; empty otherwise.
-    pub ranges: Vec<DiscardRange>,
+    /// DISCARD / WRITE_ZEROES ranges; empty otherwise (boxed: it is rare,
+    /// and a request in flight stays small).
+    pub ranges: Box<[DiscardRange]>,
     /// Where the 1-byte status goes (verified writable and in guest memory).
     pub status_addr: GuestAddress,
+    /// The same byte in host memory, resolved when the chain was parsed.
+    pub status_ptr: StatusPtr,
     /// Used length on success: bytes of guest-writable buffers written,
     /// status byte included (IN: data + 1, GET_ID: min(buf, 20) + 1, else 1).
     pub writable_len: u32,
@@ -391,4 +414,22 @@ impl RequestFailure {
 /// guest memory (only possible if the memory map changed since parsing).
 pub fn write_status<G: GuestMemory + ?Sized>(mem: &G, addr: GuestAddress, status: u8) -> bool {
     mem.write_slice(&[status], addr).is_ok()
+}
+
+impl BlkRequest {
+    /// Writes the request's status byte (through its resolved host
+    /// address, without a guest memory lookup when there is one).
+    ///
+    /// # Safety
+    /// `mem` is the memory guard the request was parsed with, still held.
+    pub unsafe fn write_status<G: GuestMemory + ?Sized>(&self, mem: &G, status: u8) {
+        if self.status_ptr.0.is_null() {
+            write_status(mem, self.status_addr, status);
+        } else {
+            // SAFETY: checked writable guest memory when parsed, mapped by
+            // `mem` (the caller's promise); a volatile write, as the guest
+            // may look at it.
+            unsafe { std::ptr::write_volatile(self.status_ptr.0, status) };
+        }
+    }
 }

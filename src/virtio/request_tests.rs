@@ -172,6 +172,32 @@ fn in_single_data_descriptor() {
 }
 
 #[test]
+fn status_written_through_its_resolved_address() {
+    let m = mem();
+    header(&m, HDR, T_IN, 8);
+    let r = parse(
+        &m,
+        &[(HDR, 16, R), (DATA, 4096, W), (STATUS, 1, W)],
+        &limits(),
+    )
+    .unwrap();
+    assert_ne!(r.status_ptr, StatusPtr::UNRESOLVED);
+    for status in [STATUS_OK, STATUS_IOERR, 0x5a] {
+        // SAFETY: `m` is the memory the request was parsed in.
+        unsafe { r.write_status(&m, status) };
+        assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), status);
+        // Nothing around it is touched.
+        assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), 0);
+    }
+    // Unresolved (a request made by hand): written through the memory.
+    let mut by_hand = r.clone();
+    by_hand.status_ptr = StatusPtr::UNRESOLVED;
+    // SAFETY: as above.
+    unsafe { by_hand.write_status(&m, 0x33) };
+    assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0x33);
+}
+
+#[test]
 fn in_several_data_descriptors() {
     let m = mem();
     header(&m, HDR, T_IN, 0);
@@ -302,7 +328,7 @@ fn discard_and_write_zeroes_valid() {
     .unwrap();
     assert_eq!(r.req_type, RequestType::Discard);
     assert_eq!(
-        r.ranges,
+        r.ranges.to_vec(),
         vec![DiscardRange {
             sector: 10,
             num_sectors: 20,
@@ -339,7 +365,7 @@ fn discard_and_write_zeroes_valid() {
     .unwrap();
     assert_eq!(r.req_type, RequestType::WriteZeroes);
     assert_eq!(
-        r.ranges,
+        r.ranges.to_vec(),
         vec![
             DiscardRange {
                 sector: 5,
