@@ -486,7 +486,7 @@ mod tests {
 
     fn request(req_type: RequestType, data: &[(u64, usize)], status: u64) -> BlkRequest {
         let mut buf = vec![0u8; 1];
-        let data: Vec<_> = data
+        let data: crate::virtio::request::Segments = data
             .iter()
             // SAFETY: the segments are never dereferenced (marking only
             // reads their guest addresses).

@@ -42,7 +42,7 @@ fn decode<G: GuestMemory + ?Sized>(
     let mut req = BlkRequest {
         req_type,
         sector,
-        data: Vec::new(),
+        data: Segments::new(),
         data_len: 0,
         ranges: Box::default(),
         status_addr: frame.status_addr,
@@ -180,8 +180,8 @@ fn resolve<G: GuestMemory + ?Sized>(
     mem: &G,
     pieces: &[Piece],
     perm: Permissions,
-) -> Result<Vec<Segment>, RequestError> {
-    let mut out = Vec::with_capacity(pieces.len());
+) -> Result<Segments, RequestError> {
+    let mut out = Segments::with_capacity(pieces.len());
     for p in pieces {
         let len = usize::try_from(p.len).map_err(|_| p.out_of_memory())?;
         // Reject ranges that wrap the address space before asking vm-memory.

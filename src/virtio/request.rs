@@ -194,6 +194,9 @@ pub struct DiscardRange {
     pub unmap: bool,
 }
 
+/// A request's data buffers.
+pub type Segments = smallvec::SmallVec<[Segment; 1]>;
+
 /// The host address of a request's status byte: inside guest memory and
 /// writable when the chain was parsed, mapped as long as the memory guard
 /// the request was parsed with is held (as `Segment`s are). Null when not
@@ -222,8 +225,9 @@ pub struct BlkRequest {
     pub sector: u64,
     /// Data buffers in order: device-writable for IN and GET_ID (GET_ID is
     /// truncated to the first 20 bytes), device-readable for OUT; empty for
-    /// FLUSH, DISCARD and WRITE_ZEROES.
-    pub data: Vec<Segment>,
+    /// FLUSH, DISCARD and WRITE_ZEROES. Most requests have one buffer:
+    /// held inline, no allocation per request.
+    pub data: Segments,
     /// Sum of `data` lengths.
     pub data_len: u64,
     /// DISCARD / WRITE_ZEROES ranges; empty otherwise (boxed: it is rare,
