@@ -144,16 +144,21 @@ const T_WZ: u32 = VIRTIO_BLK_T_WRITE_ZEROES;
 
 // ---- valid requests ----
 
-#[test]
-fn in_single_data_descriptor() {
-    let m = mem();
-    header(&m, HDR, T_IN, 8);
-    let r = parse(
-        &m,
+/// A 4 KiB read of sector 8 in the usual three descriptors, parsed.
+fn single_read(m: &Mem) -> BlkRequest {
+    header(m, HDR, T_IN, 8);
+    parse(
+        m,
         &[(HDR, 16, R), (DATA, 4096, W), (STATUS, 1, W)],
         &limits(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn in_single_data_descriptor() {
+    let m = mem();
+    let r = single_read(&m);
     assert_eq!(r.req_type, RequestType::In);
     assert_eq!(r.sector, 8);
     assert_eq!(r.data_len, 4096);
@@ -174,13 +179,7 @@ fn in_single_data_descriptor() {
 #[test]
 fn status_written_through_its_resolved_address() {
     let m = mem();
-    header(&m, HDR, T_IN, 8);
-    let r = parse(
-        &m,
-        &[(HDR, 16, R), (DATA, 4096, W), (STATUS, 1, W)],
-        &limits(),
-    )
-    .unwrap();
+    let r = single_read(&m);
     assert_ne!(r.status_ptr, StatusPtr::UNRESOLVED);
     for status in [STATUS_OK, STATUS_IOERR, 0x5a] {
         // SAFETY: `m` is the memory the request was parsed in.
