@@ -35,17 +35,15 @@ pub fn note_main_stack() {
     }
 }
 
-/// Returns freed heap memory of every malloc arena, and (on the main
-/// thread, after [`note_main_stack`]) the stack pages below the current
-/// frame, to the system.
-pub fn trim(on_main_thread: bool) {
+/// Returns freed heap memory of every malloc arena, and the main thread's
+/// stack pages below the current frame (after [`note_main_stack`]), to the
+/// system. Call on the main thread.
+pub fn trim() {
     // SAFETY: malloc_trim only releases free memory of the allocator.
     unsafe {
         libc::malloc_trim(0);
     }
-    if on_main_thread {
-        trim_main_stack();
-    }
+    trim_main_stack();
 }
 
 fn trim_main_stack() {

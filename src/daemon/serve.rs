@@ -470,7 +470,7 @@ fn accept_loop(
             break Ok(());
         };
         if !ready.iter().any(|&r| r) {
-            memory_trim::trim(true);
+            memory_trim::trim();
             trim_due = false;
             continue;
         }

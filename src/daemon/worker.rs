@@ -1173,20 +1173,17 @@ impl Worker {
             if let Some(stats) = &self.stats {
                 count_finished(stats, &f, now_us);
             }
-            let i = match &held {
-                Some((i, _)) if rings[*i].index == f.ring => *i,
-                _ => {
-                    let Some(i) = rings.iter().position(|r| r.index == f.ring) else {
-                        continue;
-                    };
-                    drop(held.take()); // released before the next ring is locked
-                    held = Some((i, rings[i].lock()));
-                    i
-                }
-            };
-            let Some((_, vq)) = held.as_mut() else {
+            if !matches!(&held, Some((h, _)) if rings[*h].index == f.ring) {
+                let Some(i) = rings.iter().position(|r| r.index == f.ring) else {
+                    continue;
+                };
+                drop(held.take()); // released before the next ring is locked
+                held = Some((i, rings[i].lock()));
+            }
+            let Some((i, vq)) = held.as_mut() else {
                 continue;
             };
+            let i = *i;
             // The request's own memory guard: the map it was parsed with.
             // SAFETY: `f.mem` is the guard the request was parsed with.
             unsafe { f.req.write_status(&*f.mem, f.status) };

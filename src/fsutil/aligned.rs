@@ -47,28 +47,25 @@ impl AlignedBuf {
     /// a time (the bitmap's page pool); None when the mapping fails.
     pub fn mapped_zeroed(len: usize) -> Option<AlignedBuf> {
         let len = len.checked_next_multiple_of(PAGE)?.max(PAGE);
-        {
-            // SAFETY: a new private anonymous mapping; nothing else refers
-            // to it.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return None;
-            }
-            Some(AlignedBuf {
-                ptr: NonNull::new(p.cast())?,
+        // SAFETY: a new private anonymous mapping; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
                 len,
-                mapped: true,
-            })
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
         }
+        Some(AlignedBuf {
+            ptr: NonNull::new(p.cast())?,
+            len,
+            mapped: true,
+        })
     }
 
     pub fn len(&self) -> usize {
