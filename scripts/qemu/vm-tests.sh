@@ -504,13 +504,19 @@ test_daemon_kill_loop() {
         show_console "$d/console.log"
         tfail "the guest's workload did not start (status $rc)"
     fi
-    # After the kills asked for, more (up to 4 times as many, while the
+    # After the kills asked for, more (up to 8 times as many, while the
     # guest writes) until one has found requests in flight: a random
     # moment finds the daemon idle more often than not under TCG.
-    for ((k = 1; k <= 4 * kills; k++)); do
+    for ((k = 1; k <= 8 * kills; k++)); do
         ((k <= kills || nonzero == 0)) || break
-        # A random moment: 0.3 to 2.5 s into the guest's writes.
-        sleep "$(awk -v r="$RANDOM" 'BEGIN { printf "%.1f", 0.3 + (r % 23) / 10 }')"
+        # A random moment: 0.3 to 2.5 s into the guest's writes; the extra
+        # kills sooner (0.1 to 0.8 s), so that more of them fit in the
+        # guest's writing time.
+        if ((k <= kills)); then
+            sleep "$(awk -v r="$RANDOM" 'BEGIN { printf "%.1f", 0.3 + (r % 23) / 10 }')"
+        else
+            sleep "$(awk -v r="$RANDOM" 'BEGIN { printf "%.1f", 0.1 + (r % 8) / 10 }')"
+        fi
         if vmtest_lines "$d/console.log" | grep '^VMTEST INFO workload ends' >/dev/null; then
             ((k > kills)) && break
             show_console "$d/console.log"
