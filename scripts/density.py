@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Many VMs on one golden image: N daemons, each serving its own fresh COW
 overlay of the same backing image under a 70/30 random read/write load,
-against qemu-storage-daemon serving N qcow2 overlays of it (one process
-with N exports, and N processes).
+and one daemon serving all N (serve --export), against
+qemu-storage-daemon serving N qcow2 overlays of it (one process with N
+exports, and N processes).
 
 Reports per-daemon memory as PSS (/proc/PID/smaps_rollup: shared pages are
 divided among the processes sharing them, so the binary and libraries
@@ -147,6 +148,46 @@ class Density(bench.Workspace):
             "overlay_cache_bytes": cached_bytes(*overlays),
         }
 
+    def start_ours_exports(self, indices: list[int], tag: str) -> bench.Daemon:
+        """One daemon serving the overlays of `indices`, each on its own
+        socket (serve --export)."""
+        argv = [str(self.ours), "serve", "--num-queues", "1"]
+        for i in indices:
+            self.sock("ours", i).unlink(missing_ok=True)
+            argv += ["--export", f"disk={self.overlay('ours', i)},socket={self.sock('ours', i)},"
+                     f"format=cow,backing={self.base}"]
+        argv += self.a.ours_args.split()
+        # The sockets are bound in order: the last one there means all are.
+        return bench.Daemon(argv, self.sock("ours", indices[-1]),
+                            self.out / "logs" / f"ours-{tag}.log")
+
+    def run_ours_one_process(self, n: int) -> dict:
+        """Ours as qsd's one process: per export (PSS_N − PSS_1)/(N − 1),
+        PSS_1 taken from an idle process serving one disk (a process
+        serves at least one, so its first disk counts as its floor)."""
+        bench.log(f"ours: one process, {n} exports")
+        overlays = self.new_overlays("ours", n)
+        one = self.start_ours_exports([0], "1")
+        time.sleep(0.7)  # past the start-up trim, as PSS_0 of qsd waits
+        pss1 = pss_kib(one.pid)
+        one.stop()
+        bench.warm(self.base)
+        d = self.start_ours_exports(list(range(n)), f"1x{n}")
+        try:
+            procs, t0 = self.loads([self.sock("ours", i) for i in range(n)], 1000)
+            (pss,) = self.sample_while(procs, t0, [d.pid])
+            iops, errors = self.finish(procs)
+        finally:
+            exit_code = d.stop()["exit"]
+        return {
+            "who": "ours-1-process", "n": n, "iops": iops, "errors": errors,
+            "exits": [str(exit_code)],
+            "pss1_kib": pss1, "pss_kib": pss,
+            "per_export_pss_kib": (pss - pss1) / max(1, n - 1),
+            "backing_cache_bytes": cached_bytes(self.base),
+            "overlay_cache_bytes": cached_bytes(*overlays),
+        }
+
     def run_qsd_one_process(self, n: int) -> dict:
         bench.log(f"qsd: one process, {n} exports")
         zero = self.start_qsd([], "0")
@@ -208,6 +249,10 @@ def markdown(results: list[dict], meta: dict) -> str:
         if r["who"] == "qsd-1-process":
             per = f"{mib(r['per_export_pss_kib'])} ((PSS_N − PSS_0)/N, PSS_0 {mib(r['pss0_kib'])})"
             total = mib(r["pss_kib"])
+        elif r["who"] == "ours-1-process":
+            per = (f"{mib(r['per_export_pss_kib'])} ((PSS_N − PSS_1)/(N − 1), "
+                   f"PSS_1 {mib(r['pss1_kib'])})")
+            total = mib(r["pss_kib"])
         else:
             per = f"{mib(r['per_daemon_pss_kib'])} (max {mib(max(r['pss_kib']))})"
             total = mib(r["total_pss_kib"])
@@ -250,6 +295,7 @@ def main() -> int:
     results = []
     for n in a.n:
         results.append(d.run_ours(n))
+        results.append(d.run_ours_one_process(n))
         results.append(d.run_qsd_one_process(n))
         results.append(d.run_qsd_processes(n))
     (Path(a.output) / "density.json").write_text(json.dumps({"meta": meta, "runs": results},

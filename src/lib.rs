@@ -12,6 +12,8 @@
 //! - [`control`]: the control socket's JSON protocol, server and client;
 //! - [`daemon`]: the write-path scheduler, the served device, the queue
 //!   threads and the vhost-user protocol;
+//! - [`log_tag`] and [`spawn`]: which export a log line is about, and
+//!   threads made before the seccomp filter;
 //! - [`cli_docs`]: man pages and completions from the command line's
 //!   clap definitions.
 
@@ -21,6 +23,7 @@ pub mod daemon;
 pub mod format;
 pub mod fsutil;
 pub mod io_engine;
+pub mod log_tag;
 pub mod spawn;
 pub mod tools;
 pub mod units;

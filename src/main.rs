@@ -127,7 +127,8 @@ struct ServeArgs {
         long,
         alias = "socket",
         value_name = "PATH",
-        required_unless_present_any = ["fd", "print_capabilities"]
+        required_unless_present_any = ["fd", "print_capabilities", "export"],
+        requires = "disk"
     )]
     socket_path: Option<PathBuf>,
     /// An inherited listening socket (systemd socket activation).
@@ -141,9 +142,16 @@ struct ServeArgs {
         long,
         alias = "blk-file",
         value_name = "FILE",
-        required_unless_present = "print_capabilities"
+        required_unless_present_any = ["print_capabilities", "export"]
     )]
     disk: Option<PathBuf>,
+    /// Another disk for this process to serve on its own socket:
+    /// disk=FILE,socket=PATH[,backing=FILE][,format=cow|raw]
+    /// [,control=PATH][,serial=S][,read-only=on] (paths without commas).
+    /// Repeat for more, with or without --disk. Each disk has its own
+    /// queue threads and scheduler; the other options apply to every disk.
+    #[arg(long, value_name = "SPEC", value_parser = parse_export)]
+    export: Vec<ExportSpec>,
     /// Backing file to use instead of the one the COW header names (a v3
     /// header is rewritten to name it); with --create, the file to create
     /// the COW file over.
@@ -229,6 +237,72 @@ struct ServeArgs {
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+}
+
+/// One `--export`: a disk and the options that are its own.
+#[derive(Debug, Clone)]
+struct ExportSpec {
+    disk: PathBuf,
+    socket: PathBuf,
+    backing: Option<PathBuf>,
+    format: Option<FormatArg>,
+    control: Option<PathBuf>,
+    serial: Option<String>,
+    read_only: bool,
+}
+
+fn parse_export(s: &str) -> Result<ExportSpec, String> {
+    let mut seen = std::collections::HashSet::new();
+    let (mut disk, mut socket, mut backing, mut format, mut control, mut serial) =
+        (None, None, None, None, None, None);
+    let mut read_only = false;
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not KEY=VALUE"))?;
+        if !seen.insert(key) {
+            return Err(format!("{key} given twice"));
+        }
+        if value.is_empty() {
+            return Err(format!("{key} is empty"));
+        }
+        match key {
+            "disk" => disk = Some(PathBuf::from(value)),
+            "socket" => socket = Some(PathBuf::from(value)),
+            "backing" => backing = Some(PathBuf::from(value)),
+            "control" => control = Some(PathBuf::from(value)),
+            "serial" => serial = Some(value.to_owned()),
+            "format" => {
+                format = Some(match value {
+                    "cow" => FormatArg::Cow,
+                    "raw" => FormatArg::Raw,
+                    _ => return Err(format!("format={value}: cow or raw")),
+                })
+            }
+            "read-only" => {
+                read_only = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("read-only={value}: on or off")),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown key {key:?} (disk, socket, backing, format, control, serial, \
+                     read-only)"
+                ))
+            }
+        }
+    }
+    Ok(ExportSpec {
+        disk: disk.ok_or("disk=FILE is missing")?,
+        socket: socket.ok_or("socket=PATH is missing")?,
+        backing,
+        format,
+        control,
+        serial,
+        read_only,
+    })
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -465,27 +539,15 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
     use vhost_user_cow::daemon::protocol::ProtocolOptions;
     use vhost_user_cow::daemon::sandbox::SandboxMode;
     use vhost_user_cow::daemon::seccomp::SeccompMode;
-    use vhost_user_cow::daemon::serve::{serve, Confinement, ServeOptions, SocketSource};
+    use vhost_user_cow::daemon::serve::{
+        serve, Confinement, ExportOptions, ServeOptions, SocketSource,
+    };
     use vhost_user_cow::daemon::worker_thread::WorkerOptions;
     use vhost_user_cow::io_engine::EngineKind;
 
     if a.print_capabilities {
         println!(r#"{{"type": "block", "features": ["read-only", "blk-file"]}}"#);
         return Ok(ExitCode::SUCCESS);
-    }
-    let disk = a.disk.ok_or("serve needs --disk FILE")?;
-    let socket = match (a.socket_path, a.fd) {
-        (Some(path), None) => SocketSource::Path {
-            path,
-            mode: a.socket_mode,
-        },
-        (None, Some(fd)) => SocketSource::Fd(fd),
-        _ => return Err("serve needs --socket-path PATH or --fd N".into()),
-    };
-    if a.create && !disk.exists() {
-        let backing = a.backing.as_deref().ok_or("--create needs --backing")?;
-        create_cow(&disk, backing, &CreateOptions::default())?;
-        log::info!("{}: created over {}", disk.display(), backing.display());
     }
     let mut limits = a.throttle_iops;
     limits.extend(a.throttle_bps);
@@ -495,7 +557,6 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
             .error(clap::error::ErrorKind::ArgumentConflict, e.to_string())
             .exit();
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cache = if a.direct {
         CacheMode::Direct
     } else if a.sync {
@@ -503,23 +564,85 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
     } else {
         CacheMode::Buffered
     };
-    let opts = ServeOptions {
-        device: DeviceOptions {
-            disk,
-            backing: a.backing,
-            format: match (a.format, a.raw) {
-                (Some(FormatArg::Raw), _) | (None, true) => Some(DiskFormat::Raw),
-                (Some(FormatArg::Cow), _) => Some(DiskFormat::Cow),
-                // What --create makes is a COW file.
-                (None, false) if a.create => Some(DiskFormat::Cow),
+    // --disk with the flags that are a disk's own, then every --export.
+    let mut specs = Vec::new();
+    match a.disk {
+        Some(disk) => {
+            let socket = match (a.socket_path, a.fd) {
+                (Some(path), None) => SocketSource::Path {
+                    path,
+                    mode: a.socket_mode,
+                },
+                (None, Some(fd)) => SocketSource::Fd(fd),
+                _ => return Err("serve needs --socket-path PATH or --fd N".into()),
+            };
+            let format = match (a.format, a.raw) {
+                (Some(f), _) => Some(f),
+                (None, true) => Some(FormatArg::Raw),
                 (None, false) => None,
+            };
+            let spec = (disk, a.backing, format, a.serial, a.read_only);
+            specs.push((spec, socket, a.control_socket));
+        }
+        None => {
+            let own = [
+                ("--backing", a.backing.is_some()),
+                ("--format", a.format.is_some() || a.raw),
+                ("--serial", a.serial.is_some()),
+                ("--read-only", a.read_only),
+                ("--control-socket", a.control_socket.is_some()),
+                ("--fd", a.fd.is_some()),
+            ];
+            if let Some((flag, _)) = own.iter().find(|(_, given)| *given) {
+                return Err(format!(
+                    "{flag} belongs to --disk; give an --export its own in its SPEC"
+                )
+                .into());
+            }
+        }
+    }
+    for e in a.export {
+        let socket = SocketSource::Path {
+            path: e.socket,
+            mode: a.socket_mode,
+        };
+        specs.push((
+            (e.disk, e.backing, e.format, e.serial, e.read_only),
+            socket,
+            e.control,
+        ));
+    }
+    let mut exports = Vec::with_capacity(specs.len());
+    for ((disk, backing, format, serial, read_only), socket, control_socket) in specs {
+        if a.create && !disk.exists() {
+            let backing = backing.as_deref().ok_or("--create needs --backing")?;
+            create_cow(&disk, backing, &CreateOptions::default())?;
+            log::info!("{}: created over {}", disk.display(), backing.display());
+        }
+        exports.push(ExportOptions {
+            device: DeviceOptions {
+                disk,
+                backing,
+                format: match format {
+                    Some(FormatArg::Raw) => Some(DiskFormat::Raw),
+                    Some(FormatArg::Cow) => Some(DiskFormat::Cow),
+                    // What --create makes is a COW file.
+                    None if a.create => Some(DiskFormat::Cow),
+                    None => None,
+                },
+                read_only,
+                cache,
+                serial,
+                throttle: limits.clone(),
+                bitmap_cache: a.bitmap_cache,
             },
-            read_only: a.read_only,
-            cache,
-            serial: a.serial,
-            throttle: limits,
-            bitmap_cache: a.bitmap_cache,
-        },
+            socket,
+            control_socket,
+        });
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let opts = ServeOptions {
+        exports,
         protocol: ProtocolOptions {
             num_queues: a.num_queues,
             max_queue_size: a.queue_size,
@@ -534,8 +657,6 @@ fn cmd_serve(a: ServeArgs) -> CmdResult {
             poll: std::time::Duration::from_micros(a.poll_us),
             inline_writes: !a.no_inline_writes,
         },
-        socket,
-        control_socket: a.control_socket,
         confinement: Confinement {
             seccomp: match a.seccomp {
                 SeccompArg::Kill => SeccompMode::Kill,
@@ -632,7 +753,10 @@ fn init_logging(verbose: u8, default: &str) {
     if let Some(l) = level {
         b.filter_level(l);
     }
-    b.init();
+    let logger = b.build();
+    log::set_max_level(logger.filter());
+    // A daemon serving several disks says which one each line is about.
+    let _ = log::set_boxed_logger(Box::new(vhost_user_cow::log_tag::TaggedLogger(logger)));
 }
 
 fn main() -> ExitCode {

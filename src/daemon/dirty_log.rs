@@ -75,7 +75,7 @@ struct LogMap {
     map_len: usize,
     base: *const AtomicU8,
     len: u64,
-    _registration: Option<Registration>,
+    registration: Option<Registration>,
 }
 
 // SAFETY: the mapping is plain shared memory only ever accessed through
@@ -87,7 +87,7 @@ unsafe impl Sync for LogMap {}
 impl Drop for LogMap {
     fn drop(&mut self) {
         // Unregister from the SIGBUS guard before the pages go away.
-        self._registration = None;
+        self.registration = None;
         // SAFETY: our own mapping, no reference into it outlives `self`.
         unsafe { libc::munmap(self.map, self.map_len) };
     }
@@ -161,7 +161,7 @@ impl LogMap {
             // SAFETY: skip < page <= map_len, inside the mapping.
             base: unsafe { map.cast::<u8>().add(crate::units::to_usize(skip)) }.cast(),
             len: size,
-            _registration: registration,
+            registration,
         })
     }
 
@@ -280,6 +280,14 @@ impl DirtyLog {
             *map = None;
         }
         self.update(&map);
+    }
+
+    /// Whether a frontend truncated the log's file under its mapping.
+    pub fn truncated(&self) -> bool {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.as_ref()
+            .and_then(|m| m.registration.as_ref())
+            .is_some_and(|r| r.truncated())
     }
 
     /// Whether pages are being logged: the one check on the request path

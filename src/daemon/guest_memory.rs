@@ -53,7 +53,7 @@ struct Mapping {
 /// mapping (and so the registered address range) alive until the guard
 /// is dropped with the connection.
 struct Guarded {
-    _registration: Option<Registration>,
+    registration: Option<Registration>,
     _region: Arc<GuestRegionMmap>,
 }
 
@@ -144,6 +144,14 @@ impl GuestMemoryMap {
         self.mem.clone()
     }
 
+    /// Whether a frontend truncated the file under one of this
+    /// connection's regions (src/daemon/truncation_guard.rs).
+    pub fn truncated(&self) -> bool {
+        self.guarded
+            .iter()
+            .any(|g| g.registration.as_ref().is_some_and(|r| r.truncated()))
+    }
+
     /// Regions mapped now.
     pub fn regions(&self) -> usize {
         self.mappings.len()
@@ -225,7 +233,7 @@ impl GuestMemoryMap {
             .get_host_address(MemoryRegionAddress(0))
             .unwrap_or(std::ptr::null_mut());
         self.guarded.push(Guarded {
-            _registration: truncation_guard::register(start, crate::units::to_usize(region.len())),
+            registration: truncation_guard::register(start, crate::units::to_usize(region.len())),
             _region: region.clone(),
         });
     }

@@ -2,9 +2,10 @@
 //! at most one line per second per cause; the next line after a quiet
 //! second says how many were suppressed, and the daemon reports what is
 //! left at exit. A hostile guest can then not flood the log (or the disk
-//! under it).
+//! under it). Causes are counted per export ([`crate::log_tag`]), so that
+//! one guest's flood does not hide another disk's lines.
 
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
@@ -16,18 +17,22 @@ struct Cause {
     suppressed: u64,
 }
 
-static CAUSES: LazyLock<Mutex<FxHashMap<&'static str, Cause>>> =
+/// A cause of one export (None: the daemon serves one disk, or the line
+/// is not about a disk).
+type Key = (Option<Arc<str>>, &'static str);
+
+static CAUSES: LazyLock<Mutex<FxHashMap<Key, Cause>>> =
     LazyLock::new(|| Mutex::new(FxHashMap::default()));
 
 /// Whether a line for `cause` may be logged now; if so, how many were
 /// suppressed since the last one.
 pub fn allow(cause: &'static str) -> Option<u64> {
-    allow_at(cause, Instant::now())
+    allow_at((crate::log_tag::current(), cause), Instant::now())
 }
 
-fn allow_at(cause: &'static str, now: Instant) -> Option<u64> {
+fn allow_at(key: Key, now: Instant) -> Option<u64> {
     let mut causes = CAUSES.lock().unwrap_or_else(|p| p.into_inner());
-    match causes.get_mut(cause) {
+    match causes.get_mut(&key) {
         Some(c) if now.duration_since(c.last_logged) < WINDOW => {
             c.suppressed += 1;
             None
@@ -38,7 +43,7 @@ fn allow_at(cause: &'static str, now: Instant) -> Option<u64> {
         }
         None => {
             causes.insert(
-                cause,
+                key,
                 Cause {
                     last_logged: now,
                     suppressed: 0,
@@ -53,8 +58,9 @@ fn allow_at(cause: &'static str, now: Instant) -> Option<u64> {
 /// followed by a logged one.
 pub fn report_suppressed() {
     let mut causes = CAUSES.lock().unwrap_or_else(|p| p.into_inner());
-    for (cause, c) in causes.iter_mut() {
+    for ((tag, cause), c) in causes.iter_mut() {
         if c.suppressed > 0 {
+            let _tag = crate::log_tag::Scoped::new(tag.clone());
             log::warn!("{} more \"{cause}\" lines were suppressed", c.suppressed);
             c.suppressed = 0;
         }
@@ -87,16 +93,22 @@ mod tests {
     #[test]
     fn one_line_per_second_then_the_count() {
         let t0 = Instant::now();
-        let cause = "test cause";
-        assert_eq!(allow_at(cause, t0), Some(0));
+        let cause = (None, "test cause");
+        assert_eq!(allow_at(cause.clone(), t0), Some(0));
         for i in 1..100 {
-            assert_eq!(allow_at(cause, t0 + Duration::from_millis(i)), None);
+            assert_eq!(allow_at(cause.clone(), t0 + Duration::from_millis(i)), None);
         }
-        assert_eq!(allow_at(cause, t0 + Duration::from_millis(1000)), Some(99));
-        assert_eq!(allow_at(cause, t0 + Duration::from_millis(1001)), None);
-        // Another cause is not held back.
         assert_eq!(
-            allow_at("other cause", t0 + Duration::from_millis(1001)),
+            allow_at(cause.clone(), t0 + Duration::from_millis(1000)),
+            Some(99)
+        );
+        assert_eq!(allow_at(cause, t0 + Duration::from_millis(1001)), None);
+        // Another cause is not held back, nor the same cause of another
+        // export.
+        let later = t0 + Duration::from_millis(1001);
+        assert_eq!(allow_at((None, "other cause"), later), Some(0));
+        assert_eq!(
+            allow_at((Some("b.cow".into()), "test cause"), later),
             Some(0)
         );
     }

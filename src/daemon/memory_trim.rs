@@ -39,11 +39,17 @@ pub fn note_main_stack() {
 /// stack pages below the current frame (after [`note_main_stack`]), to the
 /// system. Call on the main thread.
 pub fn trim() {
+    trim_heap();
+    trim_main_stack();
+}
+
+/// Returns freed heap memory of every malloc arena to the system; from
+/// any thread.
+pub fn trim_heap() {
     // SAFETY: malloc_trim only releases free memory of the allocator.
     unsafe {
         libc::malloc_trim(0);
     }
-    trim_main_stack();
 }
 
 fn trim_main_stack() {

@@ -222,6 +222,12 @@ impl FrontendHandler {
         }
     }
 
+    /// Whether the frontend truncated a file this connection mapped
+    /// (guest memory or the dirty log) under the daemon.
+    pub fn memory_truncated(&self) -> bool {
+        self.memory.truncated() || self.log.truncated()
+    }
+
     pub fn acked_features(&self) -> u64 {
         self.acked_features
     }

@@ -26,6 +26,7 @@ use super::worker_thread::{WorkerOptions, WorkerPool};
 use crate::control::server::ControlServer;
 use crate::format::error::DiskError;
 use crate::io_engine::EngineError;
+use crate::log_tag;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -60,6 +61,8 @@ pub enum ServeError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error("{0}")]
+    Exports(String),
 }
 
 pub enum SocketSource {
@@ -71,15 +74,25 @@ pub enum SocketSource {
     Fd(RawFd),
 }
 
-pub struct ServeOptions {
+/// One disk served on its own socket.
+pub struct ExportOptions {
     pub device: DeviceOptions,
-    pub workers: WorkerOptions,
-    pub protocol: ProtocolOptions,
     pub socket: SocketSource,
     /// The control socket's path (created with the data socket's mode).
     pub control_socket: Option<PathBuf>,
+}
+
+pub struct ServeOptions {
+    /// The disks, each with its own socket, device, scheduler and queue
+    /// threads (docs/design.md, "Several disks in one process").
+    pub exports: Vec<ExportOptions>,
+    pub workers: WorkerOptions,
+    pub protocol: ProtocolOptions,
     pub confinement: Confinement,
 }
+
+/// Disks one process serves at most.
+pub const MAX_EXPORTS: usize = 64;
 
 /// How the daemon confines itself once started (docs/design.md, "Trust
 /// model").
@@ -131,9 +144,9 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Serves the device until SIGINT or SIGTERM. Every path out after the
-/// socket is bound goes through the same cleanup: workers finish their
-/// I/O, the files are synced, the socket is removed, the counters are
+/// Serves the exports until SIGINT or SIGTERM. Every path out after the
+/// sockets are bound goes through the same cleanup: workers finish their
+/// I/O, the files are synced, the sockets are removed, the counters are
 /// logged.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // First of all, so that a signal during start-up is not fatal (the
@@ -147,6 +160,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         signal_hook::consts::SIGTERM,
     ])
     .map_err(ServeError::Signals)?;
+    if opts.exports.is_empty() || opts.exports.len() > MAX_EXPORTS {
+        return Err(ServeError::Exports(format!(
+            "{} disks to serve: one process serves 1 to {MAX_EXPORTS}",
+            opts.exports.len()
+        )));
+    }
 
     // The one place the thread count is decided: a thread without a
     // virtqueue would only idle, and the scheduler keeps one queue per
@@ -155,94 +174,155 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     workers.threads = workers
         .threads
         .clamp(1, usize::from(opts.protocol.num_queues.max(1)));
-    let dev = Arc::new(Device::open(&opts.device, workers.threads)?);
-    if dev.format_guessed {
-        let format = if dev.is_cow() { "cow" } else { "raw" };
-        log::warn!(
-            "{}: format guessed as {format} from the file's first bytes; name it with \
-             --format {format}{}",
-            dev.path.display(),
-            if dev.guards_cow_magic {
-                " (until then, guest writes that would put the COW magic in sector 0 are refused)"
-            } else {
-                ""
+    truncation_guard::reserve(opts.exports.len() * MAX_CONNECTIONS);
+    let tagged = opts.exports.len() > 1;
+    let mut exports: Vec<Export<'_>> = Vec::with_capacity(opts.exports.len());
+    for e in &opts.exports {
+        match Export::open(e, workers.threads, tagged) {
+            Ok(x) => exports.push(x),
+            Err(err) => {
+                for x in &exports {
+                    x.remove_sockets();
+                }
+                return Err(err);
             }
-        );
-    }
-    // The control socket first: whoever waits for the data socket to
-    // appear (a supervisor, the tests) finds the control socket there too.
-    let control = match &opts.control_socket {
-        None => None,
-        Some(path) => {
-            let mode = match &opts.socket {
-                SocketSource::Path { mode, .. } => *mode,
-                SocketSource::Fd(_) => 0o600,
-            };
-            let bound = bind(path, mode).and_then(|l| {
-                SocketDir::open(path)
-                    .map(|d| (l, d))
-                    .map_err(|source| ServeError::Socket {
-                        path: path.clone(),
-                        op: "open its directory",
-                        source,
-                    })
-            });
-            Some(bound?)
         }
-    };
+    }
 
-    let data = bind_data(&opts.socket);
-    let (listener, socket_dir, name) = match data {
-        Ok(d) => d,
-        Err(e) => {
-            if let Some((_, d)) = &control {
-                d.remove();
-            }
-            return Err(e);
-        }
-    };
-
-    // From here on, whatever happens, the cleanup below runs.
-    let (control_listener, control_dir) = match control {
-        Some((l, d)) => (Some(l), Some(d)),
-        None => (None, None),
-    };
-    let result = serve_bound(
-        &opts,
-        &dev,
-        &workers,
-        Bound {
-            listener: &listener,
-            name: &name,
-            control: control_listener,
-        },
-        signals,
-        &shutdown,
-    );
-    drop(listener);
-    if let Some(d) = &control_dir {
-        d.remove();
-    }
-    let sched_stats = dev.sched().stats().clone();
-    if let Err(e) = dev.sync() {
-        log::error!("{e}");
-    }
-    if let Some(d) = &socket_dir {
-        d.remove();
-    }
-    log::info!(
-        "write path counters: {}",
-        serde_json::to_string(&sched_stats).unwrap_or_default()
-    );
-    log::info!(
-        "lock counters: {}",
-        serde_json::to_string(&dev.lock_counts_total()).unwrap_or_default()
-    );
-    if let Some(why) = dev.sched().failure() {
-        log::error!("the disk stopped accepting writes: {why}");
+    let result = serve_bound(&opts, &mut exports, &workers, signals, &shutdown);
+    for x in exports {
+        x.close();
     }
     super::log_limit::report_suppressed();
     result
+}
+
+/// An export with its device open and its sockets bound.
+struct Export<'a> {
+    opts: &'a ExportOptions,
+    /// What its log lines start with when the process serves several.
+    tag: Option<Arc<str>>,
+    dev: Arc<Device>,
+    listener: UnixListener,
+    socket_dir: Option<SocketDir>,
+    name: String,
+    /// Taken by the control server once it starts.
+    control_listener: Option<UnixListener>,
+    control_dir: Option<SocketDir>,
+}
+
+impl<'a> Export<'a> {
+    fn open(opts: &'a ExportOptions, threads: usize, tagged: bool) -> Result<Self, ServeError> {
+        let tag: Option<Arc<str>> = tagged.then(|| {
+            let name = opts.device.disk.file_name().unwrap_or_default();
+            name.to_string_lossy().into()
+        });
+        let _tag = log_tag::Scoped::new(tag.clone());
+        let dev = Arc::new(Device::open(&opts.device, threads)?);
+        if dev.format_guessed {
+            let format = if dev.is_cow() { "cow" } else { "raw" };
+            log::warn!(
+                "{}: format guessed as {format} from the file's first bytes; name it with \
+                 --format {format}{}",
+                dev.path.display(),
+                if dev.guards_cow_magic {
+                    " (until then, guest writes that would put the COW magic in sector 0 are refused)"
+                } else {
+                    ""
+                }
+            );
+        }
+        // The control socket first: whoever waits for the data socket to
+        // appear (a supervisor, the tests) finds the control socket there too.
+        let control = match &opts.control_socket {
+            None => None,
+            Some(path) => {
+                let mode = match &opts.socket {
+                    SocketSource::Path { mode, .. } => *mode,
+                    SocketSource::Fd(_) => 0o600,
+                };
+                let bound = bind(path, mode).and_then(|l| {
+                    SocketDir::open(path)
+                        .map(|d| (l, d))
+                        .map_err(|source| ServeError::Socket {
+                            path: path.clone(),
+                            op: "open its directory",
+                            source,
+                        })
+                });
+                Some(bound?)
+            }
+        };
+        let (listener, socket_dir, name) = match bind_data(&opts.socket) {
+            Ok(d) => d,
+            Err(e) => {
+                if let Some((_, d)) = &control {
+                    d.remove();
+                }
+                return Err(e);
+            }
+        };
+        let (control_listener, control_dir) = control.unzip();
+        Ok(Export {
+            opts,
+            tag,
+            dev,
+            listener,
+            socket_dir,
+            name,
+            control_listener,
+            control_dir,
+        })
+    }
+
+    /// Removes the socket files (after a later export failed to open).
+    fn remove_sockets(&self) {
+        if let Some(d) = &self.control_dir {
+            d.remove();
+        }
+        if let Some(d) = &self.socket_dir {
+            d.remove();
+        }
+    }
+
+    /// The cleanup after serving: stop listening, sync, remove the
+    /// sockets (the data socket last: it going away says the disk is
+    /// consistent), log the counters.
+    fn close(self) {
+        let Export {
+            tag,
+            dev,
+            listener,
+            socket_dir,
+            control_listener,
+            control_dir,
+            ..
+        } = self;
+        let _tag = log_tag::Scoped::new(tag);
+        drop((listener, control_listener));
+        if let Some(d) = &control_dir {
+            d.remove();
+        }
+        let sched_stats = dev.sched().stats().clone();
+        if let Err(e) = dev.sync() {
+            log::error!("{e}");
+        }
+        if let Some(d) = &socket_dir {
+            d.remove();
+        }
+        log::info!(
+            "write path counters: {}",
+            serde_json::to_string(&sched_stats).unwrap_or_default()
+        );
+        log::info!(
+            "lock counters: {}",
+            serde_json::to_string(&dev.lock_counts_total()).unwrap_or_default()
+        );
+        let failure = dev.sched().failure().map(|why| why.to_string());
+        if let Some(why) = failure {
+            log::error!("the disk stopped accepting writes: {why}");
+        }
+    }
 }
 
 /// The data socket: bound at its path, or inherited (socket activation).
@@ -276,27 +356,20 @@ fn bind_data(
     })
 }
 
-/// The sockets the daemon listens on.
-struct Bound<'a> {
-    listener: &'a UnixListener,
-    name: &'a str,
-    control: Option<UnixListener>,
+/// An export's running parts, made before the seccomp filter.
+struct Running {
+    pool: Arc<WorkerPool>,
+    slot: Arc<ConnectionSlot>,
 }
 
 /// Confines the daemon, starts its threads and serves until a signal.
 fn serve_bound(
     opts: &ServeOptions,
-    dev: &Arc<Device>,
+    exports: &mut [Export<'_>],
     workers: &WorkerOptions,
-    bound: Bound<'_>,
     mut signals: signal_hook::iterator::Signals,
     shutdown: &Arc<EventFd>,
 ) -> Result<(), ServeError> {
-    let Bound {
-        listener,
-        name,
-        control,
-    } = bound;
     // Start-up's deepest calls are behind us; /proc is still there.
     memory_trim::note_main_stack();
     sandbox::enter(opts.confinement.sandbox)?;
@@ -310,12 +383,93 @@ fn serve_bound(
         })
         .map_err(ServeError::Signals)?;
     }
+    let mut running = Vec::with_capacity(exports.len());
+    for x in exports.iter_mut() {
+        running.push(start_export(opts, x, workers, shutdown)?);
+    }
+    let exports = &*exports;
+    let result = std::thread::scope(|scope| {
+        // A process serving several disks gives each its own message
+        // thread, made before the filter and held until it is in place.
+        let mut gates = Vec::new();
+        let mut threads = Vec::new();
+        if exports.len() > 1 {
+            for (k, (x, r)) in exports.iter().zip(&running).enumerate() {
+                let (go, wait) = std::sync::mpsc::sync_channel::<()>(1);
+                let _tag = log_tag::Scoped::new(x.tag.clone());
+                let thread =
+                    crate::spawn::spawn_started_scoped(scope, format!("export-{k}"), move || {
+                        if wait.recv().is_err() {
+                            return Ok(());
+                        }
+                        let result = accept_loop(x, r, opts, shutdown, memory_trim::trim_heap);
+                        if result.is_err() {
+                            // One export failing ends them all: the
+                            // supervisor sees the process go.
+                            let _ = shutdown.write(1);
+                        }
+                        result
+                    })
+                    .map_err(ServeError::Signals)?;
+                gates.push(go);
+                threads.push((x, thread));
+            }
+        }
+        sandbox::drop_privileges()?;
+        seccomp::install(opts.confinement.seccomp)?;
+        for (x, r) in exports.iter().zip(&running) {
+            log_serving(opts, workers, x, r);
+        }
+        #[cfg(feature = "test-hooks")]
+        test_hooks::after_confinement();
+        if threads.is_empty() {
+            return accept_loop(&exports[0], &running[0], opts, shutdown, memory_trim::trim);
+        }
+        for g in &gates {
+            let _ = g.send(());
+        }
+        // Set-up's memory back now; each message thread trims the heap
+        // after its own frontends' set-up.
+        memory_trim::trim();
+        let mut result = Ok(());
+        for (x, t) in threads {
+            let r = t.join().unwrap_or_else(|_| {
+                Err(ServeError::Exports(format!(
+                    "{}: its message thread panicked",
+                    x.name
+                )))
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    });
+    for r in running {
+        match Arc::try_unwrap(r.pool) {
+            Ok(mut pool) => pool.shutdown(),
+            Err(_) => log::error!("worker threads still referenced at exit"),
+        }
+    }
+    result
+}
+
+/// Starts an export's queue threads and its control server (under its
+/// log tag, which they inherit).
+fn start_export(
+    opts: &ServeOptions,
+    x: &mut Export<'_>,
+    workers: &WorkerOptions,
+    shutdown: &Arc<EventFd>,
+) -> Result<Running, ServeError> {
+    let _tag = log_tag::Scoped::new(x.tag.clone());
+    let dev = &x.dev;
     // io_uring rings and pool threads are made here, before the filter.
     let stats = Arc::new(RequestStats::new(usize::from(opts.protocol.num_queues)));
     let pool = Arc::new(WorkerPool::start(dev.clone(), workers, stats.clone())?);
     dev.backups.set_waker(pool.waker());
     let slot = Arc::new(ConnectionSlot::default());
-    if let (Some(l), Some(path)) = (control, &opts.control_socket) {
+    if let (Some(l), Some(path)) = (x.control_listener.take(), &x.opts.control_socket) {
         let commands = Arc::new(DaemonCommands {
             dev: dev.clone(),
             stats,
@@ -334,17 +488,27 @@ fn serve_bound(
         crate::spawn::spawn_started("control".into(), move || server.run(&shutdown))
             .map_err(ServeError::Signals)?;
     }
-    sandbox::drop_privileges()?;
-    seccomp::install(opts.confinement.seccomp)?;
+    Ok(Running { pool, slot })
+}
+
+/// The line that says an export is being served, and how.
+fn log_serving(opts: &ServeOptions, workers: &WorkerOptions, x: &Export<'_>, r: &Running) {
+    let _tag = log_tag::Scoped::new(x.tag.clone());
+    let (dev, pool) = (&x.dev, &r.pool);
     log::info!(
-        "serving {} ({}) on {name}: {} queues on {} threads, engine {}{}, queue depth {}, cache {}{}; \
+        "serving {} ({}) on {}: {} queues on {} threads, engine {}{}, queue depth {}, cache {}{}; \
          sandbox {}, seccomp {}, no capabilities",
         dev.path.display(),
         dev.description,
+        x.name,
         opts.protocol.num_queues,
         pool.threads(),
         pool.engine_name(),
-        if pool.inline_writes() { " (writes inline)" } else { "" },
+        if pool.inline_writes() {
+            " (writes inline)"
+        } else {
+            ""
+        },
         workers.queue_depth,
         dev.cache.name(),
         if dev.read_only { ", read-only" } else { "" },
@@ -358,15 +522,6 @@ fn serve_bound(
             serde_json::to_string(&limits).unwrap_or_default()
         );
     }
-    #[cfg(feature = "test-hooks")]
-    test_hooks::after_confinement();
-
-    let result = accept_loop(dev, &pool, opts, (listener, name), &slot, shutdown);
-    match Arc::try_unwrap(pool) {
-        Ok(mut pool) => pool.shutdown(),
-        Err(_) => log::error!("worker threads still referenced at exit"),
-    }
-    result
 }
 
 /// Hooks for tests of the confinement; never in a release build.
@@ -440,18 +595,20 @@ impl Connection {
 
 /// Serves frontend connections, at most [`MAX_CONNECTIONS`] at once and
 /// one of them active, until a signal.
+/// `trim` gives set-up memory back once the frontends are quiet.
 fn accept_loop(
-    dev: &Arc<Device>,
-    pool: &Arc<WorkerPool>,
+    x: &Export<'_>,
+    r: &Running,
     opts: &ServeOptions,
-    (listener, name): (&UnixListener, &str),
-    slot: &ConnectionSlot,
     shutdown: &EventFd,
+    trim: fn(),
 ) -> Result<(), ServeError> {
+    let (dev, pool, slot) = (&x.dev, &r.pool, &*r.slot);
+    let (listener, name) = (&x.listener, x.name.as_str());
     // Signalled when a guest memory file was truncated under our mapping.
     let truncated =
         &EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ServeError::Signals)?;
-    truncation_guard::set_wake_fd(truncated.as_raw_fd());
+    let _waker = truncation_guard::add_wake_fd(truncated.as_raw_fd());
     let active = slot.active.clone();
     let mut conns: Vec<Connection> = Vec::new();
     let mut next_id: ConnectionId = 1;
@@ -470,7 +627,7 @@ fn accept_loop(
             break Ok(());
         };
         if !ready.iter().any(|&r| r) {
-            memory_trim::trim();
+            trim();
             trim_due = false;
             continue;
         }
@@ -480,15 +637,19 @@ fn accept_loop(
         }
         if ready[1] {
             let _ = truncated.read();
-            if truncation_guard::take_truncated() {
-                // The guard does not say whose file it was.
+            // The guard woke every export: end only the connections
+            // whose files were truncated.
+            let (guilty, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut conns)
+                .into_iter()
+                .partition(|c| c.handler().memory_truncated());
+            conns = kept;
+            for c in guilty {
                 log::error!(
                     "a frontend truncated a guest memory file under the daemon's \
-                     mapping: ending its connections"
+                     mapping: ending its connection (connection {})",
+                    c.id
                 );
-                for c in conns.drain(..) {
-                    c.end(false, opts, dev, slot);
-                }
+                c.end(false, opts, dev, slot);
             }
             continue;
         }

@@ -11,45 +11,81 @@
 //! So every guest region is registered here, and a SIGBUS handler that
 //! finds the faulting address inside a registered region replaces that
 //! region with anonymous zero pages (the access then completes, reading
-//! zeros, writing nowhere that matters), records it, and wakes the
-//! message thread, which ends the connection: the truncation costs the
-//! frontend its connection, not the daemon its life. A SIGBUS anywhere
-//! else keeps its default action.
+//! zeros, writing nowhere that matters), marks that region truncated, and
+//! wakes the message threads; the one whose connection mapped the region
+//! ends that connection: the truncation costs the frontend its
+//! connection, not the daemon its life nor another export its frontend.
+//! A SIGBUS anywhere else keeps its default action.
 //!
 //! The handler may only touch async-signal-safe state: the registry is a
 //! fixed array of atomics, the wake-up a write(2) to an eventfd.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
-/// Room for every region of two connections (509 slots each).
-const SLOTS: usize = 1024;
+/// Registry slots per frontend connection: a frontend maps at most 509
+/// regions (the vhost-user limit), plus a dirty log.
+const SLOTS_PER_CONNECTION: usize = 512;
+/// Message threads that can be woken (one per export).
+const WAKERS: usize = 64;
 
 struct Slot {
     start: AtomicUsize,
     len: AtomicUsize,
+    /// Set by the handler when it replaced this region.
+    truncated: AtomicBool,
 }
 
-#[allow(clippy::declare_interior_mutable_const)] // only used to initialise the array
-const EMPTY: Slot = Slot {
-    start: AtomicUsize::new(0),
-    len: AtomicUsize::new(0),
-};
+impl Slot {
+    const fn new() -> Self {
+        Slot {
+            start: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+            truncated: AtomicBool::new(false),
+        }
+    }
+}
 
-static REGIONS: [Slot; SLOTS] = [EMPTY; SLOTS];
-/// Set by the handler; taken by [`take_truncated`].
-static TRUNCATED: AtomicBool = AtomicBool::new(false);
-/// The eventfd the handler writes to (-1: none).
-static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+/// Sized once, before the first region is registered ([`reserve`]); the
+/// handler only reads it.
+static REGIONS: OnceLock<Box<[Slot]>> = OnceLock::new();
+#[allow(clippy::declare_interior_mutable_const)] // only used to initialise the array
+const NO_FD: AtomicI32 = AtomicI32::new(-1);
+/// The eventfds the handler writes to (-1: free).
+static WAKE_FDS: [AtomicI32; WAKERS] = [NO_FD; WAKERS];
 static INSTALL: Once = Once::new();
+
+/// Makes room for the regions of `connections` frontend connections at
+/// once (two per export). Call before any region is registered; without
+/// it the registry holds two connections' worth.
+pub fn reserve(connections: usize) {
+    regions_or_init(connections.max(2));
+}
+
+fn regions_or_init(connections: usize) -> &'static [Slot] {
+    REGIONS.get_or_init(|| {
+        (0..connections * SLOTS_PER_CONNECTION)
+            .map(|_| Slot::new())
+            .collect()
+    })
+}
 
 /// A registered region; unregistered when dropped.
 pub struct Registration(usize);
 
+impl Registration {
+    /// Whether the handler found this region truncated and replaced it.
+    pub fn truncated(&self) -> bool {
+        regions_or_init(2)[self.0].truncated.load(Ordering::Acquire)
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
-        REGIONS[self.0].len.store(0, Ordering::Release);
-        REGIONS[self.0].start.store(0, Ordering::Release);
+        let s = &regions_or_init(2)[self.0];
+        s.len.store(0, Ordering::Release);
+        s.truncated.store(false, Ordering::Release);
+        s.start.store(0, Ordering::Release);
     }
 }
 
@@ -58,7 +94,7 @@ impl Drop for Registration {
 /// protected; a truncation of it would end the daemon as before).
 pub fn register(start: *const u8, len: usize) -> Option<Registration> {
     install();
-    for (i, s) in REGIONS.iter().enumerate() {
+    for (i, s) in regions_or_init(2).iter().enumerate() {
         if s.start
             .compare_exchange(0, start as usize, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
@@ -71,14 +107,27 @@ pub fn register(start: *const u8, len: usize) -> Option<Registration> {
     None
 }
 
-/// Sets the eventfd the handler signals (the message thread polls it).
-pub fn set_wake_fd(fd: i32) {
-    WAKE_FD.store(fd, Ordering::Release);
+/// An eventfd the handler signals after a truncation (a message thread
+/// polls it, then asks its connections whether it was theirs); removed
+/// when dropped.
+pub struct Waker(usize);
+
+impl Drop for Waker {
+    fn drop(&mut self) {
+        WAKE_FDS[self.0].store(-1, Ordering::Release);
+    }
 }
 
-/// Whether a region was found truncated since the last call.
-pub fn take_truncated() -> bool {
-    TRUNCATED.swap(false, Ordering::AcqRel)
+/// Adds `fd` to the eventfds the handler signals. None when every place
+/// is taken (more message threads than exports can be).
+pub fn add_wake_fd(fd: i32) -> Option<Waker> {
+    WAKE_FDS
+        .iter()
+        .position(|w| {
+            w.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+        .map(Waker)
 }
 
 fn install() {
@@ -103,7 +152,8 @@ fn install() {
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let addr = unsafe { (*info).si_addr() } as usize;
-    for s in REGIONS.iter() {
+    // Not yet sized: nothing was registered, so the fault is not ours.
+    for s in REGIONS.get().map_or(&[][..], |r| &r[..]) {
         let start = s.start.load(Ordering::Acquire);
         let len = s.len.load(Ordering::Acquire);
         if start == 0 || addr < start || addr - start >= len {
@@ -124,12 +174,14 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             ) != libc::MAP_FAILED
         };
         if ok {
-            TRUNCATED.store(true, Ordering::Release);
-            let fd = WAKE_FD.load(Ordering::Acquire);
-            if fd >= 0 {
-                let one: u64 = 1;
-                // SAFETY: writing 8 bytes from a u64 to an eventfd.
-                unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+            s.truncated.store(true, Ordering::Release);
+            for w in &WAKE_FDS {
+                let fd = w.load(Ordering::Acquire);
+                if fd >= 0 {
+                    let one: u64 = 1;
+                    // SAFETY: writing 8 bytes from a u64 to an eventfd.
+                    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+                }
             }
             return;
         }
