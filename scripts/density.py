@@ -31,12 +31,24 @@ import bench  # noqa: E402  (the shared daemon, image and build helpers)
 MiB = 1 << 20
 
 
+def rollup_kib(pid: int, field: str) -> int:
+    """A field of /proc/PID/smaps_rollup, in KiB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/{pid}/smaps_rollup")
+
+
 def pss_kib(pid: int) -> int:
     """Proportional set size of a process, in KiB."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+    return rollup_kib(pid, "Pss")
+
+
+def anon_kib(pid: int) -> int:
+    """The process's own memory: PSS without the shared files (whose
+    share moves with whatever else maps them, the load generators'
+    libc included)."""
+    return rollup_kib(pid, "Pss_Anon")
 
 
 def cached_bytes(*files: Path) -> int:
@@ -124,8 +136,13 @@ class Density(bench.Workspace):
     def sample_while(self, procs: list[subprocess.Popen], t0: float, pids: list[int]
                      ) -> list[int]:
         """PSS of each pid in the middle of the measured run."""
+        return [p for p, _ in self.sample_both(procs, t0, pids)]
+
+    def sample_both(self, procs: list[subprocess.Popen], t0: float, pids: list[int]
+                    ) -> list[tuple[int, int]]:
+        """(PSS, anonymous PSS) of each pid in the middle of the run."""
         time.sleep(max(0.0, t0 + self.a.ramp + self.a.runtime / 2 - time.monotonic()))
-        return [pss_kib(p) for p in pids]
+        return [(pss_kib(p), anon_kib(p)) for p in pids]
 
     def run_ours(self, n: int) -> dict:
         bench.log(f"ours: {n} daemons")
@@ -163,27 +180,29 @@ class Density(bench.Workspace):
 
     def run_ours_one_process(self, n: int) -> dict:
         """Ours as qsd's one process: per export (PSS_N − PSS_1)/(N − 1),
-        PSS_1 taken from an idle process serving one disk (a process
-        serves at least one, so its first disk counts as its floor)."""
+        PSS_1 from a process serving one disk under the same load (a
+        process serves at least one disk, so the first counts as its
+        floor)."""
         bench.log(f"ours: one process, {n} exports")
         overlays = self.new_overlays("ours", n)
-        one = self.start_ours_exports([0], "1")
-        time.sleep(0.7)  # past the start-up trim, as PSS_0 of qsd waits
-        pss1 = pss_kib(one.pid)
-        one.stop()
         bench.warm(self.base)
-        d = self.start_ours_exports(list(range(n)), f"1x{n}")
-        try:
-            procs, t0 = self.loads([self.sock("ours", i) for i in range(n)], 1000)
-            (pss,) = self.sample_while(procs, t0, [d.pid])
-            iops, errors = self.finish(procs)
-        finally:
-            exit_code = d.stop()["exit"]
+        samples = []
+        for indices in ([0], list(range(n))):
+            d = self.start_ours_exports(indices, f"1x{len(indices)}")
+            try:
+                procs, t0 = self.loads([self.sock("ours", i) for i in indices], 1000)
+                (sample,) = self.sample_both(procs, t0, [d.pid])
+                iops, errors = self.finish(procs)
+            finally:
+                exit_code = d.stop()["exit"]
+            samples.append(sample)
+        (pss1, anon1), (pss, anon) = samples
         return {
             "who": "ours-1-process", "n": n, "iops": iops, "errors": errors,
             "exits": [str(exit_code)],
-            "pss1_kib": pss1, "pss_kib": pss,
+            "pss1_kib": pss1, "pss_kib": pss, "anon1_kib": anon1, "anon_kib": anon,
             "per_export_pss_kib": (pss - pss1) / max(1, n - 1),
+            "per_export_anon_kib": (anon - anon1) / max(1, n - 1),
             "backing_cache_bytes": cached_bytes(self.base),
             "overlay_cache_bytes": cached_bytes(*overlays),
         }
@@ -191,7 +210,7 @@ class Density(bench.Workspace):
     def run_qsd_one_process(self, n: int) -> dict:
         bench.log(f"qsd: one process, {n} exports")
         zero = self.start_qsd([], "0")
-        pss0 = pss_kib(zero.pid)
+        pss0, anon0 = pss_kib(zero.pid), anon_kib(zero.pid)
         zero.terminate()
         zero.wait(timeout=30)
         overlays = self.new_overlays("qsd", n)
@@ -199,7 +218,7 @@ class Density(bench.Workspace):
         p = self.start_qsd(list(range(n)), f"1x{n}")
         try:
             procs, t0 = self.loads([self.sock("qsd", i) for i in range(n)], 1000)
-            (pss,) = self.sample_while(procs, t0, [p.pid])
+            ((pss, anon),) = self.sample_both(procs, t0, [p.pid])
             iops, errors = self.finish(procs)
         finally:
             p.terminate()
@@ -207,6 +226,7 @@ class Density(bench.Workspace):
         return {
             "who": "qsd-1-process", "n": n, "iops": iops, "errors": errors,
             "pss0_kib": pss0, "pss_kib": pss, "per_export_pss_kib": (pss - pss0) / n,
+            "anon0_kib": anon0, "anon_kib": anon, "per_export_anon_kib": (anon - anon0) / n,
             "backing_cache_bytes": cached_bytes(self.base),
             "overlay_cache_bytes": cached_bytes(*overlays),
         }
@@ -247,11 +267,12 @@ def markdown(results: list[dict], meta: dict) -> str:
     ]
     for r in results:
         if r["who"] == "qsd-1-process":
-            per = f"{mib(r['per_export_pss_kib'])} ((PSS_N − PSS_0)/N, PSS_0 {mib(r['pss0_kib'])})"
+            per = (f"{mib(r['per_export_pss_kib'])} ((PSS_N − PSS_0)/N, PSS_0 "
+                   f"{mib(r['pss0_kib'])}; anonymous {mib(r['per_export_anon_kib'])})")
             total = mib(r["pss_kib"])
         elif r["who"] == "ours-1-process":
             per = (f"{mib(r['per_export_pss_kib'])} ((PSS_N − PSS_1)/(N − 1), "
-                   f"PSS_1 {mib(r['pss1_kib'])})")
+                   f"PSS_1 {mib(r['pss1_kib'])}; anonymous {mib(r['per_export_anon_kib'])})")
             total = mib(r["pss_kib"])
         else:
             per = f"{mib(r['per_daemon_pss_kib'])} (max {mib(max(r['pss_kib']))})"
