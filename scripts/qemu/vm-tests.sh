@@ -475,7 +475,9 @@ supervise() {
 }
 
 # The daemon SIGKILLed VUC_VM_KILLS times (default 3; the campaign in the
-# issue is 20; more while none has found requests in flight) at random moments while the guest writes and flushes (two
+# issue is 20; more while none has found requests in flight, the first of
+# them after throttling the daemon to 20 IOPS, so that requests are
+# always taken and waiting) at random moments while the guest writes and flushes (two
 # writers); a supervisor loop restarts it each time. The daemon runs with
 # O_DSYNC (--sync), as on storage that is slow to acknowledge, so that
 # requests are in flight much of the time. Fails on any guest I/O error or lost
@@ -490,7 +492,9 @@ test_daemon_kill_loop() {
     t_all="$(now)"
     local overlay="$d/disk.$OVERLAY_EXT"
     backend_create "$overlay" "$GUEST_GOLDEN"
-    VUC_SERVE_ARGS="--sync" supervise "$d" "$overlay" 2>>"$d/supervisor.log" &
+    # A control socket: the first kill after the ones asked for throttles
+    # the daemon first (below).
+    VUC_SERVE_ARGS="--sync --control-socket $d/ctl.sock" supervise "$d" "$overlay" 2>>"$d/supervisor.log" &
     local sup=$!
     register_pid "$sup"
     # On the way out, also the daemon the supervisor runs (a SIGKILLed
@@ -523,6 +527,15 @@ test_daemon_kill_loop() {
             tfail "the guest's workload ended before kill $k of $kills (it runs $(timeout_s "$secs")s)"
         fi
         read -r pid n <"$d/backend.pid"
+        if ((k == kills + 1)) && [ "$VUC_BACKEND" = ours ]; then
+            # None found requests in flight: make sure this one does. At
+            # 20 IOPS the guest's writers always have requests taken and
+            # held back by the limit (delayed, never failed), so the kill
+            # lands with requests in flight whatever the moment.
+            "$VUC_BIN" ctl "$d/ctl.sock" set-throttle iops-total=20 >>"$d/supervisor.log" 2>&1 ||
+                tfail "kill $k: set-throttle on the daemon's control socket failed ($(tail -n 2 "$d/supervisor.log"))"
+            sleep 0.5
+        fi
         n0="$(progress_count "$d/console.log")"
         t0="$(now)"
         kill -KILL "$pid"
