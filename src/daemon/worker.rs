@@ -31,7 +31,7 @@ use super::virtqueue::{Virtqueue, VirtqueueState};
 use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
 use crate::units::{to_usize, SECTOR_SHIFT};
-use crate::virtio::chain::{Chain, HeadChain};
+use crate::virtio::chain::{Chain, DescTable, HeadChain};
 use crate::virtio::parse_request;
 use crate::virtio::request::{
     write_status, BlkRequest, RequestType, Segment, STATUS_IOERR, STATUS_OK,
@@ -451,13 +451,19 @@ impl Worker {
                 return;
             }
         }
+        // Translated once per pass: every chain's descriptors are read
+        // from their host addresses (virtio/chain.rs).
+        let table = DescTable::resolve(
+            &*guard,
+            GuestAddress(vq.queue.desc_table()),
+            vq.queue.size(),
+        );
         // Requests in flight before a restart go first, oldest first.
         while self.inflight.len() < self.max_inflight {
             let Some(head) = vq.next_resubmit() else {
                 break;
             };
-            let table = GuestAddress(vq.queue.desc_table());
-            let chain = HeadChain::new(guard.clone(), table, vq.queue.size(), head);
+            let chain = HeadChain::in_table(&*guard, table, head);
             refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &guard);
         }
         loop {
@@ -492,9 +498,11 @@ impl Worker {
                     }
                 }
                 let found = chains.len();
-                for chain in chains.drain(..) {
-                    let head = chain.head_index();
+                for popped in chains.drain(..) {
+                    // virtio-queue's chain gives the head; the walk is ours.
+                    let head = popped.head_index();
                     vq.mark_taken(head);
+                    let chain = HeadChain::in_table(&*guard, table, head);
                     refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &guard);
                 }
                 self.chains = chains;

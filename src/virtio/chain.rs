@@ -12,13 +12,19 @@
 //! nested indirect table and a chain longer than 2^32 bytes, and the
 //! framing step refuses such a chain because its last descriptor still
 //! has NEXT.
+//!
+//! It is also the chain of every request the worker takes off the avail
+//! ring (virtio-queue's walk only gives it the head): a [`DescTable`]
+//! translated once per pass over a ring lets each descriptor be read from
+//! its host address, where virtio-queue translates every descriptor's
+//! guest address anew (docs/benchmarks.md, "Per-request cost").
 
 use std::ops::Deref;
 
 use virtio_bindings::virtio_ring::VRING_DESC_ALIGN_SIZE;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// A chain of descriptors in guest memory, as the parser needs it.
 pub trait Chain: Iterator<Item = Descriptor> + Clone {
@@ -37,17 +43,84 @@ where
     }
 }
 
+/// A descriptor table: its guest address, its length in descriptors, and
+/// its host address when the whole table lies in one mapped region (else
+/// each descriptor is read through guest memory, as virtio-queue does).
+#[derive(Clone, Copy, Debug)]
+pub struct DescTable {
+    addr: GuestAddress,
+    len: u16,
+    host: *const u8,
+}
+
+impl DescTable {
+    /// The table of `len` descriptors at `addr` in `mem`. The host address
+    /// stays valid as long as the memory map `mem` is (a worker holds its
+    /// map for the whole pass).
+    pub fn resolve<G: GuestMemory + ?Sized>(mem: &G, addr: GuestAddress, len: u16) -> DescTable {
+        let bytes = usize::from(len) * DESC_SIZE;
+        let first = mem
+            .get_slices(addr, bytes, Permissions::Read)
+            .ok()
+            .and_then(|mut slices| slices.next());
+        let host = match first {
+            // Ring tables are 16-byte aligned (virtio 1.2, 2.7); an
+            // indirect table need not be, and is then read as below.
+            Some(Ok(s)) if s.len() == bytes && s.ptr_guard().as_ptr() as usize % 8 == 0 => {
+                s.ptr_guard().as_ptr()
+            }
+            _ => std::ptr::null(),
+        };
+        DescTable { addr, len, host }
+    }
+
+    /// Descriptor `i`, which must be below `len`; None when it cannot be
+    /// read.
+    fn read<G: GuestMemory + ?Sized>(&self, mem: &G, i: u16) -> Option<Descriptor> {
+        let offset = usize::from(i) * DESC_SIZE;
+        if self.host.is_null() {
+            let at = self.addr.checked_add(offset as u64)?;
+            return mem.read_obj(at).ok();
+        }
+        // SAFETY: `host` maps the whole table (len descriptors, checked
+        // by `resolve`) for as long as the memory map it was resolved in,
+        // which the chain holds; i < len; `host` is 8-byte aligned
+        // (`resolve`). The guest may change the bytes at any time: they
+        // are copied once, volatile, and then validated like any other
+        // descriptor.
+        let (lo, hi) = unsafe {
+            let p = self.host.add(offset).cast::<u64>();
+            (
+                std::ptr::read_volatile(p),
+                std::ptr::read_volatile(p.add(1)),
+            )
+        };
+        // Little-endian fields: addr (8 bytes), len (4), flags (2), next (2).
+        let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
+        // The fields are these bits of the second word: nothing is cut.
+        #[allow(clippy::cast_possible_truncation)]
+        let (len, flags, next) = (hi as u32, (hi >> 32) as u16, (hi >> 48) as u16);
+        Some(Descriptor::new(lo, len, flags, next))
+    }
+}
+
+const DESC_SIZE: usize = std::mem::size_of::<Descriptor>();
+
 /// The chain that starts at descriptor `head` of a ring's table.
 #[derive(Clone)]
 pub struct HeadChain<M> {
     mem: M,
-    table: GuestAddress,
-    table_len: u16,
+    table: DescTable,
     next: u16,
     ttl: u16,
     bytes: u32,
     indirect: bool,
 }
+
+// SAFETY: the table's host address is an address into the memory map the
+// chain holds (`mem`), shared like the map itself; reads through it are
+// volatile copies.
+unsafe impl<M: Send> Send for HeadChain<M> {}
 
 impl<M> HeadChain<M>
 where
@@ -57,12 +130,17 @@ where
     /// The chain of `head` in the descriptor table at `table` of a ring of
     /// `queue_size` entries. A head out of the table gives an empty chain.
     pub fn new(mem: M, table: GuestAddress, queue_size: u16, head: u16) -> HeadChain<M> {
+        let table = DescTable::resolve(&*mem, table, queue_size);
+        HeadChain::in_table(mem, table, head)
+    }
+
+    /// The chain of `head` in a table resolved in `mem` before.
+    pub fn in_table(mem: M, table: DescTable, head: u16) -> HeadChain<M> {
         HeadChain {
             mem,
             table,
-            table_len: queue_size,
             next: head,
-            ttl: queue_size,
+            ttl: table.len,
             bytes: 0,
             indirect: false,
         }
@@ -75,8 +153,7 @@ where
             return None;
         }
         let len = u16::try_from(desc.len() / VRING_DESC_ALIGN_SIZE).ok()?;
-        self.table = desc.addr();
-        self.table_len = len;
+        self.table = DescTable::resolve(&*self.mem, desc.addr(), len);
         self.next = 0;
         self.ttl = len;
         self.indirect = true;
@@ -93,13 +170,10 @@ where
 
     fn next(&mut self) -> Option<Descriptor> {
         loop {
-            if self.ttl == 0 || self.next >= self.table_len {
+            if self.ttl == 0 || self.next >= self.table.len {
                 return None;
             }
-            let at = self
-                .table
-                .checked_add(u64::from(self.next) * std::mem::size_of::<Descriptor>() as u64)?;
-            let desc: Descriptor = self.mem.read_obj(at).ok()?;
+            let desc = self.table.read(&*self.mem, self.next)?;
             if desc.refers_to_indirect_table() {
                 self.enter_indirect(&desc)?;
                 continue;
@@ -150,12 +224,16 @@ mod tests {
 
     /// virtio-queue's chain of `head`, popped off a one-entry avail ring.
     fn reference(m: &Mem, qsize: u16, head: u16) -> Vec<(u64, u32, u16, u16)> {
+        reference_at(m, 0, qsize, head)
+    }
+
+    fn reference_at(m: &Mem, table: u64, qsize: u16, head: u16) -> Vec<(u64, u32, u16, u16)> {
         m.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
         m.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
         m.write_obj(head, GuestAddress(AVAIL + 4)).unwrap();
         let mut q = Queue::new(qsize).unwrap();
         q.set_size(qsize);
-        q.set_desc_table_address(Some(0), Some(0));
+        q.set_desc_table_address(Some(u32::try_from(table).unwrap()), Some(0));
         q.set_avail_ring_address(Some(u32::try_from(AVAIL).unwrap()), Some(0));
         q.set_used_ring_address(Some(u32::try_from(USED).unwrap()), Some(0));
         q.set_ready(true);
@@ -167,6 +245,12 @@ mod tests {
         HeadChain::new(m, GuestAddress(0), qsize, head)
             .map(summary)
             .collect()
+    }
+
+    /// Our walk with the table translated the way the worker does it.
+    fn ours_at(m: &Mem, table: u64, qsize: u16, head: u16) -> Vec<(u64, u32, u16, u16)> {
+        let t = DescTable::resolve(m, GuestAddress(table), qsize);
+        HeadChain::in_table(m, t, head).map(summary).collect()
     }
 
     fn summary(d: Descriptor) -> (u64, u32, u16, u16) {
@@ -210,6 +294,15 @@ mod tests {
         let got = ours(&m, 4, 0);
         assert_eq!(got.len(), 2);
         assert_eq!(got, reference(&m, 4, 0));
+        // An indirect table at an address not 8-byte aligned is read
+        // through guest memory, with the same result.
+        let odd = INDIRECT + 0x104;
+        assert!(DescTable::resolve(&m, GuestAddress(odd), 2).host.is_null());
+        write_table(&m, 0, &[(odd, 32, F_INDIRECT, 0)]);
+        write_table(&m, odd, &[(0x1000, 16, F_NEXT, 1), (0x3000, 1, F_WRITE, 0)]);
+        let got = ours(&m, 4, 0);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got, reference(&m, 4, 0));
     }
 
     #[test]
@@ -235,6 +328,56 @@ mod tests {
         assert!(ours(&m, 4, 4).is_empty(), "a head out of the table");
     }
 
+    #[test]
+    fn a_table_in_one_region_is_read_from_its_host_address_and_one_across_two_is_not() {
+        let m = mem();
+        let t = DescTable::resolve(&m, GuestAddress(0), 8);
+        assert!(!t.host.is_null());
+        // Two regions that meet at 0x8000; a table across them, and one
+        // partly outside guest memory.
+        let two: Mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x8000),
+            (GuestAddress(0x8000), 0x8000),
+        ])
+        .unwrap();
+        let across = 0x8000 - 64;
+        assert!(DescTable::resolve(&two, GuestAddress(across), 8)
+            .host
+            .is_null());
+        assert!(DescTable::resolve(&two, GuestAddress(0xffc0), 8)
+            .host
+            .is_null());
+        // Across two regions, descriptor by descriptor: still the same walk.
+        for (i, &(addr, len, flags, next)) in [
+            (0x1000u64, 16u32, F_NEXT, 5u16),
+            (0, 0, 0, 0),
+            (0, 0, 0, 0),
+            (0, 0, 0, 0),
+            (0, 0, 0, 0),
+            (0x2000, 512, F_NEXT | F_WRITE, 6),
+            (0x3000, 1, F_WRITE, 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let d = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+            two.write_obj(d, GuestAddress(across + 16 * i as u64))
+                .unwrap();
+        }
+        let t = DescTable::resolve(&two, GuestAddress(across), 8);
+        let got: Vec<_> = HeadChain::in_table(&two, t, 0).map(summary).collect();
+        assert_eq!(got.len(), 3);
+        let want = reference_at(&two, across, 8, 0);
+        assert_eq!(got, want);
+        // A table running out of guest memory: what is there is read.
+        assert_eq!(
+            HeadChain::in_table(&two, DescTable::resolve(&two, GuestAddress(0xffc0), 8), 0)
+                .map(summary)
+                .collect::<Vec<_>>(),
+            reference_at(&two, 0xffc0, 8, 0)
+        );
+    }
+
     proptest! {
         /// Any table, any head: the same descriptors as virtio-queue.
         #[test]
@@ -252,6 +395,7 @@ mod tests {
             write_table(&m, 0, &table);
             write_table(&m, INDIRECT, &indirect);
             prop_assert_eq!(ours(&m, 8, head), reference(&m, 8, head));
+            prop_assert_eq!(ours_at(&m, 0, 8, head), reference(&m, 8, head));
         }
     }
 }
