@@ -21,7 +21,7 @@ use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
 pub fn parse_request<C: Chain>(chain: &C, limits: &Limits) -> Result<BlkRequest, RequestFailure> {
     let frame = frame(chain)?;
     let status_addr = frame.status_addr;
-    decode(chain.memory(), frame, limits).map_err(|error| RequestFailure {
+    decode(chain.memory(), &frame, limits).map_err(|error| RequestFailure {
         error,
         status_addr: Some(status_addr),
     })
@@ -31,7 +31,7 @@ pub fn parse_request<C: Chain>(chain: &C, limits: &Limits) -> Result<BlkRequest,
 #[inline]
 fn decode<G: GuestMemory + ?Sized>(
     mem: &G,
-    frame: Frame,
+    frame: &Frame,
     limits: &Limits,
 ) -> Result<BlkRequest, RequestError> {
     let h = &frame.header;
@@ -61,7 +61,7 @@ fn decode<G: GuestMemory + ?Sized>(
         }
         // Data descriptors on FLUSH are ignored (as QEMU does).
         RequestType::Flush => {}
-        RequestType::GetId => decode_get_id(mem, &mut req, frame.writable)?,
+        RequestType::GetId => decode_get_id(mem, &mut req, &frame.writable)?,
         RequestType::Discard | RequestType::WriteZeroes => {
             no_data(req_type, &frame.writable)?;
             req.ranges = parse_ranges(mem, &frame.readable, req_type, limits)?.into_boxed_slice();
@@ -142,8 +142,9 @@ fn decode_data<G: GuestMemory + ?Sized>(
 fn decode_get_id<G: GuestMemory + ?Sized>(
     mem: &G,
     req: &mut BlkRequest,
-    mut data: Pieces,
+    data: &Pieces,
 ) -> Result<(), RequestError> {
+    let mut data = data.clone();
     let len = truncate_pieces(&mut data, ID_BYTES as u64);
     req.data = resolve(mem, &data, Permissions::Write)?;
     req.data_len = len;
