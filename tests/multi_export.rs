@@ -26,14 +26,7 @@ fn two(dir: &Path) -> Two {
     let base = dir.join("base.img");
     std::fs::write(&base, vec![0x22u8; 1 << 20]).unwrap();
     let b = dir.join("b.cow");
-    let out = common::output(
-        std::process::Command::new(common::bin())
-            .arg("create")
-            .arg(&b)
-            .arg("--backing")
-            .arg(&base),
-    );
-    assert!(out.status.success(), "{out:?}");
+    common::disk_model::create_cow(&b, &base, 512);
     let (b_sock, b_ctl) = (dir.join("b.sock"), dir.join("b.ctl"));
     let opts = ServeOptions {
         extra_args: vec![
@@ -158,20 +151,7 @@ fn a_truncation_ends_only_the_connection_that_made_it() {
     let mut b = connect_b(&t);
     a.write(0, 0, &[1u8; 512]).ok("a before");
     b.write(0, 0, &[2u8; 512]).ok("b before");
-    let fd = a.mem().fd();
-    a.place_zeroed(8 << 20);
-    let chain = a.chain().header(T_IN, 0).writable(512).status();
-    // SAFETY: ftruncate on the test's own memfd.
-    assert_eq!(unsafe { libc::ftruncate(fd, 4 << 20) }, 0);
-    let p = chain.submit(0);
-    let r = a.wait(&p);
-    assert!(
-        matches!(
-            r,
-            Err(WaitError::Disconnected { .. }) | Err(WaitError::Timeout { .. })
-        ),
-        "request over truncated memory: {r:?}"
-    );
+    a.read_over_truncated_memory();
     std::mem::forget(a); // its mapping is partly gone: do not touch it again
     assert!(t.d.running(), "the daemon died:\n{}", t.d.log_text());
     t.d.wait_log_count("ending its connection", 1);

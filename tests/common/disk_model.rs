@@ -106,12 +106,18 @@ pub fn make_cow_chunked(dir: &Path, sectors: u64, seed: u64, chunk: u32) -> (Ima
     let data = pattern(sectors, seed);
     super::write_file(&backing, &data);
     let cow = dir.join("disk.cow");
+    create_cow(&cow, &backing, chunk);
+    (Image::Cow { cow, backing }, Model::new(data))
+}
+
+/// `vhost-user-cow create COW --backing BACKING --sector-size CHUNK`.
+pub fn create_cow(cow: &Path, backing: &Path, chunk: u32) {
     let o = super::output(
         std::process::Command::new(super::bin())
             .arg("create")
-            .arg(&cow)
+            .arg(cow)
             .arg("--backing")
-            .arg(&backing)
+            .arg(backing)
             .arg("--sector-size")
             .arg(chunk.to_string()),
     );
@@ -120,7 +126,6 @@ pub fn make_cow_chunked(dir: &Path, sectors: u64, seed: u64, chunk: u32) -> (Ima
         "vhost-user-cow create: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    (Image::Cow { cow, backing }, Model::new(data))
 }
 
 /// `dir/raw.img` with [`pattern`].

@@ -427,3 +427,32 @@ fn buffer_align(len: usize) -> u64 {
         16
     }
 }
+
+impl VhostUserBlk {
+    /// Truncates this frontend's guest memory file under the daemon, then
+    /// submits a read whose buffers lie past the cut: the daemon's access
+    /// faults (SIGBUS) and must end this connection. Asserts that the
+    /// request is never completed. Forget the device afterwards: part of
+    /// its mapping is gone.
+    #[allow(dead_code)] // only the truncation tests
+    pub fn read_over_truncated_memory(&mut self) {
+        let fd = self.mem().fd();
+        // Rings sit at the start of guest memory; push this request's
+        // buffers far past the point the file is cut at.
+        self.place_zeroed(8 << 20);
+        let chain = self.chain().header(T_IN, 0).writable(512).status();
+        // SAFETY: ftruncate on the test's own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd, 4 << 20) }, 0);
+        let p = chain.submit(0);
+        // The completion can never be seen (the daemon no longer shares the
+        // region); the wait ends because the daemon hangs up.
+        let r = self.wait(&p);
+        assert!(
+            matches!(
+                r,
+                Err(WaitError::Disconnected { .. }) | Err(WaitError::Timeout { .. })
+            ),
+            "request over truncated memory: {r:?}"
+        );
+    }
+}
