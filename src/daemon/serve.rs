@@ -91,8 +91,9 @@ pub struct ServeOptions {
     pub confinement: Confinement,
 }
 
-/// Disks one process serves at most.
-pub const MAX_EXPORTS: usize = 64;
+/// Disks one process serves at most (each message thread needs one of
+/// the SIGBUS guard's wake-ups).
+pub const MAX_EXPORTS: usize = truncation_guard::WAKERS;
 
 /// How the daemon confines itself once started (docs/design.md, "Trust
 /// model").

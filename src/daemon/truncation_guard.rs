@@ -27,7 +27,7 @@ use std::sync::{Once, OnceLock};
 /// regions (the vhost-user limit), plus a dirty log.
 const SLOTS_PER_CONNECTION: usize = 512;
 /// Message threads that can be woken (one per export).
-const WAKERS: usize = 64;
+pub const WAKERS: usize = 64;
 
 struct Slot {
     start: AtomicUsize,

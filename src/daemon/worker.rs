@@ -127,9 +127,9 @@ pub struct Worker {
     completions: Vec<Completion>,
     /// Finished requests not yet published.
     done: Vec<Done>,
-    /// Chains taken off a ring in one walk, before they are parsed (kept:
-    /// no allocation per pass).
-    chains: Vec<virtio_queue::DescriptorChain<MemoryGuard>>,
+    /// Heads of the chains taken off a ring in one walk, before they are
+    /// parsed (kept: no allocation per pass).
+    heads: Vec<u16>,
     /// Parts of requests taken this iteration, for the scheduler.
     to_submit: Vec<DiskRequest>,
     /// The other half of `to_submit`'s double buffer (no allocation when
@@ -246,7 +246,7 @@ impl Worker {
             backup_done: Vec::new(),
             completions: Vec::new(),
             done: Vec::new(),
-            chains: Vec::new(),
+            heads: Vec::new(),
             to_submit: Vec::new(),
             to_submit_spare: Vec::new(),
             off_lock_in_flight: 0,
@@ -475,13 +475,12 @@ impl Worker {
                 // index), the chains parsed after it: the refusals among
                 // them need the queue the walk borrows.
                 let room = self.max_inflight - self.inflight.len();
-                let mut chains = std::mem::take(&mut self.chains);
-                match vq.queue.iter(guard.clone()) {
-                    Ok(it) => chains.extend(it.take(room)),
-                    Err(virtio_queue::Error::QueueNotReady) => {
-                        self.chains = chains;
-                        return;
-                    }
+                self.heads.clear();
+                // virtio-queue's walk gives the heads; the chains' walk is
+                // ours (in the table translated above).
+                match vq.queue.iter(&*guard) {
+                    Ok(it) => self.heads.extend(it.take(room).map(|c| c.head_index())),
+                    Err(virtio_queue::Error::QueueNotReady) => return,
                     Err(e) => {
                         // The avail index ran more than the queue size
                         // ahead: the ring is broken until set up anew.
@@ -493,19 +492,16 @@ impl Worker {
                         );
                         vq.broken = true;
                         vq.started = false;
-                        self.chains = chains;
                         return;
                     }
                 }
-                let found = chains.len();
-                for popped in chains.drain(..) {
-                    // virtio-queue's chain gives the head; the walk is ours.
-                    let head = popped.head_index();
+                let found = self.heads.len();
+                for k in 0..found {
+                    let head = self.heads[k];
                     vq.mark_taken(head);
                     let chain = HeadChain::in_table(&*guard, table, head);
                     refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &guard);
                 }
-                self.chains = chains;
                 if found < room {
                     break;
                 }
