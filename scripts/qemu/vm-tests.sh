@@ -476,8 +476,8 @@ supervise() {
 
 # The daemon SIGKILLed VUC_VM_KILLS times (default 3; the campaign in the
 # issue is 20; more while none has found requests in flight, the first of
-# them after throttling the daemon to 20 IOPS, so that requests are
-# always taken and waiting) at random moments while the guest writes and flushes (two
+# them after throttling the daemon to 20 IOPS, so that requests wait
+# taken while the guest writes) at random moments while the guest writes and flushes (two
 # writers); a supervisor loop restarts it each time. The daemon runs with
 # O_DSYNC (--sync), as on storage that is slow to acknowledge, so that
 # requests are in flight much of the time. Fails on any guest I/O error or lost
@@ -528,10 +528,11 @@ test_daemon_kill_loop() {
         fi
         read -r pid n <"$d/backend.pid"
         if ((k == kills + 1)) && [ "$VUC_BACKEND" = ours ]; then
-            # None found requests in flight: make sure this one does. At
-            # 20 IOPS the guest's writers always have requests taken and
-            # held back by the limit (delayed, never failed), so the kill
-            # lands with requests in flight whatever the moment.
+            # None found requests in flight: make it likely for this one.
+            # At 20 IOPS the guest's writes wait taken, held back by the
+            # limit (delayed, never failed), while the guest is writing;
+            # not while it is between writes (once seen: 0 resubmitted,
+            # then a later kill found one).
             "$VUC_BIN" ctl "$d/ctl.sock" set-throttle iops-total=20 >>"$d/supervisor.log" 2>&1 ||
                 tfail "kill $k: set-throttle on the daemon's control socket failed ($(tail -n 2 "$d/supervisor.log"))"
             sleep 0.5
