@@ -110,6 +110,36 @@ fn requests_over_an_iops_limit_wait_and_the_daemon_sleeps_meanwhile() {
 }
 
 #[test]
+fn query_stats_counts_requests_held_back_by_a_limit_as_in_flight() {
+    let s = start(&["--throttle-iops", "1:1"]);
+    let mut dev = s.daemon.connect();
+    let mut c = Client::connect(&s.control, Some(Duration::from_secs(20))).unwrap();
+    let in_flight = |c: &mut Client| -> u64 {
+        let stats = c.execute("query-stats", Value::Null).unwrap().unwrap();
+        stats["total"]["in_flight"].as_u64().unwrap()
+    };
+    assert_eq!(in_flight(&mut c), 0, "before any request");
+    // Six reads at 1 IOPS: the first goes at once, the others wait taken
+    // (at most one more per second is admitted).
+    let mut pending: Vec<_> = (0..6).map(|i| dev.submit_read(0, i * 8, SECTOR)).collect();
+    let first = pending.remove(0);
+    dev.complete(first, "first read").ok("first read");
+    let held = in_flight(&mut c);
+    assert!(
+        (1..=5).contains(&held),
+        "{held} requests in flight, 1 to 5 expected"
+    );
+    c.execute("set-throttle", json!({})).unwrap().unwrap();
+    for p in pending {
+        dev.complete(p, "read").ok("read");
+    }
+    let stats = c.execute("query-stats", Value::Null).unwrap().unwrap();
+    assert_eq!(stats["total"]["in_flight"], 0, "{stats}");
+    assert_eq!(stats["total"]["reads"], 6, "{stats}");
+    assert_eq!(stats["queues"][0]["in_flight"], 0, "{stats}");
+}
+
+#[test]
 fn a_bytes_per_second_limit_on_writes_leaves_reads_alone() {
     let s = start(&["--throttle-bps", "write=128K:16K"]);
     let mut dev = s.daemon.connect();

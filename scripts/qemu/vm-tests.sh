@@ -369,6 +369,33 @@ resubmitted() {
         sed -n 's/.*found \([0-9]*\) requests.*/\1/p' | awk '{ s += $1 } END { print s + 0 }'
 }
 
+# wait_in_flight CONTROL_SOCKET TIMEOUT: until the daemon's query-stats
+# counts requests in flight; prints how many (or, on failure, the last
+# answer). 124 on timeout, 1 if the control socket does not answer.
+wait_in_flight() {
+    local ctl="$1" deadline out n
+    deadline=$(($(date +%s) + $2))
+    while :; do
+        out="$("$VUC_BIN" ctl "$ctl" query-stats --json 2>&1)" || {
+            echo "$out"
+            return 1
+        }
+        n="$(python3 -c 'import json, sys; print(json.load(sys.stdin)["total"]["in_flight"])' <<<"$out" 2>&1)" || {
+            echo "query-stats: $n"
+            return 1
+        }
+        if ((n > 0)); then
+            echo "$n"
+            return 0
+        fi
+        (($(date +%s) < deadline)) || {
+            echo "in_flight 0 in the last query-stats"
+            return 124
+        }
+        sleep 0.05
+    done
+}
+
 # The daemon killed while the guest is idle (nothing in flight) and started
 # again: QEMU reconnects and the guest carries on; data and filesystem
 # must be intact.
@@ -475,9 +502,10 @@ supervise() {
 }
 
 # The daemon SIGKILLed VUC_VM_KILLS times (default 3; the campaign in the
-# issue is 20; more while none has found requests in flight, the first of
-# them after throttling the daemon to 20 IOPS, so that requests wait
-# taken while the guest writes) at random moments while the guest writes and flushes (two
+# issue is 20; more while none has found requests in flight, each of them
+# after throttling the daemon to 20 IOPS, so that requests wait taken
+# while the guest writes, and as soon as query-stats counts one in flight)
+# at random moments while the guest writes and flushes (two
 # writers); a supervisor loop restarts it each time. The daemon runs with
 # O_DSYNC (--sync), as on storage that is slow to acknowledge, so that
 # requests are in flight much of the time. Fails on any guest I/O error or lost
@@ -527,15 +555,16 @@ test_daemon_kill_loop() {
             tfail "the guest's workload ended before kill $k of $kills (it runs $(timeout_s "$secs")s)"
         fi
         read -r pid n <"$d/backend.pid"
-        if ((k == kills + 1)) && [ "$VUC_BACKEND" = ours ]; then
-            # None found requests in flight: make it likely for this one.
-            # At 20 IOPS the guest's writes wait taken, held back by the
-            # limit (delayed, never failed), while the guest is writing;
-            # not while it is between writes (once seen: 0 resubmitted,
-            # then a later kill found one).
+        if ((k > kills)) && [ "$VUC_BACKEND" = ours ]; then
+            # None found requests in flight: this one waits until the
+            # daemon says it has some, then kills at once. At 20 IOPS the
+            # guest's writes wait taken, held back by the limit (delayed,
+            # never failed), so that they are still in flight at the kill.
             "$VUC_BIN" ctl "$d/ctl.sock" set-throttle iops-total=20 >>"$d/supervisor.log" 2>&1 ||
                 tfail "kill $k: set-throttle on the daemon's control socket failed ($(tail -n 2 "$d/supervisor.log"))"
-            sleep 0.5
+            r="$(wait_in_flight "$d/ctl.sock" "$(timeout_s 30)")" ||
+                tfail "kill $k: the daemon had no request in flight for $(timeout_s 30)s while the guest writes ($r)"
+            log "kill $k: the daemon has $r requests in flight"
         fi
         n0="$(progress_count "$d/console.log")"
         t0="$(now)"

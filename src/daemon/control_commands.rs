@@ -290,7 +290,7 @@ impl DaemonCommands {
         let queues: Vec<Value> = (0..n)
             .filter_map(|i| {
                 let s = self.stats.snapshot(i..i + 1);
-                let used = s.reads + s.writes + s.flushes + s.others > 0;
+                let used = s.in_flight + s.reads + s.writes + s.flushes + s.others > 0;
                 used.then(|| {
                     let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
                     v["queue"] = json!(i);

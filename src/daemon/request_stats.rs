@@ -132,6 +132,8 @@ pub enum Kind {
 /// One queue's counters.
 #[derive(Default)]
 pub struct QueueStats {
+    /// Requests taken off the ring; those not yet finished are in flight.
+    pub taken: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
@@ -145,6 +147,11 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
+    /// Counts a request taken off the ring (it finishes with `finished`).
+    pub fn taken(&self) {
+        self.taken.fetch_add(1, Relaxed);
+    }
+
     /// Counts a finished request of `bytes` that took `ns`.
     pub fn finished(&self, kind: Kind, ok: bool, bytes: u64, ns: u64) {
         if !ok {
@@ -175,6 +182,8 @@ impl QueueStats {
 /// A snapshot of some queues' counters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueueSnapshot {
+    /// Taken off the ring and not yet finished.
+    pub in_flight: u64,
     pub reads: u64,
     pub writes: u64,
     pub flushes: u64,
@@ -218,11 +227,19 @@ impl RequestStats {
     pub fn snapshot(&self, which: impl Iterator<Item = usize> + Clone) -> QueueSnapshot {
         let qs: Vec<&QueueStats> = which.filter_map(|i| self.queues.get(i)).collect();
         let sum = |f: fn(&QueueStats) -> &AtomicU64| qs.iter().map(|q| f(q).load(Relaxed)).sum();
+        let reads = sum(|q| &q.reads);
+        let writes = sum(|q| &q.writes);
+        let flushes = sum(|q| &q.flushes);
+        let others = sum(|q| &q.others);
+        // Loaded after the finished counts, so never below them: a request
+        // is counted taken before it can finish.
+        let taken: u64 = sum(|q| &q.taken);
         QueueSnapshot {
-            reads: sum(|q| &q.reads),
-            writes: sum(|q| &q.writes),
-            flushes: sum(|q| &q.flushes),
-            others: sum(|q| &q.others),
+            in_flight: taken.saturating_sub(reads + writes + flushes + others),
+            reads,
+            writes,
+            flushes,
+            others,
             errors: sum(|q| &q.errors),
             bytes_read: sum(|q| &q.bytes_read),
             bytes_written: sum(|q| &q.bytes_written),
@@ -298,5 +315,19 @@ mod tests {
         let one = s.snapshot(1..2);
         assert_eq!((one.reads, one.writes), (0, 1));
         assert_eq!(one.read_latency, Latency::default());
+    }
+
+    #[test]
+    fn requests_taken_and_not_finished_are_in_flight() {
+        let s = RequestStats::new(2);
+        for _ in 0..3 {
+            s.queue(0).taken();
+        }
+        s.queue(1).taken();
+        s.queue(0).finished(Kind::Read, true, 4096, 1);
+        s.queue(1).finished(Kind::Other, false, 0, 1);
+        assert_eq!(s.snapshot(0..1).in_flight, 2);
+        assert_eq!(s.snapshot(1..2).in_flight, 0);
+        assert_eq!(s.snapshot(0..2).in_flight, 2);
     }
 }

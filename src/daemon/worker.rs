@@ -655,6 +655,9 @@ impl Worker {
         parts: u32,
         first_sector: Option<Box<AlignedBuf>>,
     ) -> usize {
+        if let Some(stats) = &self.stats {
+            stats.queue(ring).taken();
+        }
         self.inflight.insert(InFlight {
             ring,
             head,
