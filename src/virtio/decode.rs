@@ -9,7 +9,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 use super::chain::Chain;
-use super::framing::{copy_from_guest, frame, truncate_pieces, Frame, Piece, Pieces};
+use super::framing::{copy_from_guest, truncate_pieces, Frame, Piece, Pieces};
 use super::request::*;
 use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
 
@@ -19,7 +19,8 @@ use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
 /// the memory guard that keeps the returned host pointers valid) and its
 /// `head_index()` for completing the request.
 pub fn parse_request<C: Chain>(chain: &C, limits: &Limits) -> Result<BlkRequest, RequestFailure> {
-    let frame = frame(chain)?;
+    let mut frame = Frame::new();
+    super::framing::frame(chain, &mut frame)?;
     let status_addr = frame.status_addr;
     decode(chain.memory(), &frame, limits).map_err(|error| RequestFailure {
         error,
@@ -96,7 +97,7 @@ fn no_data(req_type: RequestType, pieces: &[Piece]) -> Result<(), RequestError> 
     match pieces.first() {
         Some(p) => Err(RequestError::WrongDirection {
             req_type,
-            position: p.position,
+            position: p.position(),
             len: pieces.iter().map(|p| p.len).sum(),
         }),
         None => Ok(()),
@@ -166,7 +167,7 @@ fn check_data_segments(data: &[Piece], limits: &Limits) -> Result<(), RequestErr
     if limits.size_max != 0 {
         if let Some(p) = data.iter().find(|p| p.len > limits.size_max as u64) {
             return Err(RequestError::SegmentTooLarge {
-                position: p.position,
+                position: p.position(),
                 len: p.len,
                 max: limits.size_max,
             });

@@ -14,20 +14,26 @@ use super::chain::Chain;
 use super::request::{RequestError, RequestFailure, StatusPtr, HEADER_SIZE, MAX_CHAIN_DESCRIPTORS};
 
 /// A byte range of one descriptor, used for the header/data/status split.
+/// 32 bytes: a request's pieces are held inline and walked per request.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Piece {
-    pub position: usize,
     pub addr: GuestAddress,
     pub len: u64,
     /// The whole descriptor, for error messages.
     desc_addr: u64,
     desc_len: u32,
+    /// Position in the chain (< MAX_CHAIN_DESCRIPTORS).
+    position: u32,
 }
 
 impl Piece {
+    pub fn position(&self) -> usize {
+        self.position as usize
+    }
+
     pub fn out_of_memory(&self) -> RequestError {
         RequestError::DescriptorOutOfMemory {
-            position: self.position,
+            position: self.position(),
             addr: self.desc_addr,
             len: self.desc_len,
         }
@@ -50,23 +56,46 @@ pub(super) struct Frame {
     pub status_ptr: StatusPtr,
 }
 
-/// Walks `chain` (on a clone: the caller keeps it for completing the
-/// request) and splits it into header, data and status.
+impl Frame {
+    pub fn new() -> Frame {
+        Frame {
+            header: [0; HEADER_SIZE],
+            readable: Pieces::new(),
+            writable: Pieces::new(),
+            status_addr: GuestAddress(0),
+            status_ptr: StatusPtr::UNRESOLVED,
+        }
+    }
+}
+
+/// Walks `chain` once (on a clone: the caller keeps it for completing the
+/// request) and splits it into header, data and status, filling `f` (a
+/// fresh [`Frame::new`]) in place: the pieces are pushed where they stay,
+/// never collected and moved.
 #[inline]
-pub(super) fn frame<C: Chain>(chain: &C) -> Result<Frame, RequestFailure> {
+pub(super) fn frame<C: Chain>(chain: &C, f: &mut Frame) -> Result<(), RequestFailure> {
     let mem = chain.memory();
     let no_status = |error| RequestFailure {
         error,
         status_addr: None,
     };
     // Walk the whole chain (virtio-queue bounds the walk by the queue size /
-    // indirect table length), keeping at most MAX_CHAIN_DESCRIPTORS.
-    let mut descs: SmallVec<[Descriptor; 4]> = SmallVec::new();
+    // indirect table length), keeping at most MAX_CHAIN_DESCRIPTORS. The
+    // readable prefix goes to `readable`, the writable rest to `writable`;
+    // the first readable descriptor after a writable one is remembered.
     let mut count = 0usize;
     let mut last = None;
+    let mut readable_after = None;
     for d in chain.clone() {
-        if descs.len() < MAX_CHAIN_DESCRIPTORS {
-            descs.push(d);
+        if count < MAX_CHAIN_DESCRIPTORS {
+            let piece = piece(count, &d);
+            if d.is_write_only() {
+                f.writable.push(piece);
+            } else if f.writable.is_empty() {
+                f.readable.push(piece);
+            } else if readable_after.is_none() {
+                readable_after = Some((count, d.addr().raw_value()));
+            }
         }
         count += 1;
         last = Some(d);
@@ -98,71 +127,44 @@ pub(super) fn frame<C: Chain>(chain: &C) -> Result<Frame, RequestFailure> {
             max: MAX_CHAIN_DESCRIPTORS,
         }));
     }
-
-    // Split into the readable prefix and the writable suffix.
-    let first_writable = descs
-        .iter()
-        .position(|d| d.is_write_only())
-        .unwrap_or(descs.len());
-    if let Some(p) = descs[first_writable..]
-        .iter()
-        .position(|d| !d.is_write_only())
-    {
-        let position = first_writable + p;
-        return Err(fail(RequestError::ReadableAfterWritable {
-            position,
-            addr: descs[position].addr().raw_value(),
-        }));
+    if let Some((position, addr)) = readable_after {
+        return Err(fail(RequestError::ReadableAfterWritable { position, addr }));
     }
-    if first_writable == 0 {
+    if f.readable.is_empty() {
+        // The first descriptor is writable (a chain has at least one).
+        let first = &f.writable[0];
         return Err(fail(RequestError::HeaderWriteOnly {
-            addr: descs[0].addr().raw_value(),
-            len: descs[0].len(),
+            addr: first.desc_addr,
+            len: first.desc_len,
         }));
     }
-
-    let mut readable: Pieces = descs[..first_writable]
-        .iter()
-        .enumerate()
-        .map(|(i, d)| piece(i, d))
-        .collect();
-    let mut writable: Pieces = descs[first_writable..]
-        .iter()
-        .enumerate()
-        .map(|(i, d)| piece(first_writable + i, d))
-        .collect();
     // The status byte is the last byte of the writable part.
-    if let Some(w) = writable.last_mut() {
+    if let Some(w) = f.writable.last_mut() {
         w.len -= 1; // len >= 1 was checked by find_status
     }
 
-    let readable_len: u64 = readable.iter().map(|p| p.len).sum();
+    let readable_len: u64 = f.readable.iter().map(|p| p.len).sum();
     if readable_len < HEADER_SIZE as u64 {
         return Err(fail(RequestError::HeaderTooShort { len: readable_len }));
     }
-    let mut header = [0u8; HEADER_SIZE];
-    copy_from_guest(mem, &readable, &mut header).map_err(fail)?;
-    // What follows the header is the readable data, split in place (no
-    // second list of pieces moved around).
-    drop_front(&mut readable, HEADER_SIZE as u64);
-    readable.retain(|p| p.len > 0);
-    writable.retain(|p| p.len > 0);
-    Ok(Frame {
-        header,
-        readable,
-        writable,
-        status_addr,
-        status_ptr,
-    })
+    copy_from_guest(mem, &f.readable, &mut f.header).map_err(fail)?;
+    // What follows the header is the readable data, split in place.
+    drop_front(&mut f.readable, HEADER_SIZE as u64);
+    f.readable.retain(|p| p.len > 0);
+    f.writable.retain(|p| p.len > 0);
+    f.status_addr = status_addr;
+    f.status_ptr = status_ptr;
+    Ok(())
 }
 
+#[allow(clippy::cast_possible_truncation)] // position < MAX_CHAIN_DESCRIPTORS (1024)
 fn piece(position: usize, d: &Descriptor) -> Piece {
     Piece {
-        position,
         addr: d.addr(),
         len: d.len() as u64,
         desc_addr: d.addr().raw_value(),
         desc_len: d.len(),
+        position: position as u32,
     }
 }
 
