@@ -32,7 +32,8 @@ use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
 use crate::units::{to_usize, SECTOR_SHIFT};
 use crate::virtio::chain::{Chain, DescTable, HeadChain};
-use crate::virtio::parse_request;
+use crate::virtio::host_ranges::HostRanges;
+use crate::virtio::parse_request_in;
 use crate::virtio::request::{
     write_status, BlkRequest, RequestType, Segment, STATUS_IOERR, STATUS_OK,
 };
@@ -458,13 +459,15 @@ impl Worker {
             GuestAddress(vq.queue.desc_table()),
             vq.queue.size(),
         );
+        // The pass's requests map their buffers through one region cache.
+        let mut host = HostRanges::new(&*guard);
         // Requests in flight before a restart go first, oldest first.
         while self.inflight.len() < self.max_inflight {
             let Some(head) = vq.next_resubmit() else {
                 break;
             };
             let chain = HeadChain::in_table(&*guard, table, head);
-            refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &guard);
+            refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &mut host, &guard);
         }
         loop {
             if mode.event_idx {
@@ -500,7 +503,8 @@ impl Worker {
                     let head = self.heads[k];
                     vq.mark_taken(head);
                     let chain = HeadChain::in_table(&*guard, table, head);
-                    refused |= self.take_chain(dev, ring.index, &mut vq, head, &chain, &guard);
+                    refused |=
+                        self.take_chain(dev, ring.index, &mut vq, head, &chain, &mut host, &guard);
                 }
                 if found < room {
                     break;
@@ -526,6 +530,7 @@ impl Worker {
 
     /// Parses one chain taken off `vq` and starts it, or completes it at
     /// once with its error status. Returns whether it was refused so.
+    #[allow(clippy::too_many_arguments)] // the pass's state, borrowed apart
     fn take_chain<C: Chain>(
         &mut self,
         dev: &Device,
@@ -533,9 +538,10 @@ impl Worker {
         vq: &mut VirtqueueState,
         head: u16,
         chain: &C,
+        host: &mut HostRanges<'_, C::Mem>,
         guard: &MemoryGuard,
     ) -> bool {
-        match parse_request(chain, &dev.limits) {
+        match parse_request_in(chain, &dev.limits, host) {
             Ok(req) => {
                 self.start(dev, ring, head, req, guard.clone());
                 false

@@ -10,6 +10,7 @@ use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 use super::chain::Chain;
 use super::framing::{copy_from_guest, truncate_pieces, Frame, Piece, Pieces};
+use super::host_ranges::HostRanges;
 use super::request::*;
 use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
 
@@ -19,10 +20,20 @@ use crate::units::{to_usize, SECTOR_BYTES, SECTOR_SHIFT};
 /// the memory guard that keeps the returned host pointers valid) and its
 /// `head_index()` for completing the request.
 pub fn parse_request<C: Chain>(chain: &C, limits: &Limits) -> Result<BlkRequest, RequestFailure> {
+    parse_request_in(chain, limits, &mut HostRanges::new(chain.memory()))
+}
+
+/// [`parse_request`] with the guest ranges mapped through `host`, kept by
+/// the caller over the requests of one pass (one region lookup per pass).
+pub fn parse_request_in<C: Chain>(
+    chain: &C,
+    limits: &Limits,
+    host: &mut HostRanges<'_, C::Mem>,
+) -> Result<BlkRequest, RequestFailure> {
     let mut frame = Frame::new();
-    super::framing::frame(chain, &mut frame)?;
+    super::framing::frame(chain, &mut frame, host)?;
     let status_addr = frame.status_addr;
-    decode(chain.memory(), &frame, limits).map_err(|error| RequestFailure {
+    decode(chain.memory(), host, &frame, limits).map_err(|error| RequestFailure {
         error,
         status_addr: Some(status_addr),
     })
@@ -32,6 +43,7 @@ pub fn parse_request<C: Chain>(chain: &C, limits: &Limits) -> Result<BlkRequest,
 #[inline]
 fn decode<G: GuestMemory + ?Sized>(
     mem: &G,
+    host: &mut HostRanges<'_, G>,
     frame: &Frame,
     limits: &Limits,
 ) -> Result<BlkRequest, RequestError> {
@@ -53,19 +65,34 @@ fn decode<G: GuestMemory + ?Sized>(
     match req_type {
         RequestType::In => {
             no_data(req_type, &frame.readable)?;
-            decode_data(mem, &mut req, &frame.writable, Permissions::Write, limits)?;
+            decode_data(
+                mem,
+                host,
+                &mut req,
+                &frame.writable,
+                Permissions::Write,
+                limits,
+            )?;
             req.writable_len = clamp_u32(req.data_len + 1);
         }
         RequestType::Out => {
             no_data(req_type, &frame.writable)?;
-            decode_data(mem, &mut req, &frame.readable, Permissions::Read, limits)?;
+            decode_data(
+                mem,
+                host,
+                &mut req,
+                &frame.readable,
+                Permissions::Read,
+                limits,
+            )?;
         }
         // Data descriptors on FLUSH are ignored (as QEMU does).
         RequestType::Flush => {}
-        RequestType::GetId => decode_get_id(mem, &mut req, &frame.writable)?,
+        RequestType::GetId => decode_get_id(mem, host, &mut req, &frame.writable)?,
         RequestType::Discard | RequestType::WriteZeroes => {
             no_data(req_type, &frame.writable)?;
-            req.ranges = parse_ranges(mem, &frame.readable, req_type, limits)?.into_boxed_slice();
+            req.ranges =
+                parse_ranges(mem, host, &frame.readable, req_type, limits)?.into_boxed_slice();
         }
         RequestType::Unsupported(t) => return Err(RequestError::UnsupportedType(t)),
     }
@@ -109,6 +136,7 @@ fn no_data(req_type: RequestType, pieces: &[Piece]) -> Result<(), RequestError> 
 #[inline]
 fn decode_data<G: GuestMemory + ?Sized>(
     mem: &G,
+    host: &mut HostRanges<'_, G>,
     req: &mut BlkRequest,
     data: &[Piece],
     perm: Permissions,
@@ -131,7 +159,7 @@ fn decode_data<G: GuestMemory + ?Sized>(
             capacity: cap,
         });
     }
-    req.data = resolve(mem, data, perm)?;
+    req.data = resolve(mem, host, data, perm)?;
     req.data_len = len;
     Ok(())
 }
@@ -142,12 +170,13 @@ fn decode_data<G: GuestMemory + ?Sized>(
 #[inline]
 fn decode_get_id<G: GuestMemory + ?Sized>(
     mem: &G,
+    host: &mut HostRanges<'_, G>,
     req: &mut BlkRequest,
     data: &Pieces,
 ) -> Result<(), RequestError> {
     let mut data = data.clone();
     let len = truncate_pieces(&mut data, ID_BYTES as u64);
-    req.data = resolve(mem, &data, Permissions::Write)?;
+    req.data = resolve(mem, host, &data, Permissions::Write)?;
     req.data_len = len;
     req.writable_len = clamp_u32(len + 1);
     Ok(())
@@ -180,6 +209,7 @@ fn check_data_segments(data: &[Piece], limits: &Limits) -> Result<(), RequestErr
 /// boundaries; any byte outside guest memory is an error.
 fn resolve<G: GuestMemory + ?Sized>(
     mem: &G,
+    host: &mut HostRanges<'_, G>,
     pieces: &[Piece],
     perm: Permissions,
 ) -> Result<Segments, RequestError> {
@@ -191,6 +221,14 @@ fn resolve<G: GuestMemory + ?Sized>(
             .raw_value()
             .checked_add(p.len)
             .ok_or_else(|| p.out_of_memory())?;
+        if let Some(ptr) = host.get(p.addr, p.len).filter(|_| len > 0) {
+            out.push(Segment {
+                ptr,
+                len,
+                guest_addr: p.addr,
+            });
+            continue;
+        }
         let slices = mem
             .get_slices(p.addr, len, perm)
             .map_err(|_| p.out_of_memory())?;
@@ -218,6 +256,7 @@ fn resolve<G: GuestMemory + ?Sized>(
 
 fn parse_ranges<G: GuestMemory + ?Sized>(
     mem: &G,
+    host: &mut HostRanges<'_, G>,
     payload: &[Piece],
     req_type: RequestType,
     limits: &Limits,
@@ -242,7 +281,7 @@ fn parse_ranges<G: GuestMemory + ?Sized>(
         });
     }
     let mut bytes = vec![0u8; to_usize(len)];
-    copy_from_guest(mem, payload, &mut bytes)?;
+    copy_from_guest(mem, host, payload, &mut bytes)?;
 
     let mut ranges = Vec::with_capacity(to_usize(count));
     for seg in bytes.chunks_exact(DISCARD_SEGMENT_SIZE) {

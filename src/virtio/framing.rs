@@ -11,6 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::chain::Chain;
+use super::host_ranges::HostRanges;
 use super::request::{RequestError, RequestFailure, StatusPtr, HEADER_SIZE, MAX_CHAIN_DESCRIPTORS};
 
 /// A byte range of one descriptor, used for the header/data/status split.
@@ -73,7 +74,11 @@ impl Frame {
 /// fresh [`Frame::new`]) in place: the pieces are pushed where they stay,
 /// never collected and moved.
 #[inline]
-pub(super) fn frame<C: Chain>(chain: &C, f: &mut Frame) -> Result<(), RequestFailure> {
+pub(super) fn frame<C: Chain>(
+    chain: &C,
+    f: &mut Frame,
+    host: &mut HostRanges<'_, C::Mem>,
+) -> Result<(), RequestFailure> {
     let mem = chain.memory();
     let no_status = |error| RequestFailure {
         error,
@@ -115,7 +120,7 @@ pub(super) fn frame<C: Chain>(chain: &C, f: &mut Frame) -> Result<(), RequestFai
         }));
     }
 
-    let (status_addr, status_ptr) = find_status(mem, &last, count - 1).map_err(no_status)?;
+    let (status_addr, status_ptr) = find_status(mem, host, &last, count - 1).map_err(no_status)?;
     let fail = |error| RequestFailure {
         error,
         status_addr: Some(status_addr),
@@ -147,7 +152,7 @@ pub(super) fn frame<C: Chain>(chain: &C, f: &mut Frame) -> Result<(), RequestFai
     if readable_len < HEADER_SIZE as u64 {
         return Err(fail(RequestError::HeaderTooShort { len: readable_len }));
     }
-    copy_from_guest(mem, &f.readable, &mut f.header).map_err(fail)?;
+    copy_from_guest(mem, host, &f.readable, &mut f.header).map_err(fail)?;
     // What follows the header is the readable data, split in place.
     drop_front(&mut f.readable, HEADER_SIZE as u64);
     f.readable.retain(|p| p.len > 0);
@@ -172,6 +177,7 @@ fn piece(position: usize, d: &Descriptor) -> Piece {
 /// and host addresses.
 fn find_status<G: GuestMemory + ?Sized>(
     mem: &G,
+    host: &mut HostRanges<'_, G>,
     last: &Descriptor,
     position: usize,
 ) -> Result<(GuestAddress, StatusPtr), RequestError> {
@@ -194,6 +200,9 @@ fn find_status<G: GuestMemory + ?Sized>(
     };
     let status = addr.checked_add(len as u64 - 1).ok_or(oom.clone())?;
     let status = GuestAddress(status);
+    if let Some(ptr) = host.get(status, 1) {
+        return Ok((status, StatusPtr::new(ptr)));
+    }
     let slice = mem
         .get_slices(status, 1, Permissions::Write)
         .map_err(|_| oom.clone())?
@@ -247,6 +256,7 @@ pub(super) fn truncate_pieces(pieces: &mut Pieces, n: u64) -> u64 {
 /// Copies exactly `buf.len()` bytes from the start of `pieces`.
 pub(super) fn copy_from_guest<G: GuestMemory + ?Sized>(
     mem: &G,
+    host: &mut HostRanges<'_, G>,
     pieces: &[Piece],
     buf: &mut [u8],
 ) -> Result<(), RequestError> {
@@ -263,8 +273,14 @@ pub(super) fn copy_from_guest<G: GuestMemory + ?Sized>(
             .raw_value()
             .checked_add(n as u64)
             .ok_or_else(|| p.out_of_memory())?;
-        mem.read_slice(&mut buf[off..off + n], p.addr)
-            .map_err(|_| p.out_of_memory())?;
+        let to = &mut buf[off..off + n];
+        match host.get(p.addr, n as u64) {
+            // SAFETY: `from` maps n bytes of guest memory (`HostRanges`),
+            // never our buffer; the guest may change them meanwhile: they
+            // are read once, into our own buffer, and checked there.
+            Some(from) => unsafe { copy_volatile(from, to) },
+            None => mem.read_slice(to, p.addr).map_err(|_| p.out_of_memory())?,
+        }
         off += n;
     }
     if off == buf.len() {
@@ -272,5 +288,24 @@ pub(super) fn copy_from_guest<G: GuestMemory + ?Sized>(
     } else {
         // Unreachable given the callers' length checks; fail safe anyway.
         Err(RequestError::HeaderTooShort { len: off as u64 })
+    }
+}
+
+/// Copies `to.len()` bytes from `from`, as vm-memory copies out of guest
+/// memory: more than 8 bytes (a header) with one plain copy, a shorter
+/// piece byte by byte with volatile reads.
+///
+/// # Safety
+/// `from` must be valid for reads of `to.len()` bytes, and not overlap
+/// `to`.
+unsafe fn copy_volatile(from: *const u8, to: &mut [u8]) {
+    if to.len() > 8 {
+        // SAFETY: readable for to.len() bytes, apart from `to` (the caller).
+        unsafe { std::ptr::copy_nonoverlapping(from, to.as_mut_ptr(), to.len()) };
+        return;
+    }
+    for (i, b) in to.iter_mut().enumerate() {
+        // SAFETY: i < to.len(), readable (the caller).
+        *b = unsafe { std::ptr::read_volatile(from.add(i)) };
     }
 }

@@ -2,13 +2,15 @@
 //! descriptor chains in guest memory, and the configuration space.
 //!
 //! `request.rs` holds the types, `framing.rs` splits a chain into header,
-//! data and status, `decode.rs` gives each request type its meaning, `chain.rs` walks
-//! a chain from a known head (resubmission after a restart).
+//! data and status, `decode.rs` gives each request type its meaning,
+//! `host_ranges.rs` maps their guest ranges to host addresses, `chain.rs`
+//! walks a chain from a known head (resubmission after a restart).
 
 pub mod chain;
 pub mod config;
 pub mod decode;
 mod framing;
+pub mod host_ranges;
 pub mod request;
 
-pub use decode::parse_request;
+pub use decode::{parse_request, parse_request_in};
