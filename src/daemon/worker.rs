@@ -32,7 +32,7 @@ use crate::fsutil::aligned::AlignedBuf;
 use crate::io_engine::{Completion, IoEngine, IoOp, IoVecs, SubmitError};
 use crate::units::{to_usize, SECTOR_SHIFT};
 use crate::virtio::chain::{Chain, DescTable, HeadChain};
-use crate::virtio::host_ranges::HostRanges;
+use crate::virtio::host_ranges::{HostRanges, RegionCache};
 use crate::virtio::parse_request_in;
 use crate::virtio::request::{
     write_status, BlkRequest, RequestType, Segment, STATUS_IOERR, STATUS_OK,
@@ -167,6 +167,8 @@ pub struct Worker {
     delayed: std::collections::VecDeque<Vec<DiskRequest>>,
     /// When the oldest delayed request may be admitted.
     retry_at: Option<std::time::Instant>,
+    /// The guest memory region the last pass's buffers were in.
+    regions: RegionCache<Memory>,
 }
 
 /// What a request's parts cost against the I/O limits (a request counts
@@ -263,6 +265,7 @@ impl Worker {
             sweep_us: 0,
             delayed: std::collections::VecDeque::new(),
             retry_at: None,
+            regions: RegionCache::default(),
         }
     }
 
@@ -459,8 +462,9 @@ impl Worker {
             GuestAddress(vq.queue.desc_table()),
             vq.queue.size(),
         );
-        // The pass's requests map their buffers through one region cache.
-        let mut host = HostRanges::new(&*guard);
+        // The pass's requests map their buffers through one region cache,
+        // kept from pass to pass while the memory map stays.
+        let mut host = self.regions.start(&*guard);
         // Requests in flight before a restart go first, oldest first.
         while self.inflight.len() < self.max_inflight {
             let Some(head) = vq.next_resubmit() else {
@@ -520,6 +524,7 @@ impl Worker {
                 break;
             }
         }
+        self.regions.keep(&guard, host);
         // Notification flags, avail_event and refused requests' elements
         // were written to the used ring.
         vq.log_used_ring();

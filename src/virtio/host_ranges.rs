@@ -4,13 +4,19 @@
 //! one per range through vm-memory's slice iterators (docs/benchmarks.md,
 //! "Per-request cost"). A range this cannot map whole — across a region's
 //! end, outside guest memory, or behind an IOMMU — is left to the caller's
-//! general path, which splits it or reports the error.
+//! general path, which splits it or reports the error. A worker keeps
+//! the region from one pass over its rings to the next ([`RegionCache`]),
+//! as long as the memory map is the same.
+
+use std::sync::{Arc, Weak};
 
 use vm_memory::{
-    Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+    Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryLoadGuard,
+    GuestMemoryRegion, MemoryRegionAddress,
 };
 
 /// One mapped region of guest memory: guest start, length, host start.
+/// Length 0: no region.
 #[derive(Clone, Copy)]
 struct Region {
     start: u64,
@@ -18,14 +24,35 @@ struct Region {
     host: *mut u8,
 }
 
+impl Region {
+    const NONE: Region = Region {
+        start: 0,
+        len: 0,
+        host: std::ptr::null_mut(),
+    };
+
+    #[inline]
+    fn holds(&self, a: u64) -> bool {
+        a.wrapping_sub(self.start) < self.len
+    }
+}
+
+/// The regions kept: a request's header and status are often in one
+/// region and its data in another (libblkio's rings and its buffers).
+type Kept = [Region; 2];
+
 pub struct HostRanges<'a, G: GuestMemory + ?Sized> {
     mem: &'a G,
-    last: Option<Region>,
+    /// The most recently looked up first.
+    kept: Kept,
 }
 
 impl<'a, G: GuestMemory + ?Sized> HostRanges<'a, G> {
     pub fn new(mem: &'a G) -> Self {
-        HostRanges { mem, last: None }
+        HostRanges {
+            mem,
+            kept: [Region::NONE; 2],
+        }
     }
 
     /// The host address of guest bytes `addr .. addr + len` (len > 0) when
@@ -34,13 +61,14 @@ impl<'a, G: GuestMemory + ?Sized> HostRanges<'a, G> {
     #[inline]
     pub fn get(&mut self, addr: GuestAddress, len: u64) -> Option<*mut u8> {
         let a = addr.raw_value();
-        let r = match self.last {
-            Some(r) if a.wrapping_sub(r.start) < r.len => r,
-            _ => {
-                let r = self.lookup(addr)?;
-                self.last = Some(r);
-                r
-            }
+        let r = if self.kept[0].holds(a) {
+            self.kept[0]
+        } else if self.kept[1].holds(a) {
+            self.kept[1]
+        } else {
+            let r = self.lookup(addr)?;
+            self.kept = [r, self.kept[0]];
+            r
         };
         let off = a - r.start;
         if len > r.len - off {
@@ -53,20 +81,57 @@ impl<'a, G: GuestMemory + ?Sized> HostRanges<'a, G> {
 
     #[cold]
     fn lookup(&self, addr: GuestAddress) -> Option<Region> {
-        // A linear scan: guest memory has a few regions (vm-memory's
-        // binary search costs more than the scan at that size).
-        let a = addr.raw_value();
-        let region = self
-            .mem
-            .physical_memory()?
-            .iter()
-            .find(|r| a.wrapping_sub(r.start_addr().raw_value()) < r.len())?;
+        let region = self.mem.physical_memory()?.find_region(addr)?;
         let host = region.get_host_address(MemoryRegionAddress(0)).ok()?;
         Some(Region {
             start: region.start_addr().raw_value(),
             len: region.len(),
             host,
         })
+    }
+}
+
+/// The regions a worker's last pass ended on, for its next pass over the
+/// same memory map. The map is known by address; the `Weak` keeps that
+/// address from being reused by a later map (it does not keep the map's
+/// memory mapped), so an equal address is the same map.
+pub struct RegionCache<M> {
+    map: Weak<M>,
+    kept: Kept,
+}
+
+// SAFETY: the kept host address is an address, dereferenced only through
+// a `HostRanges` made by `start` for the same map, alive (the caller holds
+// it) on whichever thread that is.
+unsafe impl<M: Send + Sync> Send for RegionCache<M> {}
+
+impl<M: GuestMemory> Default for RegionCache<M> {
+    fn default() -> Self {
+        RegionCache {
+            map: Weak::new(),
+            kept: [Region::NONE; 2],
+        }
+    }
+}
+
+impl<M: GuestMemory> RegionCache<M> {
+    /// Mapping for a pass over `mem`: from the kept region if the last
+    /// pass was over this map.
+    pub fn start<'a>(&self, mem: &'a M) -> HostRanges<'a, M> {
+        let kept = if std::ptr::eq(self.map.as_ptr(), mem) {
+            self.kept
+        } else {
+            [Region::NONE; 2]
+        };
+        HostRanges { mem, kept }
+    }
+
+    /// Keeps what the pass over `guard`'s map ended on.
+    pub fn keep(&mut self, guard: &GuestMemoryLoadGuard<M>, host: HostRanges<'_, M>) {
+        if !std::ptr::eq(self.map.as_ptr(), &**guard) {
+            self.map = Arc::downgrade(&guard.clone().into_inner());
+        }
+        self.kept = host.kept;
     }
 }
 
@@ -128,5 +193,31 @@ mod tests {
             h.get(GuestAddress(0x1000), 1).map(|p| p as usize),
             Some(p as usize - 0xffe)
         );
+    }
+
+    #[test]
+    fn a_kept_region_serves_only_its_own_map() {
+        let map = |base: u64| {
+            let m: GuestMemoryMmap<()> =
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(base), 0x1000)]).unwrap();
+            vm_memory::GuestMemoryAtomic::new(m)
+        };
+        let a = map(0x1000);
+        let mut cache = RegionCache::default();
+        let guard = a.memory();
+        let mut h = cache.start(&*guard);
+        let p = h.get(GuestAddress(0x1800), 8).unwrap();
+        cache.keep(&guard, h);
+        // The next pass over the same map starts from the kept region.
+        let h = cache.start(&*guard);
+        assert!(h.kept[0].holds(0x1800));
+        drop(guard);
+        // Another map, even at the same guest addresses: looked up anew.
+        let b = map(0x1000);
+        let guard_b = b.memory();
+        let mut h = cache.start(&*guard_b);
+        assert!(!h.kept[0].holds(0x1800) && !h.kept[1].holds(0x1800));
+        let q = h.get(GuestAddress(0x1800), 8).unwrap();
+        assert_ne!(p as usize, q as usize);
     }
 }
