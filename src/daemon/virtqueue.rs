@@ -11,13 +11,16 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::dirty_log::DirtyLog;
-use super::guest_memory::Memory;
+use super::guest_memory::{Memory, MemoryGuard};
 use super::inflight::QueueInflight;
 use crate::virtio::request::BlkRequest;
+use crate::virtio::split_ring::SplitRing;
 
 /// What the frontend set up for one virtqueue.
 pub struct VirtqueueState {
     pub queue: Queue,
+    /// The avail and used rings' per-request accesses.
+    ring: SplitRing<Memory>,
     /// The frontend's kick (the guest made buffers available).
     pub kick: Option<EventFd>,
     /// Signalled when used elements were added and the driver wants to know.
@@ -53,6 +56,7 @@ impl Virtqueue {
             index,
             state: Mutex::new(VirtqueueState {
                 queue: Queue::new(max_size)?,
+                ring: SplitRing::default(),
                 kick: None,
                 call: None,
                 enabled: false,
@@ -92,6 +96,7 @@ impl VirtqueueState {
 
     /// The frontend set the ring up again (SET_VRING_NUM, ADDR or BASE).
     pub fn revive(&mut self) {
+        self.ring.reset();
         if std::mem::take(&mut self.broken) {
             self.revived = true;
         }
@@ -111,15 +116,31 @@ impl VirtqueueState {
 
     /// Publishes `head`'s used element, and clears its in-flight mark
     /// around it so that a crash in between can be repaired.
-    pub fn add_used(&mut self, mem: &Memory, head: u16, len: u32) -> bool {
+    pub fn add_used(&mut self, mem: &MemoryGuard, head: u16, len: u32) -> bool {
         if let Some(t) = &self.inflight {
             t.before_used(head);
         }
-        let ok = self.queue.add_used(mem, head, len).is_ok();
+        let ok = self.ring.add_used(&mut self.queue, mem, head, len);
         if let Some(t) = &self.inflight {
             t.after_used(head, self.queue.next_used());
         }
         ok
+    }
+
+    /// Appends up to `room` heads the driver made available to `out`.
+    pub fn take_heads(
+        &mut self,
+        mem: &MemoryGuard,
+        room: usize,
+        out: &mut Vec<u16>,
+    ) -> Result<(), virtio_queue::Error> {
+        self.ring.take_heads(&mut self.queue, mem, room, out)
+    }
+
+    /// Whether the driver wants to know of the used elements added since
+    /// the last call.
+    pub fn needs_notification(&mut self, mem: &MemoryGuard) -> bool {
+        self.ring.needs_notification(&self.queue, mem)
     }
 
     /// The dirty log, if logging is on (one atomic load when off; the

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 use slab::Slab;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::cow_magic_guard::{pin_first_sector, FirstSector};
@@ -483,10 +483,11 @@ impl Worker {
                 // them need the queue the walk borrows.
                 let room = self.max_inflight - self.inflight.len();
                 self.heads.clear();
-                // virtio-queue's walk gives the heads; the chains' walk is
-                // ours (in the table translated above).
-                match vq.queue.iter(&*guard) {
-                    Ok(it) => self.heads.extend(it.take(room).map(|c| c.head_index())),
+                // The heads from the avail ring's host address
+                // (virtio/split_ring.rs), the chains walked in the table
+                // translated above.
+                match vq.take_heads(&guard, room, &mut self.heads) {
+                    Ok(()) => {}
                     Err(virtio_queue::Error::QueueNotReady) => return,
                     Err(e) => {
                         // The avail index ran more than the queue size
@@ -528,7 +529,7 @@ impl Worker {
         // Notification flags, avail_event and refused requests' elements
         // were written to the used ring.
         vq.log_used_ring();
-        if refused && vq.queue.needs_notification(&*guard).unwrap_or(true) {
+        if refused && vq.needs_notification(&guard) {
             vq.signal_used();
         }
     }
@@ -1215,7 +1216,7 @@ impl Worker {
         // never two virtqueue locks at once.
         if let Some((h, mut vq)) = held.take() {
             if let Some(mem) = touched[h].take() {
-                if vq.queue.needs_notification(&*mem).unwrap_or(true) {
+                if vq.needs_notification(&mem) {
                     vq.signal_used();
                 }
             }
@@ -1223,7 +1224,7 @@ impl Worker {
         for (ring, mem) in rings.iter().zip(&mut touched) {
             if let Some(mem) = mem.take() {
                 let mut vq = ring.lock();
-                if vq.queue.needs_notification(&*mem).unwrap_or(true) {
+                if vq.needs_notification(&mem) {
                     vq.signal_used();
                 }
             }

@@ -139,7 +139,7 @@ impl<M: GuestMemory> RegionCache<M> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
 
     proptest! {
         /// Whatever region was kept before, a range maps exactly when it
