@@ -323,7 +323,7 @@ mod tests {
     fn setup(size: u16, event_idx: bool, split: bool) -> (GuestMemoryAtomic<Mem>, Queue) {
         let ranges: &[(GuestAddress, usize)] = if split {
             &[
-                (GuestAddress(0), AVAIL as usize + 0x40),
+                (GuestAddress(0), 0x1040),
                 (GuestAddress(AVAIL + 0x40), 0x1000 - 0x40 + 0x100),
                 (GuestAddress(USED + 0x100), 0x4000),
             ]
