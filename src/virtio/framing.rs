@@ -91,8 +91,11 @@ pub(super) fn frame<C: Chain>(
     let mut count = 0usize;
     let mut last = None;
     let mut readable_after = None;
+    // A zero-length descriptor was kept (its piece is dropped below).
+    let mut empty = false;
     for d in chain.clone() {
         if count < MAX_CHAIN_DESCRIPTORS {
+            empty |= d.len() == 0;
             let piece = piece(count, &d);
             if d.is_write_only() {
                 f.writable.push(piece);
@@ -146,6 +149,9 @@ pub(super) fn frame<C: Chain>(
     // The status byte is the last byte of the writable part.
     if let Some(w) = f.writable.last_mut() {
         w.len -= 1; // len >= 1 was checked by find_status
+        if w.len == 0 {
+            f.writable.pop(); // the status had its own descriptor
+        }
     }
 
     let readable_len: u64 = f.readable.iter().map(|p| p.len).sum();
@@ -153,10 +159,17 @@ pub(super) fn frame<C: Chain>(
         return Err(fail(RequestError::HeaderTooShort { len: readable_len }));
     }
     copy_from_guest(mem, host, &f.readable, &mut f.header).map_err(fail)?;
-    // What follows the header is the readable data, split in place.
-    drop_front(&mut f.readable, HEADER_SIZE as u64);
-    f.readable.retain(|p| p.len > 0);
-    f.writable.retain(|p| p.len > 0);
+    // What follows the header is the readable data, split in place (the
+    // header mostly has a descriptor of its own).
+    if f.readable[0].len == HEADER_SIZE as u64 {
+        f.readable.remove(0);
+    } else {
+        drop_front(&mut f.readable, HEADER_SIZE as u64);
+    }
+    if empty {
+        f.readable.retain(|p| p.len > 0);
+        f.writable.retain(|p| p.len > 0);
+    }
     f.status_addr = status_addr;
     f.status_ptr = status_ptr;
     Ok(())
