@@ -58,6 +58,19 @@ def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) time of all CPUs so far, from /proc/stat, in ticks."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return v[7], sum(v)
+
+
+def steal_since(t0: tuple[int, int]) -> float:
+    """The share of CPU time the hypervisor took since `t0` (steal): a
+    run that lost much of it measured the host, not the daemons."""
+    steal, total = cpu_times()
+    return (steal - t0[0]) / max(1, total - t0[1])
+
+
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
@@ -410,21 +423,23 @@ class Bench:
         drop_dirty()
         warm(*self.files_of(who, kind))
         la = loadavg()
+        t0 = cpu_times()
         d = self.start(who, kind, queues, tag)
         try:
             r = self.loadgen(d.sock, pattern, queues, d.pid, runtime, ramp, extra)
         finally:
             st = d.stop()
+        steal = steal_since(t0)
         if st["exit"] != 0:
             self.problems.append(f"{tag} {who}: daemon exit {st['exit']}: "
                                  f"{st.get('log_tail', '')[-500:]}")
         rec = {"who": who, "kind": kind, "pattern": pattern, "queues": queues, "rep": rep,
-               "loadavg": la, "result": r, "daemon_exit": st}
+               "loadavg": la, "steal": steal, "result": r, "daemon_exit": st}
         self.record(rec)
         d_ = r.get("daemon") or {}
         log(f"{tag:32} {who:5} {r['iops']:>10.0f} IOPS {r['mb_s']:>8.1f} MB/s "
             f"p50 {((r.get('lat_us') or {}).get('p50') or 0):>8.1f} us "
-            f"cpu/io {d_.get('cpu_us_per_io', 0):6.2f} us  load {la[0]:.2f}")
+            f"cpu/io {d_.get('cpu_us_per_io', 0):6.2f} us  load {la[0]:.2f}  steal {steal:.0%}")
         return rec
 
     def fio(self, pattern: str, queues: int, rep: int, first_writes: bool = False) -> dict:
@@ -444,6 +459,7 @@ class Bench:
         else:
             warm(self.raw)
         la = loadavg()
+        t0 = cpu_times()
         # --invalidate=0: fio would otherwise drop the file's page cache.
         argv = taskset("client") + ["fio", "--name=ceiling", "--invalidate=0", f"--filename={target}", "--ioengine=io_uring",
                 "--direct=0", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
@@ -477,12 +493,12 @@ class Bench:
                         "p999": pct.get("99.900000", 0) / 1000},
              "cpu_us_per_io": cpu_s * 1e6 / ios if ios else 0}
         rec = {"who": "fio", "kind": kind, "pattern": pattern, "queues": queues, "rep": rep,
-               "loadavg": la, "result": r}
+               "loadavg": la, "steal": steal_since(t0), "result": r}
         self.record(rec)
         if first_writes:
             target.unlink(missing_ok=True)
         log(f"{tag:32} fio   {iops:>10.0f} IOPS {bw / 1e6:>8.1f} MB/s "
-            f"p50 {r['lat_us']['p50']:>8.1f} us  load {la[0]:.2f}")
+            f"p50 {r['lat_us']['p50']:>8.1f} us  load {la[0]:.2f}  steal {rec['steal']:.0%}")
         return rec
 
     def record(self, rec: dict) -> None:
@@ -540,6 +556,9 @@ class Bench:
             "git": subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
                                   capture_output=True, text=True).stdout.strip(),
         }
+        steals = [rec["steal"] for rec in self.runs if rec.get("steal") is not None]
+        meta["steal_median"] = med(steals)
+        meta["steal_max"] = max(steals, default=None)
         summary = summarise(self.runs, meta, self.problems)
         summary["integrity"] = integrity
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -570,7 +589,8 @@ def pick(rec: dict) -> dict:
             "cpu_us_per_io": d.get("cpu_us_per_io", r.get("cpu_us_per_io")),
             "cpu_util": d.get("cpu_util"), "rss_kib": end.get("vm_rss_kib"),
             "hwm_kib": end.get("vm_hwm_kib"), "anon_kib": end.get("rss_anon_kib"),
-            "runtime_s": r.get("runtime_s"), "loadavg": rec["loadavg"][0]}
+            "runtime_s": r.get("runtime_s"), "loadavg": rec["loadavg"][0],
+            "steal": rec.get("steal")}
 
 
 def summarise(runs: list[dict], meta: dict, problems: list[str]) -> dict:
@@ -634,6 +654,9 @@ def markdown(s: dict) -> str:
            f"{m['runtime_s']} s runs after {m['ramp_s']} s ramp, {m['cpus']} CPUs, "
            f"CPU pinning {m.get('pin')}, kernel {m['kernel']}, {m['qsd_version']}, {m['fio_version']}, git {m['git']}. "
            f"Load average at start {m['loadavg_start']}, at end {m['loadavg_end']}; "
+           + (f"CPU time taken by the hypervisor (steal) per run: median "
+              f"{m['steal_median']:.0%}, at most {m['steal_max']:.0%}; "
+              if m.get("steal_max") is not None else "") +
            f"wall {m['wall_s']} s." + (" QUICK MODE: smoke test, not a measurement." if
                                        m["quick"] else ""), "",
            "Ratios are ours / qsd: **IOPS ×** higher is better; **p50 ×**, **CPU ×** "
