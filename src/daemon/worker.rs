@@ -167,7 +167,7 @@ pub struct Worker {
     delayed: std::collections::VecDeque<Vec<DiskRequest>>,
     /// When the oldest delayed request may be admitted.
     retry_at: Option<std::time::Instant>,
-    /// The guest memory region the last pass's buffers were in.
+    /// The guest memory regions the last pass's buffers were in.
     regions: RegionCache<Memory>,
 }
 
