@@ -26,6 +26,8 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use super::host_ranges::whole_in_one_region;
+
 /// A chain of descriptors in guest memory, as the parser needs it.
 pub trait Chain: Iterator<Item = Descriptor> + Clone {
     type Mem: GuestMemory + ?Sized;
@@ -58,19 +60,15 @@ impl DescTable {
     /// stays valid as long as the memory map `mem` is (a worker holds its
     /// map for the whole pass).
     pub fn resolve<G: GuestMemory + ?Sized>(mem: &G, addr: GuestAddress, len: u16) -> DescTable {
-        let bytes = usize::from(len) * DESC_SIZE;
-        let first = mem
-            .get_slices(addr, bytes, Permissions::Read)
-            .ok()
-            .and_then(|mut slices| slices.next());
-        let host = match first {
-            // Ring tables are 16-byte aligned (virtio 1.2, 2.7); an
-            // indirect table need not be, and is then read as below.
-            Some(Ok(s)) if s.len() == bytes && s.ptr_guard().as_ptr() as usize % 8 == 0 => {
-                s.ptr_guard().as_ptr()
-            }
-            _ => std::ptr::null(),
-        };
+        // Ring tables are 16-byte aligned (virtio 1.2, 2.7); an indirect
+        // table need not be, and is then read as below.
+        let host = whole_in_one_region(
+            mem,
+            addr,
+            usize::from(len) * DESC_SIZE,
+            Permissions::Read,
+            8,
+        );
         DescTable { addr, len, host }
     }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Weak};
 
 use vm_memory::{
     Address, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryLoadGuard,
-    GuestMemoryRegion, MemoryRegionAddress,
+    GuestMemoryRegion, MemoryRegionAddress, Permissions,
 };
 
 /// One mapped region of guest memory: guest start, length, host start.
@@ -91,12 +91,59 @@ impl<'a, G: GuestMemory + ?Sized> HostRanges<'a, G> {
     }
 }
 
+/// The host address of `len` bytes at `addr` if they lie whole in one
+/// region, accessible with `perm`, and the address is aligned to `align`;
+/// else null (the caller
+/// then goes through guest memory). For structures translated once and
+/// read many times: a ring, a descriptor table.
+pub fn whole_in_one_region<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+    perm: Permissions,
+    align: usize,
+) -> *mut u8 {
+    let first = mem
+        .get_slices(addr, len, perm)
+        .ok()
+        .and_then(|mut slices| slices.next());
+    match first {
+        Some(Ok(s)) if s.len() == len && s.ptr_guard_mut().as_ptr() as usize % align == 0 => {
+            s.ptr_guard_mut().as_ptr()
+        }
+        _ => std::ptr::null_mut(),
+    }
+}
+
+/// Which memory map something was translated in. The map is known by
+/// address; the `Weak` keeps that address from being reused by a later
+/// map (it does not keep the map's memory mapped), so an equal address is
+/// the same map.
+pub struct KnownMap<M>(Weak<M>);
+
+impl<M> Default for KnownMap<M> {
+    fn default() -> Self {
+        KnownMap(Weak::new())
+    }
+}
+
+impl<M: GuestMemory> KnownMap<M> {
+    pub fn is(&self, mem: &M) -> bool {
+        std::ptr::eq(self.0.as_ptr(), mem)
+    }
+
+    /// Now `guard`'s map.
+    pub fn set(&mut self, guard: &GuestMemoryLoadGuard<M>) {
+        if !self.is(guard) {
+            self.0 = Arc::downgrade(&guard.clone().into_inner());
+        }
+    }
+}
+
 /// The regions a worker's last pass ended on, for its next pass over the
-/// same memory map. The map is known by address; the `Weak` keeps that
-/// address from being reused by a later map (it does not keep the map's
-/// memory mapped), so an equal address is the same map.
+/// same memory map.
 pub struct RegionCache<M> {
-    map: Weak<M>,
+    map: KnownMap<M>,
     kept: Kept,
 }
 
@@ -108,7 +155,7 @@ unsafe impl<M: Send + Sync> Send for RegionCache<M> {}
 impl<M: GuestMemory> Default for RegionCache<M> {
     fn default() -> Self {
         RegionCache {
-            map: Weak::new(),
+            map: KnownMap::default(),
             kept: [Region::NONE; 2],
         }
     }
@@ -118,7 +165,7 @@ impl<M: GuestMemory> RegionCache<M> {
     /// Mapping for a pass over `mem`: from the kept region if the last
     /// pass was over this map.
     pub fn start<'a>(&self, mem: &'a M) -> HostRanges<'a, M> {
-        let kept = if std::ptr::eq(self.map.as_ptr(), mem) {
+        let kept = if self.map.is(mem) {
             self.kept
         } else {
             [Region::NONE; 2]
@@ -128,9 +175,7 @@ impl<M: GuestMemory> RegionCache<M> {
 
     /// Keeps what the pass over `guard`'s map ended on.
     pub fn keep(&mut self, guard: &GuestMemoryLoadGuard<M>, host: HostRanges<'_, M>) {
-        if !std::ptr::eq(self.map.as_ptr(), &**guard) {
-            self.map = Arc::downgrade(&guard.clone().into_inner());
-        }
+        self.map.set(guard);
         self.kept = host.kept;
     }
 }

@@ -16,10 +16,12 @@
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
-use std::sync::{Arc, Weak};
 
 use virtio_queue::{Error, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryLoadGuard, Permissions};
+use vm_memory::Permissions::{Read, ReadWrite};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryLoadGuard};
+
+use super::host_ranges::{whole_in_one_region, KnownMap};
 
 const AVAIL_HEADER: u64 = 4; // flags, idx
 const USED_HEADER: u64 = 4; // flags, idx
@@ -35,9 +37,7 @@ struct Host {
 
 /// What the host addresses were translated for.
 struct Key<M> {
-    /// The memory map, known by address: the `Weak` keeps the address
-    /// from being reused by a later map, without keeping it mapped.
-    map: Weak<M>,
+    map: KnownMap<M>,
     avail: u64,
     used: u64,
     size: u16,
@@ -71,40 +71,34 @@ impl<M: GuestMemory> Default for SplitRing<M> {
     }
 }
 
-/// The host address of `len` bytes at `addr` if they are whole in one
-/// region and aligned to `align`; else null.
-fn translate<M: GuestMemory>(mem: &M, addr: u64, len: usize, align: usize) -> *mut u8 {
-    let first = mem
-        .get_slices(GuestAddress(addr), len, Permissions::ReadWrite)
-        .ok()
-        .and_then(|mut slices| slices.next());
-    match first {
-        Some(Ok(s)) if s.len() == len && s.ptr_guard_mut().as_ptr() as usize % align == 0 => {
-            s.ptr_guard_mut().as_ptr()
-        }
-        _ => std::ptr::null_mut(),
-    }
-}
-
 impl<M: GuestMemory> SplitRing<M> {
     /// The rings' host addresses for `queue` in `mem`'s map, translated
     /// again when the map or the ring's set-up changed.
     fn host(&mut self, queue: &Queue, mem: &GuestMemoryLoadGuard<M>) -> Host {
         let (avail, used, size) = (queue.avail_ring(), queue.used_ring(), queue.size());
-        let same = self.key.as_ref().is_some_and(|k| {
-            std::ptr::eq(k.map.as_ptr(), &**mem) && (k.avail, k.used, k.size) == (avail, used, size)
-        });
+        let same = self
+            .key
+            .as_ref()
+            .is_some_and(|k| k.map.is(mem) && (k.avail, k.used, k.size) == (avail, used, size));
         if !same {
             let n = u64::from(size);
             // flags, idx, ring, used_event / avail_event.
             let avail_len = AVAIL_HEADER + 2 * n + 2;
             let used_len = USED_HEADER + USED_ELEM * n + 2;
             self.host = Host {
-                avail: translate(&**mem, avail, to_len(avail_len), 2),
-                used: translate(&**mem, used, to_len(used_len), 4),
+                avail: whole_in_one_region(&**mem, GuestAddress(avail), to_len(avail_len), Read, 2),
+                used: whole_in_one_region(
+                    &**mem,
+                    GuestAddress(used),
+                    to_len(used_len),
+                    ReadWrite,
+                    4,
+                ),
             };
+            let mut map = KnownMap::default();
+            map.set(mem);
             self.key = Some(Key {
-                map: Arc::downgrade(&mem.clone().into_inner()),
+                map,
                 avail,
                 used,
                 size,
