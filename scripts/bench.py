@@ -135,12 +135,16 @@ def make_golden(path: Path, size: int) -> None:
     tmp.rename(path)
 
 
-def new_overlay(ours: Path, who: str, path: Path, base: Path) -> Path:
+def new_overlay(ours: Path, who: str, path: Path, base: Path,
+                sector_size: int | None = None) -> Path:
     """A fresh overlay of `base` at `path`: a COW file made by our binary
-    (who == "ours") or a qcow2 made by qemu-img."""
+    (who == "ours"; `sector_size`: the bytes one bitmap bit covers, 512 by
+    default) or a qcow2 made by qemu-img."""
     path.unlink(missing_ok=True)
     if who == "ours":
-        run([str(ours), "create", str(path), "--backing", str(base)], stdout=subprocess.DEVNULL)
+        extra = ["--sector-size", str(sector_size)] if sector_size else []
+        run([str(ours), "create", str(path), "--backing", str(base)] + extra,
+            stdout=subprocess.DEVNULL)
     else:
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(path)])
     return path

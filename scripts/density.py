@@ -11,7 +11,7 @@ count once in the total), aggregate IOPS, and the page cache the backing
 image and the overlays hold (fincore). A benchmark, run on demand; see
 docs/benchmarks.md ("Many VMs on one golden image").
 
-    scripts/density.py [--n 8 32] [--size 1G] [--runtime 10]
+    scripts/density.py [--n 8 32] [--size 1G] [--runtime 10] [--sector-sizes 512 4096]
 """
 
 from __future__ import annotations
@@ -63,11 +63,9 @@ class Density(bench.Workspace):
     def overlay(self, who: str, i: int) -> Path:
         return self.work / (f"vm{i}.cow" if who == "ours" else f"vm{i}.qcow2")
 
-    def new_overlays(self, who: str, n: int) -> list[Path]:
-        paths = []
-        for i in range(n):
-            paths.append(bench.new_overlay(self.ours, who, self.overlay(who, i), self.base))
-        return paths
+    def new_overlays(self, who: str, n: int, sector_size: int | None = None) -> list[Path]:
+        return [bench.new_overlay(self.ours, who, self.overlay(who, i), self.base, sector_size)
+                for i in range(n)]
 
     def sock(self, who: str, i: int) -> Path:
         return self.work / f"{who}-{i}.sock"
@@ -144,9 +142,9 @@ class Density(bench.Workspace):
         time.sleep(max(0.0, t0 + self.a.ramp + self.a.runtime / 2 - time.monotonic()))
         return [(pss_kib(p), anon_kib(p)) for p in pids]
 
-    def run_ours(self, n: int) -> dict:
-        bench.log(f"ours: {n} daemons")
-        overlays = self.new_overlays("ours", n)
+    def run_ours(self, n: int, sector_size: int) -> dict:
+        bench.log(f"ours: {n} daemons, {sector_size}-byte chunks")
+        overlays = self.new_overlays("ours", n, sector_size)
         bench.warm(self.base)
         daemons = [self.start_ours(i) for i in range(n)]
         idle = [pss_kib(d.pid) for d in daemons]
@@ -157,7 +155,7 @@ class Density(bench.Workspace):
         finally:
             exits = [d.stop()["exit"] for d in daemons]
         return {
-            "who": "ours", "n": n, "iops": iops, "errors": errors,
+            "who": "ours", "n": n, "sector_size": sector_size, "iops": iops, "errors": errors,
             "exits": sorted(set(map(str, exits))),
             "pss_idle_kib": idle, "pss_kib": busy,
             "per_daemon_pss_kib": statistics.mean(busy), "total_pss_kib": sum(busy),
@@ -178,13 +176,13 @@ class Density(bench.Workspace):
         return bench.Daemon(argv, self.sock("ours", indices[-1]),
                             self.out / "logs" / f"ours-{tag}.log")
 
-    def run_ours_one_process(self, n: int) -> dict:
+    def run_ours_one_process(self, n: int, sector_size: int) -> dict:
         """Ours as qsd's one process: per export (PSS_N − PSS_1)/(N − 1),
         PSS_1 from a process serving one disk under the same load (a
         process serves at least one disk, so the first counts as its
         floor)."""
-        bench.log(f"ours: one process, {n} exports")
-        overlays = self.new_overlays("ours", n)
+        bench.log(f"ours: one process, {n} exports, {sector_size}-byte chunks")
+        overlays = self.new_overlays("ours", n, sector_size)
         bench.warm(self.base)
         samples = []
         for indices in ([0], list(range(n))):
@@ -198,7 +196,8 @@ class Density(bench.Workspace):
             samples.append(sample)
         (pss1, anon1), (pss, anon) = samples
         return {
-            "who": "ours-1-process", "n": n, "iops": iops, "errors": errors,
+            "who": "ours-1-process", "n": n, "sector_size": sector_size, "iops": iops,
+            "errors": errors,
             "exits": [str(exit_code)],
             "pss1_kib": pss1, "pss_kib": pss, "anon1_kib": anon1, "anon_kib": anon,
             "per_export_pss_kib": (pss - pss1) / max(1, n - 1),
@@ -277,7 +276,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         else:
             per = f"{mib(r['per_daemon_pss_kib'])} (max {mib(max(r['pss_kib']))})"
             total = mib(r["total_pss_kib"])
-        lines.append(f"| {r['n']} | {r['who']} | {per} | {total} | {r['iops']:.0f} "
+        who = r["who"] + (f" ({r['sector_size']}-byte chunks)" if "sector_size" in r else "")
+        lines.append(f"| {r['n']} | {who} | {per} | {total} | {r['iops']:.0f} "
                      f"| {r['backing_cache_bytes'] / (1 << 20):.0f} "
                      f"| {r['overlay_cache_bytes'] / (1 << 20):.1f} | {r['errors']} |")
     return "\n".join(lines) + "\n"
@@ -296,6 +296,9 @@ def main() -> int:
     p.add_argument("--bin-dir", help="where vhost-user-cow and vhost-user-cow-load are "
                    "(default: build them in release mode)")
     p.add_argument("--ours-args", default="", help="extra arguments for vhost-user-cow serve")
+    p.add_argument("--sector-sizes", nargs="+", type=int, default=[512],
+                   help="our overlays' chunk sizes (create --sector-size), a run of ours "
+                   "for each (default 512)")
     a = p.parse_args()
     if not a.output:
         a.output = str(bench.ROOT / "bench-results" / f"density-{dt.datetime.now():%Y%m%d-%H%M%S}")
@@ -315,8 +318,9 @@ def main() -> int:
             "date": f"{dt.datetime.now():%Y-%m-%d %H:%M}", "loadavg": bench.loadavg()}
     results = []
     for n in a.n:
-        results.append(d.run_ours(n))
-        results.append(d.run_ours_one_process(n))
+        for ss in a.sector_sizes:
+            results.append(d.run_ours(n, ss))
+            results.append(d.run_ours_one_process(n, ss))
         results.append(d.run_qsd_one_process(n))
         results.append(d.run_qsd_processes(n))
     (Path(a.output) / "density.json").write_text(json.dumps({"meta": meta, "runs": results},

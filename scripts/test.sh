@@ -61,7 +61,7 @@ bash scripts/fuzz.sh
 echo "== density benchmark, short run" >&2
 cargo build --quiet -p vhost-user-cow --bin vhost-user-cow -p vhost-user-cow-load --bin vhost-user-cow-load
 density_dir=$(mktemp -d)
-python3 scripts/density.py --n 2 --size 64M --runtime 1 --ramp 0.2 \
+python3 scripts/density.py --n 2 --size 64M --runtime 1 --ramp 0.2 --sector-sizes 512 4096 \
     --bin-dir "${CARGO_TARGET_DIR:-target}/debug" \
     --workdir "$density_dir/work" --output "$density_dir/out" >/dev/null
 rm -rf "$density_dir"

@@ -23,6 +23,8 @@
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 
+use crate::fsutil::aligned::AlignedBuf;
+
 /// Registry slots per frontend connection: a frontend maps at most 509
 /// regions (the vhost-user limit), plus a dirty log.
 const SLOTS_PER_CONNECTION: usize = 512;
@@ -47,8 +49,11 @@ impl Slot {
 }
 
 /// Sized once, before the first region is registered ([`reserve`]); the
-/// handler only reads it.
-static REGIONS: OnceLock<Box<[Slot]>> = OnceLock::new();
+/// handler only reads it. Mapped zeroed from the kernel (never unmapped):
+/// the slots are taken lowest first and a frontend maps a handful of
+/// regions, so only the first page of the 512 slots per connection
+/// becomes resident (a filled array would be 24 KiB per connection).
+static REGIONS: OnceLock<&'static [Slot]> = OnceLock::new();
 #[allow(clippy::declare_interior_mutable_const)] // only used to initialise the array
 const NO_FD: AtomicI32 = AtomicI32::new(-1);
 /// The eventfds the handler writes to (-1: free).
@@ -64,9 +69,18 @@ pub fn reserve(connections: usize) {
 
 fn regions_or_init(connections: usize) -> &'static [Slot] {
     REGIONS.get_or_init(|| {
-        (0..connections * SLOTS_PER_CONNECTION)
-            .map(|_| Slot::new())
-            .collect()
+        let n = connections * SLOTS_PER_CONNECTION;
+        match AlignedBuf::mapped_zeroed(n * std::mem::size_of::<Slot>()) {
+            Some(buf) => {
+                let p = buf.as_ptr().cast::<Slot>();
+                std::mem::forget(buf); // the registry lives as long as the process
+                                       // SAFETY: `n` slots of page-aligned zeroed memory, never
+                                       // unmapped; all zeroes is a valid free slot (atomics of 0).
+                unsafe { std::slice::from_raw_parts(p, n) }
+            }
+            // Without a mapping, filled slots from the allocator.
+            None => Box::leak((0..n).map(|_| Slot::new()).collect()),
+        }
     })
 }
 

@@ -30,11 +30,12 @@ pub struct InlineWrites {
 
 impl InlineWrites {
     pub fn new(inner: Box<dyn IoEngine>) -> Self {
-        let capacity = inner.capacity();
+        // Grown to the largest batch seen, not reserved for the queue
+        // depth: memory follows the depth a disk is used at.
         InlineWrites {
             inner,
-            queued: Vec::with_capacity(capacity),
-            ready: Vec::with_capacity(capacity),
+            queued: Vec::new(),
+            ready: Vec::new(),
         }
     }
 

@@ -25,10 +25,10 @@ const MAX_RING_ENTRIES: usize = 32768;
 pub struct UringEngine {
     /// Dropped by hand in `Drop`, and leaked if waiting for the kernel fails.
     ring: ManuallyDrop<IoUring>,
-    /// One slot per possible in-flight operation. A boxed slice is never
-    /// reallocated, so the iovec arrays inside the slots keep the address
-    /// the kernel was given until the slot is freed.
-    slots: Box<[Option<OpState>]>,
+    /// One slot per operation in flight at once so far (at most
+    /// `capacity`).
+    slots: Slots,
+    /// Slots made and free.
     free: Vec<usize>,
     /// Completions already taken off the CQ (by `wait`) but not reaped.
     ready: Vec<Completion>,
@@ -38,6 +38,59 @@ pub struct UringEngine {
     capacity: usize,
     /// With a restricted ring: the registered files, by fixed index.
     files: Option<Vec<RawFd>>,
+}
+
+/// Slots made per block.
+const SLOT_BLOCK: usize = 16;
+
+/// The operation slots, made a block at a time as more operations are in
+/// flight at once: a disk used at queue depth 4 has one block (2 KiB), not
+/// the queue depth's worth. A block is never moved, so the iovec arrays
+/// inside its slots keep the address the kernel was given until the slot
+/// is freed.
+#[derive(Default)]
+struct Slots {
+    #[allow(clippy::vec_box)] // boxed so that growing the Vec moves no slot
+    blocks: Vec<Box<[Option<OpState>; SLOT_BLOCK]>>,
+    /// Slots made.
+    len: usize,
+}
+
+impl Slots {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// A new (empty) slot's index.
+    fn add(&mut self) -> usize {
+        if self.len == self.blocks.len() * SLOT_BLOCK {
+            self.blocks.push(Box::new(std::array::from_fn(|_| None)));
+        }
+        self.len += 1;
+        self.len - 1
+    }
+
+    fn get_mut(&mut self, slot: usize) -> Option<&mut Option<OpState>> {
+        if slot >= self.len {
+            return None;
+        }
+        Some(&mut self.blocks[slot / SLOT_BLOCK][slot % SLOT_BLOCK])
+    }
+}
+
+impl std::ops::Index<usize> for Slots {
+    type Output = Option<OpState>;
+    fn index(&self, slot: usize) -> &Option<OpState> {
+        assert!(slot < self.len, "slot {slot} of {}", self.len);
+        &self.blocks[slot / SLOT_BLOCK][slot % SLOT_BLOCK]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Slots {
+    fn index_mut(&mut self, slot: usize) -> &mut Option<OpState> {
+        assert!(slot < self.len, "slot {slot} of {}", self.len);
+        &mut self.blocks[slot / SLOT_BLOCK][slot % SLOT_BLOCK]
+    }
 }
 
 /// IORING_UNREGISTER_FILES.
@@ -121,9 +174,9 @@ impl UringEngine {
         };
         Ok(Self {
             ring: ManuallyDrop::new(ring),
-            slots: (0..capacity).map(|_| None).collect(),
-            free: (0..capacity).rev().collect(),
-            ready: Vec::with_capacity(capacity),
+            slots: Slots::default(),
+            free: Vec::new(),
+            ready: Vec::new(),
             sqes_outstanding: 0,
             efd,
             capacity,
@@ -352,16 +405,19 @@ impl IoEngine for UringEngine {
         if self.in_flight() >= self.capacity {
             return Err(SubmitError::Full(op));
         }
-        let Some(&slot) = self.free.last() else {
+        if self.free.is_empty() && self.slots.len() >= self.capacity {
             return Err(SubmitError::Full(op));
-        };
+        }
         if self.ring.submission().is_full() && !self.submit_sq()? {
             return Err(SubmitError::Full(op));
         }
         if self.ring.submission().is_full() {
             return Err(SubmitError::Full(op));
         }
-        self.free.pop();
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => self.slots.add(),
+        };
         self.slots[slot] = Some(OpState::new(op, user_data));
         if !self.push(slot) {
             // Checked above that there is room; undo rather than panic.
@@ -420,7 +476,7 @@ impl IoEngine for UringEngine {
     }
 
     fn in_flight(&self) -> usize {
-        self.capacity - self.free.len() + self.ready.len()
+        self.slots.len() - self.free.len() + self.ready.len()
     }
 
     fn capacity(&self) -> usize {
