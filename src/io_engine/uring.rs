@@ -71,24 +71,21 @@ impl Slots {
     }
 
     fn get_mut(&mut self, slot: usize) -> Option<&mut Option<OpState>> {
-        if slot >= self.len {
-            return None;
-        }
-        Some(&mut self.blocks[slot / SLOT_BLOCK][slot % SLOT_BLOCK])
+        Some(&mut self.blocks.get_mut(slot / SLOT_BLOCK)?[slot % SLOT_BLOCK])
     }
 }
 
 impl std::ops::Index<usize> for Slots {
     type Output = Option<OpState>;
     fn index(&self, slot: usize) -> &Option<OpState> {
-        assert!(slot < self.len, "slot {slot} of {}", self.len);
+        // Past `len` but inside the last block: a slot not handed out
+        // yet, empty.
         &self.blocks[slot / SLOT_BLOCK][slot % SLOT_BLOCK]
     }
 }
 
 impl std::ops::IndexMut<usize> for Slots {
     fn index_mut(&mut self, slot: usize) -> &mut Option<OpState> {
-        assert!(slot < self.len, "slot {slot} of {}", self.len);
         &mut self.blocks[slot / SLOT_BLOCK][slot % SLOT_BLOCK]
     }
 }
