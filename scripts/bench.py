@@ -135,6 +135,19 @@ def make_golden(path: Path, size: int) -> None:
     tmp.rename(path)
 
 
+def ensure_debian_packages(tools: dict[str, str]) -> None:
+    """Installs with apt-get the Debian packages (values) of the commands
+    (keys) that are missing, as the test command does for its own."""
+    missing = sorted({pkg for tool, pkg in tools.items() if not shutil.which(tool)})
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} (apt-get)")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq"] + missing, check=True, env=env)
+
+
 def new_overlay(ours: Path, who: str, path: Path, base: Path,
                 sector_size: int | None = None) -> Path:
     """A fresh overlay of `base` at `path`: a COW file made by our binary
@@ -785,9 +798,11 @@ def main() -> int:
     a.output = a.output or str(ROOT / "bench-results" /
                                (dt.datetime.now().strftime("%Y%m%d-%H%M%S") +
                                 ("-quick" if q else "")))
-    for tool in ("qemu-storage-daemon", "qemu-img") + (() if a.no_fio else ("fio",)):
+    if not a.no_fio:
+        ensure_debian_packages({"fio": "fio"})
+    for tool in ("qemu-storage-daemon", "qemu-img"):
         if not shutil.which(tool):
-            p.error(f"{tool} is not installed (apt-get install qemu-system-x86 qemu-utils fio)")
+            p.error(f"{tool} is not installed (scripts/qemu/setup.sh installs QEMU 10)")
     if not a.bin_dir:
         target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
         log("building release binaries")
