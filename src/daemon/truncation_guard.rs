@@ -73,9 +73,10 @@ fn regions_or_init(connections: usize) -> &'static [Slot] {
         match AlignedBuf::mapped_zeroed(n * std::mem::size_of::<Slot>()) {
             Some(buf) => {
                 let p = buf.as_ptr().cast::<Slot>();
-                std::mem::forget(buf); // the registry lives as long as the process
-                                       // SAFETY: `n` slots of page-aligned zeroed memory, never
-                                       // unmapped; all zeroes is a valid free slot (atomics of 0).
+                // The registry lives as long as the process.
+                std::mem::forget(buf);
+                // SAFETY: `n` slots of page-aligned zeroed memory, never
+                // unmapped; all zeroes is a valid free slot (atomics of 0).
                 unsafe { std::slice::from_raw_parts(p, n) }
             }
             // Without a mapping, filled slots from the allocator.

@@ -398,11 +398,9 @@ impl IoEngine for UringEngine {
             }
         }
         // Completions taken off the CQ by `wait` still count until reaped,
-        // although their slots are already free.
+        // although their slots are already free. Below the capacity, a
+        // slot is free or another may be made.
         if self.in_flight() >= self.capacity {
-            return Err(SubmitError::Full(op));
-        }
-        if self.free.is_empty() && self.slots.len() >= self.capacity {
             return Err(SubmitError::Full(op));
         }
         if self.ring.submission().is_full() && !self.submit_sq()? {
